@@ -1,0 +1,36 @@
+"""adaptfn: functional adapters (LoRA, ...) for PyTorch, in PEFT's file format.
+
+An adapter is an immutable pytree; pure functions inject, merge, select and mask it into a
+functional model call. See ``docs/`` and ``../shared/DESIGN.md`` for the contract.
+"""
+
+import sys as _sys
+
+import optree.pytree as _optree_pytree
+
+from .adapter import NAMESPACE as _NAMESPACE
+from .adapter import Adapter as Adapter
+from .adapter import AdapterSum as AdapterSum
+from .adapter import Entry as Entry
+from .adapter import stack as stack
+from .adapter import unstack as unstack
+from .errors import AdapterFileError as AdapterFileError
+from .errors import AdaptfnError as AdaptfnError
+from .errors import ConfigError as ConfigError
+from .errors import IncompatibleAdapterError as IncompatibleAdapterError
+from .functional import FunctionalModel as FunctionalModel
+from .functional import functional as functional
+from .initialize import init as init
+from .io import load as load
+from .io import save as save
+from .io import state_dict as state_dict
+from .methods import LoraConfig as LoraConfig
+from .transforms import inject as inject
+from .transforms import mask as mask
+from .transforms import merge as merge
+from .transforms import select as select
+
+tree = _optree_pytree.reexport(namespace=_NAMESPACE, module="adaptfn.tree")
+_sys.modules["adaptfn.tree"] = tree
+
+__version__ = "0.1.0"

@@ -1,0 +1,284 @@
+"""``functional(model) -> (fn, params)`` and the call machinery behind injected adapters.
+
+How a call runs. Each thread keeps, per adapter *structure* (:attr:`Adapter.structure_key`), one
+**structural copy** of the model: new module objects sharing the model's tensors, whose adapted modules
+get an instance ``forward`` that composes the base forward with the adapter methods. The adapter's
+leaves are bound to those modules for the duration of the call (so they stay inputs of the call:
+vmap, grad and torch.compile see them), and only the tensors that differ from what the copy already
+holds (replacements, base tensors the caller replaced) are swapped in. The user's model is never
+touched; threads never share a copy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy as _copy
+import functools
+import threading
+import types
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils.stateless import _reparametrize_module
+
+from .adapter import GATE, Adapter, gate_on
+from .errors import ConfigError, IncompatibleAdapterError, shape_str
+from .methods import get_method
+
+_MAX_COPIES_PER_THREAD = 8
+
+
+class _Slot:
+    """Per adapted module of a structural copy: what to compose with its base forward this call."""
+
+    __slots__ = ("active",)
+
+    def __init__(self) -> None:
+        self.active: list[tuple[Any, Any, Mapping[str, torch.Tensor], Any, Any]] = []
+
+
+class _Copy:
+    __slots__ = ("root", "slots", "busy")
+
+    def __init__(self, root: nn.Module, slots: dict[str, _Slot]) -> None:
+        self.root, self.slots, self.busy = root, slots, False
+
+
+def _rebind(value: Any, old: nn.Module, new: nn.Module) -> Any:
+    """Methods/partials of the old module stored on the instance (e.g. accelerate hooks) -> the copy."""
+    if isinstance(value, types.MethodType) and value.__self__ is old:
+        return types.MethodType(value.__func__, new)
+    if isinstance(value, functools.partial) and value.args and value.args[0] is old:
+        return functools.partial(value.func, new, *value.args[1:], **(value.keywords or {}))
+    return value
+
+
+def structural_copy(root: nn.Module, tensors: Mapping[int, torch.Tensor]) -> tuple[nn.Module, dict[str, nn.Module]]:
+    """New module objects with the same classes, hooks and attributes; parameters and buffers are the
+    tensors in ``tensors`` (by ``id`` of the original). Returns the copy and its modules by path."""
+    memo: dict[int, nn.Module] = {}
+
+    def visit(m: nn.Module) -> nn.Module:
+        hit = memo.get(id(m))
+        if hit is not None:
+            return hit
+        new = _copy.copy(m)
+        memo[id(m)] = new
+        d = new.__dict__
+        for k, v in list(d.items()):
+            if k.startswith("_") and type(v) in (dict, OrderedDict, set):
+                d[k] = type(v)(v)
+            else:
+                d[k] = _rebind(v, m, new)
+        d["_parameters"] = {k: (None if p is None else tensors.get(id(p), p)) for k, p in m._parameters.items()}
+        d["_buffers"] = {k: (None if b is None else tensors.get(id(b), b)) for k, b in m._buffers.items()}
+        d["_modules"] = {k: (None if c is None else visit(c)) for k, c in m._modules.items()}
+        return new
+
+    new_root = visit(root)
+    return new_root, dict(new_root.named_modules(remove_duplicate=False))
+
+
+class _Base:
+    """What all FunctionalModels of one model share: tensors, aliases, module info, per-thread copies."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        by_id: dict[int, torch.Tensor] = {}
+        params: dict[str, torch.Tensor] = {}
+        groups: dict[int, list[str]] = {}
+        named = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
+        for name, t in named:
+            if id(t) not in by_id:
+                by_id[id(t)] = t.detach() if isinstance(t, nn.Parameter) else t
+            params[name] = by_id[id(t)]
+            groups.setdefault(id(t), []).append(name)
+        self.tensors = by_id
+        self.params = params
+        self.aliases = {n: tuple(g) for g in groups.values() for n in g}
+        self.modules = dict(model.named_modules(remove_duplicate=False))
+        self.local = threading.local()
+        self.checked: dict[tuple, None] = {}
+
+    def copy_for(self, key: tuple, adapters: Sequence[Adapter]) -> _Copy:
+        cache: OrderedDict[tuple, _Copy] | None = getattr(self.local, "cache", None)
+        if cache is None:
+            cache = self.local.cache = OrderedDict()
+        cp = cache.get(key)
+        if cp is not None and not cp.busy:
+            cache.move_to_end(key)
+            return cp
+        cp = self._build(adapters)
+        if key not in cache:  # a busy (re-entrant) copy stays; the extra one is used once
+            cache[key] = cp
+            if len(cache) > _MAX_COPIES_PER_THREAD:
+                cache.popitem(last=False)
+        return cp
+
+    def _build(self, adapters: Sequence[Adapter]) -> _Copy:
+        root, mods = structural_copy(self.model, self.tensors)
+        slots: dict[str, _Slot] = {}
+        for a in adapters:
+            for path, e in a.entries.items():
+                if e.kind and path not in slots:
+                    slots[path] = _install(mods[path])
+        return _Copy(root, slots)
+
+
+def _install(module: nn.Module) -> _Slot:
+    slot = _Slot()
+    base_forward = module.forward
+
+    def forward(x: Any, *args: Any, **kwargs: Any) -> Any:
+        def call(inp: Any) -> Any:
+            return base_forward(inp, *args, **kwargs)
+
+        f = call
+        for method, entry, leaves, on, gen in slot.active:
+            f = functools.partial(method.forward, entry, leaves, on, gen, f, module)
+        return f(x)
+
+    module.__dict__["forward"] = forward
+    return slot
+
+
+class FunctionalModel:
+    """A pure function of ``(params, *args, **kwargs)`` that runs a model, optionally with adapters.
+
+    Made by :func:`functional` and :func:`adaptfn.inject`; never mutates the model, the params or the
+    adapters. ``fn(params, **inputs) == model(**inputs)``; ``fn.generate(params, **inputs)`` runs
+    ``model.generate``.
+    """
+
+    def __init__(self, base: _Base, adapters: tuple[Adapter, ...] = (), generator: torch.Generator | None = None):
+        self._base = base
+        self._adapters = adapters
+        self._generator = generator
+        self._key = tuple(a.structure_key for a in adapters)
+
+    @property
+    def model(self) -> nn.Module:
+        """The model this function runs (read it, do not mutate it)."""
+        return self._base.model
+
+    @property
+    def adapters(self) -> tuple[Adapter, ...]:
+        return self._adapters
+
+    def with_adapters(self, adapters: tuple[Adapter, ...], generator: torch.Generator | None) -> FunctionalModel:
+        return FunctionalModel(self._base, adapters, generator)
+
+    def __call__(self, params: Mapping[str, torch.Tensor], *args: Any, **kwargs: Any) -> Any:
+        with self._bound(params) as root:
+            return root(*args, **kwargs)
+
+    def generate(self, params: Mapping[str, torch.Tensor], *args: Any, **kwargs: Any) -> Any:
+        """``model.generate(*args, **kwargs)`` with ``params`` (and this function's adapters)."""
+        if not hasattr(self._base.model, "generate"):
+            raise ConfigError(f"{type(self._base.model).__name__} has no generate method")
+        with torch.no_grad(), self._bound(params) as root:
+            return root.generate(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        inner = ", ".join(repr(a) for a in self._adapters)
+        return f"FunctionalModel({type(self._base.model).__name__}" + (f", {inner})" if inner else ")")
+
+    @contextlib.contextmanager
+    def _bound(self, params: Mapping[str, torch.Tensor]) -> Iterator[nn.Module]:
+        base = self._base
+        cp = base.copy_for(self._key, self._adapters)
+        held = base.params
+        swaps = {k: v for k, v in params.items() if held.get(k) is not v}
+        for a in self._adapters:
+            for path, e in a.entries.items():
+                if not e.replaced:
+                    continue
+                leaves = a._tensors[path]
+                on = gate_on(leaves[GATE])
+                if on is False:
+                    continue
+                for name in e.replaced:
+                    full = f"{path}.{name}" if path else name
+                    targets = base.aliases.get(full, (full,)) if name in e.tied else (full,)
+                    for t in targets:
+                        cur = swaps.get(t, held.get(t))
+                        v = leaves[name]
+                        if cur is not None and v.dtype != cur.dtype:
+                            v = v.to(cur.dtype)
+                        swaps[t] = v if on is True else torch.where(on, v, cur)
+        for slot in cp.slots.values():
+            slot.active = []
+        for a in self._adapters:
+            method = get_method(a.method)
+            for path, e in a.entries.items():
+                if not e.kind:
+                    continue
+                leaves = a._tensors[path]
+                on = gate_on(leaves[GATE])
+                if on is False:
+                    continue
+                cp.slots[path].active.append((method, e, leaves, on, self._generator))
+        cp.busy = True
+        try:
+            if swaps:
+                with _reparametrize_module(cp.root, swaps, tie_weights=False, strict=False):
+                    yield cp.root
+            else:
+                yield cp.root
+        finally:
+            cp.busy = False
+            for slot in cp.slots.values():
+                slot.active = []
+
+    # -- used by inject/init ---------------------------------------------------------------------
+    def check(self, adapter: Adapter) -> None:
+        """Raise :class:`IncompatibleAdapterError` unless ``adapter`` fits this model."""
+        method = get_method(adapter.method)
+        mods = self._base.modules
+        for path, e in adapter.entries.items():
+            mod = mods.get(path)
+            if mod is None:
+                near = [p for p in mods if p.endswith(path.rsplit(".", 1)[-1])][:3]
+                raise IncompatibleAdapterError(
+                    f"adapter targets module {path!r}, which {type(self._base.model).__name__} does not have"
+                    + (f" (similar: {near})" if near else ""))
+            leaves = adapter._tensors[path]
+            if e.kind:
+                method.check(path, e, leaves, mod)
+            stacked = adapter.is_stacked
+            for name in e.replaced:
+                full = f"{path}.{name}" if path else name
+                base_t = self._base.params.get(full)
+                if base_t is None:
+                    raise IncompatibleAdapterError(
+                        f"adapter replaces {full!r}, which {type(self._base.model).__name__} does not have")
+                t = leaves[name]
+                shape = tuple(t.shape[1:]) if stacked else tuple(t.shape)
+                if shape != tuple(base_t.shape):
+                    raise IncompatibleAdapterError(
+                        f"adapter replaces {full!r} with shape {shape_str(shape)} but the model's is "
+                        f"{shape_str(base_t.shape)}")
+
+
+def functional(model: nn.Module) -> tuple[FunctionalModel, dict[str, torch.Tensor]]:
+    """Turn a module into a pure function and its parameters.
+
+    Arguments:
+        model: any ``torch.nn.Module`` (transformers models included). It is never modified.
+
+    Returns:
+        ``(fn, params)``: ``fn(params, *args, **kwargs)`` equals ``model(*args, **kwargs)``;
+        ``params`` maps every parameter and buffer path (tied ones under each name) to a tensor
+        sharing storage with the model (parameters detached: the base is frozen by construction).
+
+    Example:
+        >>> fn, params = af.functional(model)
+        >>> logits = fn(params, input_ids=ids).logits
+    """
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"functional: expected a torch.nn.Module, got {type(model).__name__}")
+    base = _Base(model)
+    return FunctionalModel(base), dict(base.params)

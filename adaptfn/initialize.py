@@ -1,0 +1,64 @@
+"""``init(fn, config, generator=...)``: a fresh adapter for a model, initialised as PEFT does."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .adapter import GATE, Adapter
+from .errors import ConfigError
+from .functional import FunctionalModel
+from .methods import method_for_config
+
+
+def init(
+    fn: FunctionalModel,
+    config: Any,
+    *,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype | None = None,
+) -> Adapter:
+    """Make a fresh adapter for the model behind ``fn``.
+
+    Arguments:
+        fn: from :func:`adaptfn.functional`.
+        config: an adapter config (e.g. :class:`adaptfn.LoraConfig`); ``"all-linear"`` targets are
+            expanded to module names, as PEFT saves them.
+        generator: drives every random draw (deterministic for a seeded generator).
+        dtype: leaf dtype; default as PEFT: the base weight's, float32 for fp16/bf16/quantized bases.
+
+    Returns:
+        An :class:`Adapter`: LoRA ``lora_A`` [r, in] kaiming-uniform (or N(0, 1/r) for "gaussian")
+        and ``lora_B`` [out, r] zeros, so the adapted model starts equal to the base;
+        ``modules_to_save`` and trained biases start as copies of the base tensors.
+
+    Example:
+        >>> a = af.init(fn, af.LoraConfig(r=8, target_modules=["q_proj"]), generator=torch.Generator().manual_seed(0))
+    """
+    if not isinstance(fn, FunctionalModel):
+        raise ConfigError(f"init: expected the fn from af.functional(model), got {type(fn).__name__}")
+    method = method_for_config(config)
+    model = fn.model
+    config, entries = method.plan(config, model)
+    if config.base_model_name_or_path is None:
+        name = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
+        if name:
+            import dataclasses
+
+            config = dataclasses.replace(config, base_model_name_or_path=str(name))
+    modules = dict(model.named_modules(remove_duplicate=False))
+    params = fn._base.params
+    tensors: dict[str, dict[str, torch.Tensor]] = {}
+    for path, e in entries.items():
+        leaves: dict[str, torch.Tensor] = {}
+        module = modules[path]
+        if e.kind:
+            leaves.update(method.init_leaves(config, path, e, module, generator, dtype))
+        for name in e.replaced:
+            base = params[f"{path}.{name}" if path else name]
+            leaves[name] = base.detach().clone() if dtype is None or not base.is_floating_point() else base.to(dtype, copy=True)
+        ref = next(iter(leaves.values()))
+        leaves[GATE] = torch.ones((), dtype=torch.float32, device=ref.device)
+        tensors[path] = leaves
+    return Adapter(method.name, config, entries, tensors)

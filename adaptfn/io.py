@@ -1,0 +1,377 @@
+"""PEFT's file format, both ways: ``load``, ``save``, ``state_dict``.
+
+A PEFT adapter folder holds ``adapter_config.json`` and ``adapter_model.safetensors`` (or, from old
+versions, the pickle ``adapter_model.bin``). Keys are ``base_model.model.<module path>.<suffix>``:
+the method's delta suffixes (``lora_A.weight``, ...), or a replaced tensor, with ``base_layer.``
+before the tensor name when PEFT loads it into the (possibly tied) base tensor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import tempfile
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from .adapter import GATE, Adapter, AdapterSum, Entry, gate_on
+from .errors import AdapterFileError, AdaptfnError, ConfigError, IncompatibleAdapterError
+from .methods import get_method, method_for_peft_type
+
+CONFIG_NAME = "adapter_config.json"
+SAFETENSORS_NAME = "adapter_model.safetensors"
+BIN_NAME = "adapter_model.bin"
+PREFIX = "base_model.model."
+_BASE_LAYER = ".base_layer."
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
+
+
+# -- state dict --------------------------------------------------------------------------------------
+def state_dict(adapter: Adapter) -> dict[str, torch.Tensor]:
+    """The adapter's tensors under PEFT's key names (``PeftModel.get_adapter_state_dict``).
+
+    Masked-off deltas are written in their "off" form (LoRA: ``lora_B`` zeros), so the file computes
+    what the adapter computes. A masked-off replacement cannot be expressed in PEFT's format: drop it
+    with :func:`adaptfn.select` first.
+    """
+    if not isinstance(adapter, Adapter):
+        if isinstance(adapter, AdapterSum):
+            raise ConfigError("state_dict: an AdapterSum has several adapters; save each of .parts")
+        raise ConfigError(f"state_dict: expected an Adapter, got {type(adapter).__name__}")
+    if adapter.is_stacked:
+        raise ConfigError("state_dict: the adapter is stacked; use af.unstack first")
+    method = get_method(adapter.method)
+    out: dict[str, torch.Tensor] = {}
+    for path, e in adapter.entries.items():
+        leaves = dict(adapter._tensors[path])
+        on = gate_on(leaves[GATE])
+        if not isinstance(on, bool):
+            raise ConfigError("state_dict: cannot read gates under a transform (vmap/grad/compile)")
+        if e.kind:
+            delta = method.to_peft(e, leaves if on else method.off(e, leaves))
+            for suffix, t in delta.items():
+                out[f"{PREFIX}{path}.{suffix}"] = t
+        for name in e.replaced:
+            if not on:
+                raise ConfigError(
+                    f"state_dict: the replacement of {path}.{name} is masked off, which PEFT's format cannot "
+                    "express; drop it with af.select(adapter, ...) first")
+            mid = _BASE_LAYER if name in e.tied else "."
+            key = f"{path}{mid}{name}" if path else (f"base_layer.{name}" if name in e.tied else name)
+            out[PREFIX + key] = leaves[name]
+    return out
+
+
+# -- save --------------------------------------------------------------------------------------------
+def _atomic_write(path: str, write: Any) -> str:
+    """Write through ``write(tmp_path)`` to a temp file in the same folder, fsync; return the temp path."""
+    folder = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return tmp
+
+
+def _check_name(adapter_name: str | None) -> None:
+    if adapter_name is None:
+        return
+    if (not isinstance(adapter_name, str) or not adapter_name or adapter_name in (".", "..")
+            or "/" in adapter_name or "\\" in adapter_name or os.sep in adapter_name or "\x00" in adapter_name):
+        raise ConfigError(
+            f"adapter_name={adapter_name!r} is not a plain folder name (it would escape the adapter folder)")
+
+
+def save(adapter: Adapter | Mapping[str, Adapter], directory: str | os.PathLike[str], *,
+         adapter_name: str | None = None) -> str:
+    """Write an adapter in PEFT's layout: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+    Arguments:
+        adapter: an :class:`Adapter`, or a mapping name -> adapter (PEFT's ``save_pretrained`` layout:
+            ``"default"`` at the root, the others in sub-folders).
+        directory: the folder (created if missing).
+        adapter_name: a non-default name saves into ``directory/adapter_name`` as PEFT does.
+
+    Returns:
+        The folder written. Everything is checked before anything is written; each file is written to a
+        temp name in the same folder, fsynced and renamed over the old one, weights first, config last,
+        so an interrupted save never leaves a half-written file.
+
+    Example:
+        >>> af.save(adapter, "out/my-lora")
+    """
+    if isinstance(adapter, Mapping):
+        for name in adapter:
+            _check_name(name)
+        for name, a in adapter.items():
+            save(a, directory, adapter_name=None if name == "default" else name)
+        return os.fspath(directory)
+    _check_name(adapter_name)
+    sd = state_dict(adapter)  # validates before any write
+    config_json = json.dumps(adapter.config.to_dict(), indent=2, sort_keys=True) + "\n"
+    folder = os.fspath(directory)
+    if adapter_name is not None and adapter_name != "default":
+        folder = os.path.join(folder, adapter_name)
+    os.makedirs(folder, exist_ok=True)
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
+    wpath, cpath = os.path.join(folder, SAFETENSORS_NAME), os.path.join(folder, CONFIG_NAME)
+    tmp_w = _atomic_write(wpath, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    try:
+        tmp_c = _atomic_write(cpath, lambda p: open(p, "w", encoding="utf-8").write(config_json))
+    except BaseException:
+        os.unlink(tmp_w)
+        raise
+    os.replace(tmp_w, wpath)
+    os.replace(tmp_c, cpath)
+    _fsync_dir(folder)
+    return folder
+
+
+def _fsync_dir(folder: str) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+# -- load --------------------------------------------------------------------------------------------
+def _resolve(source: str, adapter_name: str | None, revision: str | None, subfolder: str | None,
+             token: Any, cache_dir: Any, local_files_only: bool, allow_pickle: bool) -> tuple[str, str]:
+    """Find (config path, weights path), locally or through huggingface_hub."""
+    _check_name(adapter_name)
+    if subfolder is not None and (os.path.isabs(subfolder) or ".." in subfolder.replace("\\", "/").split("/")):
+        raise ConfigError(f"subfolder={subfolder!r} would escape the adapter folder")
+    source = os.fspath(source)
+    if os.path.isdir(source):
+        folder = os.path.join(source, subfolder) if subfolder else source
+        if adapter_name and adapter_name != "default" and os.path.isfile(
+                os.path.join(folder, adapter_name, CONFIG_NAME)):
+            folder = os.path.join(folder, adapter_name)
+        cfg = os.path.join(folder, CONFIG_NAME)
+        if not os.path.isfile(cfg):
+            raise AdapterFileError(f"{cfg}: not found (an adapter folder holds {CONFIG_NAME})")
+        st, binf = os.path.join(folder, SAFETENSORS_NAME), os.path.join(folder, BIN_NAME)
+        if os.path.isfile(st):
+            return cfg, st
+        if os.path.isfile(binf):
+            if not allow_pickle:
+                raise AdapterFileError(
+                    f"{binf}: only a pickle file ({BIN_NAME}) is there; pickle can run code, so it is refused "
+                    "unless you pass allow_pickle=True (it is then read with torch.load(weights_only=True))")
+            return cfg, binf
+        raise AdapterFileError(f"{folder}: no {SAFETENSORS_NAME} (or {BIN_NAME}) next to {CONFIG_NAME}")
+    if not _REPO_ID.match(source) or source.startswith((".", "/")):
+        raise AdapterFileError(f"{source!r} is neither an adapter folder nor a Hub repo id (user/name)")
+    return _resolve_hub(source, adapter_name, revision, subfolder, token, cache_dir, local_files_only, allow_pickle)
+
+
+def _resolve_hub(repo: str, adapter_name: str | None, revision: str | None, subfolder: str | None, token: Any,
+                 cache_dir: Any, local_files_only: bool, allow_pickle: bool) -> tuple[str, str]:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        from huggingface_hub.errors import RevisionNotFoundError
+    except ImportError:  # pragma: no cover
+        RevisionNotFoundError = RepositoryNotFoundError  # type: ignore[misc,assignment]
+
+    def get(name: str, sub: str | None) -> str | None:
+        try:
+            return hf_hub_download(repo, name, subfolder=sub, revision=revision, token=token,
+                                   cache_dir=cache_dir, local_files_only=local_files_only)
+        except EntryNotFoundError:
+            return None
+        except LocalEntryNotFoundError as e:
+            if "offline" in str(e).lower() or local_files_only or os.environ.get("HF_HUB_OFFLINE"):
+                return None
+            raise AdapterFileError(f"{repo}: could not download {name} ({e})") from None
+        except (RepositoryNotFoundError, RevisionNotFoundError) as e:
+            raise AdapterFileError(f"{repo}: repository or revision {revision!r} not found ({type(e).__name__})") from None
+        except OSError as e:
+            raise AdapterFileError(f"{repo}: could not fetch {name}: {e}") from None
+
+    subs = []
+    if adapter_name and adapter_name != "default":
+        subs.append(f"{subfolder}/{adapter_name}" if subfolder else adapter_name)
+    subs.append(subfolder)
+    for sub in subs:
+        cfg = get(CONFIG_NAME, sub)
+        if cfg is None:
+            continue
+        st = get(SAFETENSORS_NAME, sub)
+        if st is not None:
+            return cfg, st
+        if not allow_pickle:
+            raise AdapterFileError(
+                f"{repo}{'/' + sub if sub else ''}: no {SAFETENSORS_NAME}; the pickle {BIN_NAME} is refused unless "
+                "you pass allow_pickle=True (it is then read with torch.load(weights_only=True))")
+        binf = get(BIN_NAME, sub)
+        if binf is not None:
+            return cfg, binf
+        raise AdapterFileError(f"{repo}{'/' + sub if sub else ''}: no adapter weights found")
+    where = f"{repo} (revision {revision or 'main'}{', subfolder ' + subfolder if subfolder else ''})"
+    raise AdapterFileError(f"{where}: no {CONFIG_NAME} found (in the cache, offline, or on the Hub)")
+
+
+def read_config(path: str) -> Any:
+    """Parse an adapter_config.json into adaptfn's config class for its peft_type."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except json.JSONDecodeError as e:
+        raise AdapterFileError(f"{path}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise AdapterFileError(f"{path}: cannot read ({e})") from None
+    if not isinstance(raw, dict):
+        raise AdapterFileError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+    if "peft_type" not in raw:
+        raise ConfigError(f"{path}: no 'peft_type' field")
+    method = method_for_peft_type(raw["peft_type"], path)
+    return method, method.config_cls.from_dict(raw, source=path)
+
+
+def read_tensors(path: str, device: Any = None) -> dict[str, torch.Tensor]:
+    """Read a safetensors or (opted-in) pickle weights file; any damage is an AdapterFileError."""
+    if path.endswith(".safetensors"):
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(path, device=str(device) if device is not None else "cpu")
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise AdapterFileError(f"{path}: corrupt or truncated safetensors file ({e})") from None
+    try:
+        sd = torch.load(path, map_location=device or "cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad file
+        raise AdapterFileError(f"{path}: cannot read as a weights-only torch file ({type(e).__name__}: {e})") from None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise AdapterFileError(f"{path}: expected a dict of tensors")
+    return sd
+
+
+def _saved_module(config: Any, rest: str) -> tuple[str, str] | None:
+    """Split a modules_to_save key into (module path, tensor name) by PEFT's rule."""
+    names = getattr(config, "modules_to_save", None) or []
+    parts = rest.split(".")
+    for i in range(1, len(parts)):
+        path = ".".join(parts[:i])
+        if any(path.endswith(m) for m in names):
+            return path, ".".join(parts[i:])
+    return None
+
+
+def from_state_dict(method: Any, config: Any, sd: Mapping[str, torch.Tensor], source: str) -> Adapter:
+    """Build an adapter from a PEFT state dict (keys with the ``base_model.model.`` prefix)."""
+    suffixes = method.delta_suffixes()
+    deltas: dict[str, dict[str, torch.Tensor]] = {}
+    repl: dict[str, dict[str, torch.Tensor]] = {}
+    tied: dict[str, set[str]] = {}
+    for key, t in sd.items():
+        if not key.startswith(PREFIX):
+            raise AdapterFileError(f"{source}: key {key!r} does not start with {PREFIX!r} (not a PEFT adapter file)")
+        rest = key[len(PREFIX):]
+        suffix = next((s for s in suffixes if rest.endswith("." + s)), None)
+        if suffix is not None:
+            deltas.setdefault(rest[: -len(suffix) - 1], {})[suffix] = t
+            continue
+        if _BASE_LAYER in "." + rest:
+            path, name = ("." + rest).split(_BASE_LAYER, 1)
+            path = path[1:]
+            repl.setdefault(path, {})[name] = t
+            tied.setdefault(path, set()).add(name)
+            continue
+        saved = _saved_module(config, rest)
+        if saved is not None:
+            repl.setdefault(saved[0], {})[saved[1]] = t
+            continue
+        if getattr(config, "bias", "none") == "all" and (rest == "bias" or rest.endswith(".bias")):
+            path = rest[: -len(".bias")] if "." in rest else ""
+            repl.setdefault(path, {})["bias"] = t
+            continue
+        raise AdapterFileError(
+            f"{source}: key {key!r} matches no target of the config: not a {method.name} key "
+            f"({', '.join(suffixes)}), not under modules_to_save={getattr(config, 'modules_to_save', None)!r}"
+            f", not a bias with bias={getattr(config, 'bias', None)!r}")
+    entries: dict[str, Entry] = {}
+    tensors: dict[str, dict[str, torch.Tensor]] = {}
+    for path, found in deltas.items():
+        e, leaves = method.from_peft(config, path, found, source)
+        entries[path], tensors[path] = e, leaves
+    for path, found in repl.items():
+        e = entries.get(path, Entry())
+        names = tuple(sorted(found))
+        entries[path] = Entry(e.kind, e.r, e.scaling, e.fan_in_fan_out, names,
+                              tuple(n for n in names if n in tied.get(path, ())), e.options)
+        tensors.setdefault(path, {}).update(found)
+    if not entries:
+        raise AdapterFileError(f"{source}: the weights file holds no adapter tensors")
+    for path, leaves in tensors.items():
+        ref = next(iter(leaves.values()))
+        leaves[GATE] = torch.ones((), dtype=torch.float32, device=ref.device)
+    order = sorted(entries)
+    return Adapter(method.name, config, {p: entries[p] for p in order}, {p: tensors[p] for p in order})
+
+
+def load(
+    source: str | os.PathLike[str],
+    adapter_name: str | None = None,
+    revision: str | None = None,
+    subfolder: str | None = None,
+    token: str | bool | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    local_files_only: bool = False,
+    allow_pickle: bool = False,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> Adapter:
+    """Load a PEFT-format adapter from a folder or a Hub repo.
+
+    Arguments:
+        source: a local folder, or a Hub repo id (through huggingface_hub: its cache, offline mode
+            ``HF_HUB_OFFLINE=1`` and token handling apply).
+        adapter_name: a non-default name is looked up in the sub-folder PEFT saves it in (falling back to
+            the folder itself). revision, subfolder, token, cache_dir, local_files_only: as in
+            ``hf_hub_download``.
+        allow_pickle: read ``adapter_model.bin`` when no safetensors file exists (with
+            ``torch.load(weights_only=True)``); refused by default.
+        device, dtype: where and in which floating dtype to put the tensors.
+
+    Returns:
+        An :class:`Adapter`. The config keeps fields adaptfn does not know, and writes them back.
+
+    Example:
+        >>> a = af.load("out/my-lora")
+        >>> a = af.load("user/repo", revision="v1")
+    """
+    cfg_path, w_path = _resolve(source, adapter_name, revision, subfolder, token, cache_dir,
+                                local_files_only, allow_pickle)
+    method, config = read_config(cfg_path)
+    sd = read_tensors(w_path, device)
+    try:
+        adapter = from_state_dict(method, config, sd, w_path)
+    except (IncompatibleAdapterError, ConfigError) as e:
+        raise type(e)(f"{e}") from None
+    if dtype is not None:
+        from .adapter import replace
+
+        adapter = replace(adapter, tensors={
+            p: {n: (t.to(dtype) if t.is_floating_point() and n != GATE else t) for n, t in d.items()}
+            for p, d in adapter._tensors.items()})
+    return adapter
+
+
+__all__ = ["load", "save", "state_dict", "AdaptfnError"]

@@ -1,0 +1,119 @@
+"""Helpers shared by the methods: module kinds, dtypes, ``all-linear``, replacements planning."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..adapter import Entry
+from ..errors import IncompatibleAdapterError, shape_str
+
+SEQ_CLS_HEAD_NAMES = ("score", "classifier")
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' GPT-2 style ``Conv1D`` (weight stored [in, out]), recognised without importing it."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
+
+
+def linear_dims(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a Linear or Conv1D."""
+    if is_conv1d(module):
+        w = module.weight
+        return int(w.shape[0]), int(w.shape[1])
+    return int(module.in_features), int(module.out_features)  # type: ignore[arg-type]
+
+
+def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
+    """PEFT's adapter dtype for a base weight: fp16/bf16 and quantized bases get float32 adapters."""
+    if weight.is_floating_point() and weight.dtype not in (torch.float16, torch.bfloat16):
+        return weight.dtype
+    return torch.float32
+
+
+def weight_needs_transpose(w_shape: Sequence[int], delta_shape: Sequence[int], fan_in_fan_out: bool | None) -> bool:
+    """Whether a [out, in] delta must be transposed to add to a weight of ``w_shape``."""
+    w, d = tuple(w_shape), tuple(delta_shape)
+    if d[0] != d[1]:
+        if w == d:
+            return False
+        if w == d[::-1]:
+            return True
+        raise IncompatibleAdapterError(f"delta {shape_str(d)} does not fit weight {shape_str(w)}")
+    if w != d:
+        raise IncompatibleAdapterError(f"delta {shape_str(d)} does not fit weight {shape_str(w)}")
+    return bool(fan_in_fan_out)
+
+
+def expand_all_linear(config: Any, model: nn.Module) -> Any:
+    """PEFT's ``target_modules="all-linear"``: every Linear/Conv1D except the output layer (or the
+    classification head for SEQ_CLS), as full module names."""
+    tm = getattr(config, "target_modules", None)
+    if not (isinstance(tm, str) and tm.lower() == "all-linear"):
+        return config
+    names = {n for n, m in model.named_modules() if n and (isinstance(m, nn.Linear) or is_conv1d(m))}
+    exclude: set[str] = set()
+    get_out = getattr(model, "get_output_embeddings", None)
+    out_emb = get_out() if callable(get_out) else None
+    if out_emb is not None:
+        exclude |= {n for n, m in model.named_modules() if m is out_emb}
+    elif getattr(config, "task_type", None) == "SEQ_CLS":
+        for head in SEQ_CLS_HEAD_NAMES:
+            h = getattr(model, head, None)
+            if h is not None:
+                exclude |= {n for n, m in model.named_modules() if m is h}
+                break
+    return dataclasses.replace(config, target_modules=sorted(names - exclude))
+
+
+def _saved_modules(config: Any, model: nn.Module) -> list[str]:
+    names = getattr(config, "modules_to_save", None) or []
+    found: list[str] = []
+    for path, _ in model.named_modules(remove_duplicate=False):
+        if path and any(path.endswith(m) for m in names) and not any(path.startswith(f + ".") for f in found):
+            found.append(path)
+    if names and not found:
+        raise IncompatibleAdapterError(
+            f"modules_to_save={list(names)!r} matches no module of {type(model).__name__}")
+    return found
+
+
+def _module_tensors(module: nn.Module) -> list[str]:
+    return list(module.state_dict(keep_vars=True).keys())
+
+
+def plan_replacements(config: Any, model: nn.Module, entries: dict[str, Entry]) -> dict[str, Entry]:
+    """Add the replacement part of a plan: ``modules_to_save`` copies (untied) and trained biases
+    (``bias="lora_only"``: the targeted modules' biases, ``"all"``: every ``*.bias``)."""
+    out = dict(entries)
+    saved = _saved_modules(config, model)
+    modules = dict(model.named_modules(remove_duplicate=False))
+    for path in saved:
+        names = tuple(_module_tensors(modules[path]))
+        out[path] = Entry(replaced=names)
+    bias = getattr(config, "bias", "none")
+    if bias == "none":
+        return out
+
+    def add_bias(path: str, tied: bool) -> None:
+        if any(path == s or path.startswith(s + ".") for s in saved):
+            return
+        e = out.get(path, Entry())
+        if "bias" in e.replaced:
+            return
+        out[path] = dataclasses.replace(e, replaced=e.replaced + ("bias",), tied=e.tied + (("bias",) if tied else ()))
+
+    if bias == "lora_only":
+        for path in entries:
+            if getattr(modules[path], "bias", None) is not None:
+                add_bias(path, True)
+    else:  # "all"
+        for name, _ in model.state_dict(keep_vars=True).items():
+            if name == "bias" or name.endswith(".bias"):
+                path = name[: -len(".bias")] if "." in name else ""
+                add_bias(path, path in entries)
+    return out

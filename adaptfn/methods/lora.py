@@ -1,0 +1,315 @@
+"""LoRA: ``y = base(x) + scaling * B(A(dropout(x)))`` on Linear, GPT-2 Conv1D and Embedding modules.
+
+Shapes (PEFT's): ``lora_A`` [r, in], ``lora_B`` [out, r]; for embeddings ``lora_A`` [r, num_embeddings]
+and ``lora_B`` [embedding_dim, r] (PEFT's ``lora_embedding_A`` / ``lora_embedding_B``). Scaling is
+``lora_alpha / r`` (rsLoRA: ``lora_alpha / sqrt(r)``) per module, from ``rank_pattern`` /
+``alpha_pattern`` where a key matches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .._where import is_target, pattern_key
+from ..adapter import GATE, SCALING, Entry
+from ..errors import AdapterFileError, ConfigError, IncompatibleAdapterError, shape_str
+from .base import CallBase, PeftConfigBase, need
+from .common import (
+    adapter_dtype,
+    expand_all_linear,
+    is_conv1d,
+    linear_dims,
+    plan_replacements,
+    weight_needs_transpose,
+)
+
+_INIT_MODES = (True, False, "gaussian")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig(PeftConfigBase):
+    """LoRA config with PEFT's field names and defaults (``peft.LoraConfig``).
+
+    Arguments:
+        r: rank. lora_alpha: scale numerator. lora_dropout: dropout on the LoRA input (only with an
+        explicit generator, see :func:`adaptfn.inject`). target_modules: list of names/suffixes, a regex
+        (``re.fullmatch``) or ``"all-linear"``. exclude_modules: same rules, wins over targets.
+        fan_in_fan_out: base weight stored [in, out] (GPT-2 Conv1D; set automatically there).
+        bias: "none", "all" (every ``*.bias`` is trained) or "lora_only" (biases of targeted modules).
+        use_rslora: scale by ``lora_alpha / sqrt(r)``. modules_to_save: modules trained in full
+        (replacements). layers_to_transform / layers_pattern: restrict list targets to these block
+        indices. rank_pattern / alpha_pattern: per-module r / alpha, keys matched as ``(.*\\.)?(key)$``.
+        init_lora_weights: True (A kaiming-uniform, B zeros), "gaussian" (A ~ N(0, 1/r)) or False
+        (both random: for tests).
+
+    Example:
+        >>> cfg = af.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
+    """
+
+    peft_type: ClassVar[str] = "LORA"
+    unsupported: ClassVar[dict[str, Any]] = {
+        "use_dora": False,
+        "lora_bias": False,
+        "layer_replication": None,
+        "trainable_token_indices": None,
+        "target_parameters": None,
+        "loftq_config": {},
+        "eva_config": None,
+        "corda_config": None,
+        "lora_ga_config": None,
+        "megatron_config": None,
+        "use_qalora": False,
+        "alora_invocation_tokens": None,
+        "arrow_config": None,
+        "velora_config": None,
+        "monteclora_config": None,
+        "kasa_config": None,
+        "use_bdlora": None,
+        "ensure_weight_tying": False,
+    }
+
+    r: int = 8
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    fan_in_fan_out: bool = False
+    bias: str = "none"
+    use_rslora: bool = False
+    modules_to_save: list[str] | None = None
+    init_lora_weights: bool | str = True
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+    rank_pattern: dict[str, int] = dataclasses.field(default_factory=dict)
+    alpha_pattern: dict[str, float] = dataclasses.field(default_factory=dict)
+    use_dora: bool = False
+    lora_bias: bool = False
+
+    def validate(self) -> None:
+        cls = type(self)
+        for name in ("use_dora", "lora_bias"):
+            need(getattr(self, name) is False, cls, name,
+                 f"{getattr(self, name)!r} is not supported by adaptfn yet (it changes the numerics); use False")
+        need(isinstance(self.r, int) and not isinstance(self.r, bool) and self.r > 0, cls, "r",
+             f"must be a positive int, got {self.r!r}")
+        need(isinstance(self.lora_alpha, (int, float)) and not isinstance(self.lora_alpha, bool), cls,
+             "lora_alpha", f"must be a number, got {self.lora_alpha!r}")
+        need(isinstance(self.lora_dropout, (int, float)) and 0 <= self.lora_dropout < 1, cls, "lora_dropout",
+             f"must be in [0, 1), got {self.lora_dropout!r}")
+        need(self.bias in ("none", "all", "lora_only"), cls, "bias",
+             f"must be 'none', 'all' or 'lora_only', got {self.bias!r}")
+        if isinstance(self.init_lora_weights, str):
+            need(self.init_lora_weights.lower() == "gaussian", cls, "init_lora_weights",
+                 f"{self.init_lora_weights!r} is not supported by adaptfn yet; use True, False or 'gaussian'")
+        else:
+            need(isinstance(self.init_lora_weights, bool), cls, "init_lora_weights",
+                 f"must be True, False or 'gaussian', got {self.init_lora_weights!r}")
+        tm = self.target_modules
+        need(tm is None or isinstance(tm, str) or all(isinstance(t, str) for t in tm), cls, "target_modules",
+             f"must be a list of str, a regex str or 'all-linear', got {tm!r}")
+        need(not (self.layers_pattern and self.layers_to_transform is None), cls, "layers_pattern",
+             "is only used together with layers_to_transform")
+        for k, v in self.rank_pattern.items():
+            need(isinstance(v, int) and v > 0, cls, "rank_pattern", f"rank for {k!r} must be a positive int, got {v!r}")
+        for k, v in self.alpha_pattern.items():
+            need(isinstance(v, (int, float)), cls, "alpha_pattern", f"alpha for {k!r} must be a number, got {v!r}")
+
+    def rank_and_alpha(self, path: str) -> tuple[int, float]:
+        rk = pattern_key(list(self.rank_pattern), path)
+        ak = pattern_key(list(self.alpha_pattern), path)
+        r = self.rank_pattern[rk] if rk is not None else self.r
+        alpha = self.alpha_pattern[ak] if ak is not None else self.lora_alpha
+        return r, alpha
+
+    def scaling(self, r: int, alpha: float) -> float:
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+
+class Lora:
+    """The LoRA method (see the module docstring)."""
+
+    name = "lora"
+    peft_type = "LORA"
+    config_cls = LoraConfig
+    _SUFFIX = {"linear": ("lora_A.weight", "lora_B.weight"), "embedding": ("lora_embedding_A", "lora_embedding_B")}
+
+    # -- planning and init -------------------------------------------------------------------------
+    def plan(self, config: LoraConfig, model: nn.Module) -> tuple[LoraConfig, dict[str, Entry]]:
+        config = expand_all_linear(config, model)
+        entries: dict[str, Entry] = {}
+        for path, mod in model.named_modules():
+            if not path or not is_target(config, path):
+                continue
+            if isinstance(mod, nn.Embedding):
+                kind, fif = "embedding", False
+            elif is_conv1d(mod):
+                kind, fif = "linear", True
+            elif isinstance(mod, nn.Linear):
+                kind, fif = "linear", False
+            else:
+                raise IncompatibleAdapterError(
+                    f"target module {path!r} is a {type(mod).__name__}; LoRA supports nn.Linear, "
+                    "transformers Conv1D and nn.Embedding (check target_modules / exclude_modules)")
+            r, alpha = config.rank_and_alpha(path)
+            entries[path] = Entry(kind=kind, r=r, scaling=config.scaling(r, alpha), fan_in_fan_out=fif,
+                                  options=_options(config))
+        if not entries:
+            raise IncompatibleAdapterError(
+                f"LoraConfig.target_modules={config.target_modules!r} matches no module of "
+                f"{type(model).__name__} (module names look like {_sample_paths(model)})")
+        entries = plan_replacements(config, model, entries)
+        return config, entries
+
+    def init_leaves(self, config: LoraConfig, path: str, entry: Entry, module: nn.Module,
+                    generator: torch.Generator | None, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+        w = module.weight
+        dt = dtype or adapter_dtype(w)
+        if entry.kind == "embedding":
+            n_in, n_out = module.num_embeddings, module.embedding_dim
+        else:
+            n_in, n_out = linear_dims(module)
+        r = entry.r
+        A = torch.empty(r, n_in, dtype=torch.float32, device=w.device)
+        B = torch.empty(n_out, r, dtype=torch.float32, device=w.device)
+        mode = config.init_lora_weights
+        if entry.kind == "embedding":
+            if mode is False:
+                A.normal_(generator=generator)
+            else:
+                A.zero_()
+            B.normal_(generator=generator)
+        else:
+            if isinstance(mode, str):  # "gaussian"
+                nn.init.normal_(A, std=1 / r, generator=generator)
+            else:
+                nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)
+            if mode is False:
+                nn.init.kaiming_uniform_(B, a=math.sqrt(5), generator=generator)
+            else:
+                B.zero_()
+        return {"lora_A": A.to(dt), "lora_B": B.to(dt)}
+
+    # -- compute -----------------------------------------------------------------------------------
+    @staticmethod
+    def _scale(entry: Entry, leaves: Mapping[str, torch.Tensor], on: Any) -> Any:
+        s: Any = leaves[SCALING].detach() if SCALING in leaves else entry.scaling
+        if on is not True:
+            s = s * on
+        return s
+
+    def forward(self, entry: Entry, leaves: Mapping[str, torch.Tensor], on: Any, generator: Any,
+                call_base: CallBase, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        out = call_base(x)
+        A, B = leaves["lora_A"], leaves["lora_B"]
+        if A.dim() != 2:
+            raise IncompatibleAdapterError(
+                "a stacked adapter was called directly; map it with torch.func.vmap or pass route=")
+        s = self._scale(entry, leaves, on)
+        if entry.kind == "embedding":
+            m: Any = module
+            h = F.embedding(x, A.T, m.padding_idx, m.max_norm, m.norm_type, m.scale_grad_by_freq, m.sparse)
+            delta = h @ B.T
+        else:
+            h = x if x.dtype == A.dtype else x.to(A.dtype)
+            p = entry.option("dropout", 0.0) if generator is not None else 0.0
+            if p > 0:
+                keep = torch.rand(h.shape, generator=generator, device=h.device, dtype=h.dtype) >= p
+                h = h * keep / (1 - p)
+            delta = F.linear(F.linear(h, A), B)
+        return (out + delta * s).to(out.dtype)
+
+    def merge(self, entry: Entry, leaves: Mapping[str, torch.Tensor], on: Any, weight: torch.Tensor) -> torch.Tensor:
+        A, B = leaves["lora_A"], leaves["lora_B"]
+        delta = (B @ A) * self._scale(entry, leaves, on)  # [out, in]
+        if entry.kind == "embedding" or weight_needs_transpose(weight.shape, delta.shape, entry.fan_in_fan_out):
+            delta = delta.T
+        return weight + delta.to(weight.dtype)
+
+    def off(self, entry: Entry, leaves: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {**leaves, "lora_B": torch.zeros_like(leaves["lora_B"])}
+
+    # -- checks against a model -------------------------------------------------------------------
+    def check(self, path: str, entry: Entry, leaves: Mapping[str, torch.Tensor], module: nn.Module) -> None:
+        A, B = leaves["lora_A"], leaves["lora_B"]
+        if entry.kind == "embedding":
+            if not isinstance(module, nn.Embedding):
+                raise IncompatibleAdapterError(
+                    f"module {path!r}: the adapter has an embedding LoRA but the model has a {type(module).__name__}")
+            n_in, n_out = module.num_embeddings, module.embedding_dim
+        else:
+            if not (isinstance(module, nn.Linear) or is_conv1d(module)):
+                raise IncompatibleAdapterError(
+                    f"module {path!r}: the adapter has a linear LoRA but the model has a {type(module).__name__}")
+            n_in, n_out = linear_dims(module)
+        if tuple(A.shape[-1:]) != (n_in,) or tuple(B.shape[-2:-1]) != (n_out,):
+            raise IncompatibleAdapterError(
+                f"module {path!r}: lora_A {shape_str(A.shape)} / lora_B {shape_str(B.shape)} do not fit "
+                f"{type(module).__name__} with in={n_in}, out={n_out} (expected lora_A [r, {n_in}], "
+                f"lora_B [{n_out}, r])")
+
+    # -- PEFT files ------------------------------------------------------------------------------
+    def delta_suffixes(self) -> tuple[str, ...]:
+        return ("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B")
+
+    def to_peft(self, entry: Entry, leaves: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        a, b = self._SUFFIX[entry.kind]
+        return {a: leaves["lora_A"], b: leaves["lora_B"]}
+
+    def from_peft(self, config: LoraConfig, path: str, found: Mapping[str, torch.Tensor],
+                  source: str) -> tuple[Entry, dict[str, torch.Tensor]]:
+        kind = "embedding" if "lora_embedding_A" in found or "lora_embedding_B" in found else "linear"
+        a_key, b_key = self._SUFFIX[kind]
+        for k in (a_key, b_key):
+            if k not in found:
+                raise AdapterFileError(f"{source}: module {path!r} has {sorted(found)} but no {k!r}")
+        extra = sorted(set(found) - {a_key, b_key})
+        if extra:
+            raise AdapterFileError(f"{source}: module {path!r} mixes LoRA kinds: {sorted(found)}")
+        A, B = found[a_key], found[b_key]
+        if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
+            raise AdapterFileError(
+                f"{source}: module {path!r}: {a_key} {shape_str(A.shape)} and {b_key} {shape_str(B.shape)} "
+                "are not a rank-r pair ([r, in] and [out, r])")
+        if not is_target(config, path):
+            raise AdapterFileError(
+                f"{source}: key {path}.{a_key} is for module {path!r}, which adapter_config.json's "
+                f"target_modules={config.target_modules!r} does not target")
+        r, alpha = config.rank_and_alpha(path)
+        if A.shape[0] != r:
+            raise AdapterFileError(
+                f"{source}: module {path!r} has rank {A.shape[0]} ({a_key} {shape_str(A.shape)}) but the config "
+                f"gives r={r} for it (r / rank_pattern)")
+        entry = Entry(kind=kind, r=r, scaling=config.scaling(r, alpha),
+                      fan_in_fan_out=False if kind == "embedding" else bool(config.fan_in_fan_out),
+                      options=_options(config))
+        return entry, {"lora_A": A, "lora_B": B}
+
+    # -- stacking --------------------------------------------------------------------------------
+    def pad(self, entry: Entry, leaves: Mapping[str, torch.Tensor], r: int) -> dict[str, torch.Tensor]:
+        A, B = leaves["lora_A"], leaves["lora_B"]
+        extra = r - A.shape[0]
+        if extra == 0:
+            return dict(leaves)
+        return {**leaves, "lora_A": F.pad(A, (0, 0, 0, extra)), "lora_B": F.pad(B, (0, extra))}
+
+    def unpad(self, entry: Entry, leaves: Mapping[str, torch.Tensor], r: int) -> dict[str, torch.Tensor]:
+        return {**leaves, "lora_A": leaves["lora_A"][:r], "lora_B": leaves["lora_B"][:, :r]}
+
+
+def _options(config: LoraConfig) -> tuple[tuple[str, Any], ...]:
+    return (("dropout", float(config.lora_dropout)),) if config.lora_dropout else ()
+
+
+def _sample_paths(model: nn.Module, n: int = 4) -> list[str]:
+    paths = [p for p, m in model.named_modules() if p and not list(m.children())]
+    return paths[:n]
+
+
+__all__ = ["LoraConfig", "Lora", "GATE", "ConfigError"]

@@ -1,0 +1,170 @@
+"""The pure transforms: ``inject``, ``merge``, ``select``, ``mask``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from ._where import Where, matcher
+from .adapter import GATE, Adapter, AdapterSum, components, gate_on, replace
+from .errors import ConfigError, IncompatibleAdapterError
+from .functional import FunctionalModel
+from .methods import get_method
+
+AdapterLike = Adapter | AdapterSum
+
+
+def inject(fn: FunctionalModel, adapter: AdapterLike, *, generator: torch.Generator | None = None) -> FunctionalModel:
+    """Return ``fn`` with ``adapter`` applied, unmerged: ``g(params, *args, **kwargs)``.
+
+    Pure: nothing is mutated; the adapter's tensors are inputs of each call, so ``g`` composes with
+    ``torch.func.grad`` / ``vmap`` over the adapter and ``torch.compile``. Injecting into an injected
+    function adds the new adapter's deltas (as ``select`` with a list does).
+
+    Arguments:
+        fn: from :func:`adaptfn.functional` (or another ``inject``).
+        adapter: an :class:`Adapter` or :class:`AdapterSum`, checked against the model now.
+        generator: enables LoRA dropout (``lora_dropout``), drawing masks from this generator. None
+            (default): no dropout, the deterministic inference forward.
+
+    Returns:
+        A :class:`FunctionalModel` ``g`` with ``g.generate`` too.
+
+    Example:
+        >>> g = af.inject(fn, adapter)
+        >>> out = g(params, input_ids=ids)         # adapter on
+        >>> out0 = fn(params, input_ids=ids)       # adapter off: just use fn
+    """
+    if not isinstance(fn, FunctionalModel):
+        raise ConfigError(f"inject: expected a FunctionalModel from af.functional, got {type(fn).__name__}")
+    parts = components(adapter)
+    replaced: dict[str, int] = {}
+    for a in fn.adapters + parts:
+        for path, e in a.entries.items():
+            for name in e.replaced:
+                full = f"{path}.{name}"
+                if full in replaced:
+                    raise ConfigError(f"inject: two adapters replace {full!r}; only deltas can add")
+                replaced[full] = 1
+    for a in parts:
+        fn.check(a)
+    return fn.with_adapters(fn.adapters + parts, generator if generator is not None else fn._generator)
+
+
+def merge(params: Mapping[str, torch.Tensor], adapter: AdapterLike) -> dict[str, torch.Tensor]:
+    """Fold an adapter into a params dict: ``fn(merge(params, a), x) == inject(fn, a)(params, x)``.
+
+    Pure: returns a new dict; replaced / merged entries are new tensors, every other entry is the same
+    tensor object as in ``params``. A replacement that PEFT loads into a tied tensor (``base_layer.*``)
+    replaces every name sharing that tensor; other replacements (``modules_to_save``) untie.
+
+    Arguments:
+        params: from :func:`adaptfn.functional` (or an earlier merge).
+        adapter: an :class:`Adapter` or :class:`AdapterSum` (not stacked).
+
+    Returns:
+        ``dict[str, Tensor]`` with LoRA weights ``W + scaling * B @ A`` (transposed for Conv1D).
+
+    Example:
+        >>> merged = af.merge(params, adapter)
+        >>> out = fn(merged, input_ids=ids)
+    """
+    parts = components(adapter)
+    out = dict(params)
+    for a in parts:
+        if a.is_stacked:
+            raise ConfigError("merge: the adapter is stacked; merge each of af.unstack(...) or vmap over it")
+        for path, e in a.entries.items():
+            leaves = a._tensors[path]
+            on = gate_on(leaves[GATE])
+            if on is False:
+                continue
+            for name in e.replaced:
+                full = f"{path}.{name}" if path else name
+                if full not in params:
+                    raise IncompatibleAdapterError(f"merge: adapter replaces {full!r}, which params does not have")
+                base = params[full]
+                targets = [k for k, v in params.items() if v is base] if name in e.tied else [full]
+                v = leaves[name].to(base.dtype)
+                for t in targets:
+                    out[t] = v if on is True else torch.where(on, v, out[t])
+    for a in parts:
+        method = get_method(a.method)
+        for path, e in a.entries.items():
+            if not e.kind:
+                continue
+            leaves = a._tensors[path]
+            on = gate_on(leaves[GATE])
+            if on is False:
+                continue
+            key = f"{path}.weight"
+            if key not in out:
+                raise IncompatibleAdapterError(f"merge: adapter targets {path!r} but params has no {key!r}")
+            out[key] = method.merge(e, leaves, on, out[key])
+    return out
+
+
+def select(adapters: Any, where: Any) -> Any:
+    """Pick adapters by name, or modules of one adapter.
+
+    * ``select(adapters: Mapping[str, Adapter], "a1")`` -> that adapter;
+    * ``select(adapters, ["a1", "a2"])`` -> an :class:`AdapterSum` whose deltas add (PEFT multi-active);
+    * ``select(adapter, where)`` -> the sub-adapter of the modules matching ``where`` (a bool, a regex
+      fullmatched on module paths, a list of paths/suffixes, or a callable ``path -> bool``).
+
+    Example:
+        >>> attn_only = af.select(adapter, r".*self_attn\\..*")
+    """
+    if isinstance(adapters, Mapping) and not isinstance(adapters, (Adapter, AdapterSum)):
+        names = [where] if isinstance(where, str) else list(where)
+        missing = [n for n in names if n not in adapters]
+        if missing:
+            raise ConfigError(f"select: no adapter named {missing}; have {sorted(adapters)}")
+        if isinstance(where, str):
+            return adapters[where]
+        if not names:
+            raise ConfigError("select: empty list of adapter names")
+        return AdapterSum({n: adapters[n] for n in names})
+    if isinstance(adapters, AdapterSum):
+        return AdapterSum({n: select(a, where) for n, a in adapters.parts.items()})
+    if not isinstance(adapters, Adapter):
+        raise ConfigError(f"select: expected an Adapter, AdapterSum or a mapping of them, got {type(adapters).__name__}")
+    keep = matcher(where)
+    paths = [p for p in adapters.paths if keep(p)]
+    if not paths:
+        raise ConfigError(f"select: {where!r} matches none of the adapter's modules (e.g. {list(adapters.paths)[:3]})")
+    return replace(
+        adapters,
+        entries={p: adapters.entries[p] for p in paths},
+        tensors={p: adapters._tensors[p] for p in paths},
+    )
+
+
+def mask(adapter: AdapterLike, where: Where) -> Any:
+    """Turn off the modules **not** matching ``where``; same structure, shapes and values otherwise.
+
+    A masked module contributes exactly nothing: its delta is skipped (or multiplied by zero under
+    vmap/grad/compile) and its replacements give back the base tensor exactly. Its leaves keep their
+    values and get zero gradient; only its ``gate`` leaf changes (to 0). ``where=False`` turns all off.
+
+    Example:
+        >>> base_like = af.inject(fn, af.mask(adapter, False))   # == fn, bit for bit
+    """
+    if isinstance(adapter, AdapterSum):
+        return AdapterSum({n: mask(a, where) for n, a in adapter.parts.items()})
+    if not isinstance(adapter, Adapter):
+        raise ConfigError(f"mask: expected an Adapter or AdapterSum, got {type(adapter).__name__}")
+    keep = matcher(where)
+    tensors = {}
+    for p, leaves in adapter._tensors.items():
+        if keep(p):
+            tensors[p] = leaves
+        else:
+            tensors[p] = {**leaves, GATE: torch.zeros_like(leaves[GATE])}
+    return replace(adapter, tensors=tensors)
+
+
+def _names(xs: Sequence[str]) -> str:
+    return ", ".join(xs)
