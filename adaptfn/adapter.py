@@ -93,7 +93,7 @@ class Adapter:
         stack_info: set on stacked adapters.
     """
 
-    __slots__ = ("_method", "_config", "_entries", "_tensors", "_stack", "_key")
+    __slots__ = ("_method", "_config", "_entries", "_tensors", "_stack", "_key", "__weakref__")
 
     def __init__(
         self,
@@ -110,10 +110,11 @@ class Adapter:
             )
         object.__setattr__(self, "_method", method)
         object.__setattr__(self, "_config", config)
-        object.__setattr__(self, "_entries", MappingProxyType({p: entries[p] for p in paths}))
+        object.__setattr__(self, "_entries", tuple((p, entries[p]) for p in paths))
         object.__setattr__(self, "_tensors", {p: dict(tensors[p]) for p in paths})
         object.__setattr__(self, "_stack", stack_info)
-        object.__setattr__(self, "_key", None)
+        object.__setattr__(self, "_key", (method, self._entries, tuple(
+            (p, tuple(sorted(d))) for p, d in self._tensors.items())))
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError("Adapter is immutable; use adaptfn's transforms or af.tree.map to make a new one")
@@ -132,11 +133,16 @@ class Adapter:
     @property
     def entries(self) -> Mapping[str, Entry]:
         """module path -> :class:`Entry` (read-only)."""
+        return MappingProxyType(dict(self._entries))
+
+    @property
+    def entry_items(self) -> tuple[tuple[str, Entry], ...]:
+        """``(module path, Entry)`` pairs, in order."""
         return self._entries
 
     @property
     def paths(self) -> tuple[str, ...]:
-        return tuple(self._entries)
+        return tuple(p for p, _ in self._entries)
 
     @property
     def stack_info(self) -> StackInfo | None:
@@ -152,11 +158,7 @@ class Adapter:
 
     @property
     def structure_key(self) -> tuple:
-        """Hashable static structure: what decides the code path (cached)."""
-        if self._key is None:
-            key = (self._method, tuple(self._entries.items()), tuple(
-                (p, tuple(sorted(d))) for p, d in self._tensors.items()))
-            object.__setattr__(self, "_key", key)
+        """Hashable static structure: what decides the code path."""
         return self._key
 
     @property
@@ -174,9 +176,9 @@ class Adapter:
         )
 
     def __repr__(self) -> str:
-        deltas = [p for p, e in self._entries.items() if e.kind]
-        replaced = [f"{p}.{n}" if p else n for p, e in self._entries.items() for n in e.replaced]
-        ranks = sorted({e.r for e in self._entries.values() if e.kind})
+        deltas = [p for p, e in self._entries if e.kind]
+        replaced = [f"{p}.{n}" if p else n for p, e in self._entries for n in e.replaced]
+        ranks = sorted({e.r for _, e in self._entries if e.kind})
         dtypes = sorted({str(t.dtype).replace("torch.", "") for d in self._tensors.values()
                          for n, t in d.items() if n not in _NON_PARAMETER_LEAVES and isinstance(t, torch.Tensor)})
         names: dict[str, int] = {}
@@ -204,7 +206,7 @@ class Adapter:
 
 # -- pytree registration ---------------------------------------------------------------------------
 def _flatten(a: Adapter) -> tuple[list[dict[str, Any]], tuple]:
-    return [dict(a._tensors[p]) for p in a._entries], (a._method, a._config, tuple(a._entries.items()), a._stack)
+    return [dict(a._tensors[p]) for p, _ in a._entries], (a._method, a._config, a._entries, a._stack)
 
 
 def _unflatten(children: Iterable[Any], context: tuple) -> Adapter:
@@ -215,7 +217,7 @@ def _unflatten(children: Iterable[Any], context: tuple) -> Adapter:
 
 def _flatten_with_keys(a: Adapter) -> tuple[list[tuple[Any, Any]], tuple]:
     children, ctx = _flatten(a)
-    return [(torch_pytree.MappingKey(p), c) for p, c in zip(a._entries, children)], ctx
+    return [(torch_pytree.MappingKey(p), c) for (p, _), c in zip(a._entries, children)], ctx
 
 
 torch_pytree.register_pytree_node(
@@ -228,7 +230,7 @@ torch_pytree.register_pytree_node(
 
 optree.register_pytree_node(
     Adapter,
-    lambda a: (*_flatten(a), tuple(a._entries)),
+    lambda a: (*_flatten(a), a.paths),
     lambda ctx, children: _unflatten(children, ctx),
     path_entry_type=optree.MappingEntry,
     namespace=NAMESPACE,
@@ -363,7 +365,7 @@ class AdapterSum:
         for name, a in parts.items():
             if not isinstance(a, Adapter):
                 raise ConfigError(f"AdapterSum: {name!r} is a {type(a).__name__}, not an Adapter")
-            for path, e in a.entries.items():
+            for path, e in a.entry_items:
                 for leaf in e.replaced:
                     full = f"{path}.{leaf}"
                     if full in seen:

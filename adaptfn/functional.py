@@ -11,13 +11,12 @@ touched; threads never share a copy.
 
 from __future__ import annotations
 
-import contextlib
 import copy as _copy
 import functools
 import threading
 import types
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -122,7 +121,7 @@ class _Base:
         root, mods = structural_copy(self.model, self.tensors)
         slots: dict[str, _Slot] = {}
         for a in adapters:
-            for path, e in a.entries.items():
+            for path, e in a.entry_items:
                 if e.kind and path not in slots:
                     slots[path] = _install(mods[path])
         return _Copy(root, slots)
@@ -158,6 +157,21 @@ class FunctionalModel:
         self._adapters = adapters
         self._generator = generator
         self._key = tuple(a.structure_key for a in adapters)
+        # Static plan of the call, from the adapters' structure only (their leaves are read per call):
+        # deltas: (adapter index, path, method, entry); replacements: (adapter index, path, name, targets).
+        deltas = []
+        repl = []
+        for i, a in enumerate(adapters):
+            method = get_method(a.method)
+            for path, e in a.entry_items:
+                if e.kind:
+                    deltas.append((i, path, method, e))
+                for name in e.replaced:
+                    full = f"{path}.{name}" if path else name
+                    targets = base.aliases.get(full, (full,)) if name in e.tied else (full,)
+                    repl.append((i, path, name, targets))
+        self._deltas = tuple(deltas)
+        self._repl = tuple(repl)
 
     @property
     def model(self) -> nn.Module:
@@ -172,65 +186,59 @@ class FunctionalModel:
         return FunctionalModel(self._base, adapters, generator)
 
     def __call__(self, params: Mapping[str, torch.Tensor], *args: Any, **kwargs: Any) -> Any:
-        with self._bound(params) as root:
-            return root(*args, **kwargs)
+        return self._run(params, None, args, kwargs)
 
     def generate(self, params: Mapping[str, torch.Tensor], *args: Any, **kwargs: Any) -> Any:
         """``model.generate(*args, **kwargs)`` with ``params`` (and this function's adapters)."""
         if not hasattr(self._base.model, "generate"):
             raise ConfigError(f"{type(self._base.model).__name__} has no generate method")
-        with torch.no_grad(), self._bound(params) as root:
-            return root.generate(*args, **kwargs)
+        with torch.no_grad():
+            return self._run(params, "generate", args, kwargs)
 
     def __repr__(self) -> str:
         inner = ", ".join(repr(a) for a in self._adapters)
         return f"FunctionalModel({type(self._base.model).__name__}" + (f", {inner})" if inner else ")")
 
-    @contextlib.contextmanager
-    def _bound(self, params: Mapping[str, torch.Tensor]) -> Iterator[nn.Module]:
+    def _run(self, params: Mapping[str, torch.Tensor], attr: str | None, args: tuple, kwargs: dict) -> Any:
         base = self._base
         cp = base.copy_for(self._key, self._adapters)
         held = base.params
-        swaps = {k: v for k, v in params.items() if held.get(k) is not v}
-        for a in self._adapters:
-            for path, e in a.entries.items():
-                if not e.replaced:
-                    continue
-                leaves = a._tensors[path]
-                on = gate_on(leaves[GATE])
-                if on is False:
-                    continue
-                for name in e.replaced:
-                    full = f"{path}.{name}" if path else name
-                    targets = base.aliases.get(full, (full,)) if name in e.tied else (full,)
-                    for t in targets:
-                        cur = swaps.get(t, held.get(t))
-                        v = leaves[name]
-                        if cur is not None and v.dtype != cur.dtype:
-                            v = v.to(cur.dtype)
-                        swaps[t] = v if on is True else torch.where(on, v, cur)
-        for slot in cp.slots.values():
+        swaps: dict[str, torch.Tensor] = {}
+        for k in params:
+            v = params[k]
+            if held.get(k) is not v:
+                swaps[k] = v
+        tensors = [a._tensors for a in self._adapters]
+        for i, path, name, targets in self._repl:
+            leaves = tensors[i][path]
+            on = gate_on(leaves[GATE])
+            if on is False:
+                continue
+            v = leaves[name]
+            for t in targets:
+                cur = swaps[t] if t in swaps else held[t]
+                vt = v if v.dtype == cur.dtype else v.to(cur.dtype)
+                swaps[t] = vt if on is True else torch.where(on, vt, cur)
+        slots = cp.slots
+        for slot in slots.values():
             slot.active = []
-        for a in self._adapters:
-            method = get_method(a.method)
-            for path, e in a.entries.items():
-                if not e.kind:
-                    continue
-                leaves = a._tensors[path]
-                on = gate_on(leaves[GATE])
-                if on is False:
-                    continue
-                cp.slots[path].active.append((method, e, leaves, on, self._generator))
+        gen = self._generator
+        for i, path, method, e in self._deltas:
+            leaves = tensors[i][path]
+            on = gate_on(leaves[GATE])
+            if on is not False:
+                slots[path].active.append((method, e, leaves, on, gen))
         cp.busy = True
         try:
+            root = cp.root
+            call = root if attr is None else getattr(root, attr)
             if swaps:
-                with _reparametrize_module(cp.root, swaps, tie_weights=False, strict=False):
-                    yield cp.root
-            else:
-                yield cp.root
+                with _reparametrize_module(root, swaps, tie_weights=False, strict=False):
+                    return call(*args, **kwargs)
+            return call(*args, **kwargs)
         finally:
             cp.busy = False
-            for slot in cp.slots.values():
+            for slot in slots.values():
                 slot.active = []
 
     # -- used by inject/init ---------------------------------------------------------------------
@@ -238,7 +246,7 @@ class FunctionalModel:
         """Raise :class:`IncompatibleAdapterError` unless ``adapter`` fits this model."""
         method = get_method(adapter.method)
         mods = self._base.modules
-        for path, e in adapter.entries.items():
+        for path, e in adapter.entry_items:
             mod = mods.get(path)
             if mod is None:
                 near = [p for p in mods if p.endswith(path.rsplit(".", 1)[-1])][:3]

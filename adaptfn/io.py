@@ -46,7 +46,7 @@ def state_dict(adapter: Adapter) -> dict[str, torch.Tensor]:
         raise ConfigError("state_dict: the adapter is stacked; use af.unstack first")
     method = get_method(adapter.method)
     out: dict[str, torch.Tensor] = {}
-    for path, e in adapter.entries.items():
+    for path, e in adapter.entry_items:
         leaves = dict(adapter._tensors[path])
         on = gate_on(leaves[GATE])
         if not isinstance(on, bool):

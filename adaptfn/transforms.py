@@ -42,7 +42,7 @@ def inject(fn: FunctionalModel, adapter: AdapterLike, *, generator: torch.Genera
     parts = components(adapter)
     replaced: dict[str, int] = {}
     for a in fn.adapters + parts:
-        for path, e in a.entries.items():
+        for path, e in a.entry_items:
             for name in e.replaced:
                 full = f"{path}.{name}"
                 if full in replaced:
@@ -76,7 +76,7 @@ def merge(params: Mapping[str, torch.Tensor], adapter: AdapterLike) -> dict[str,
     for a in parts:
         if a.is_stacked:
             raise ConfigError("merge: the adapter is stacked; merge each of af.unstack(...) or vmap over it")
-        for path, e in a.entries.items():
+        for path, e in a.entry_items:
             leaves = a._tensors[path]
             on = gate_on(leaves[GATE])
             if on is False:
@@ -92,7 +92,7 @@ def merge(params: Mapping[str, torch.Tensor], adapter: AdapterLike) -> dict[str,
                     out[t] = v if on is True else torch.where(on, v, out[t])
     for a in parts:
         method = get_method(a.method)
-        for path, e in a.entries.items():
+        for path, e in a.entry_items:
             if not e.kind:
                 continue
             leaves = a._tensors[path]
