@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
-from typing import Union
 
 from .errors import ConfigError
 
-Where = Union[bool, str, Sequence[str], Callable[[str], bool]]
+Where = bool | str | Sequence[str] | Callable[[str], bool]
 
 
 def matcher(where: Where) -> Callable[[str], bool]:

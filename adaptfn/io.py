@@ -319,7 +319,7 @@ def from_state_dict(method: Any, config: Any, sd: Mapping[str, torch.Tensor], so
         tensors.setdefault(path, {}).update(found)
     if not entries:
         raise AdapterFileError(f"{source}: the weights file holds no adapter tensors")
-    for path, leaves in tensors.items():
+    for leaves in tensors.values():
         ref = next(iter(leaves.values()))
         leaves[GATE] = torch.ones((), dtype=torch.float32, device=ref.device)
     order = sorted(entries)
