@@ -99,6 +99,8 @@ class _Base:
         self.params = params
         self.aliases = {n: tuple(g) for g in groups.values() for n in g}
         self.modules = dict(model.named_modules(remove_duplicate=False))
+        # fn runs in the mode the model had when functional() was called, whatever the user does later
+        self.training = {p: m.training for p, m in self.modules.items()}
         self.local = threading.local()
         self.checked: dict[tuple, None] = {}
 
@@ -119,6 +121,8 @@ class _Base:
 
     def _build(self, adapters: Sequence[Adapter]) -> _Copy:
         root, mods = structural_copy(self.model, self.tensors)
+        for p, m in mods.items():
+            m.training = self.training.get(p, m.training)
         slots: dict[str, _Slot] = {}
         for a in adapters:
             for path, e in a.entry_items:
