@@ -49,6 +49,8 @@ class Entry:
         replaced: names of the module's tensors this entry replaces (leaves of the same name).
         tied: those of ``replaced`` that replace every alias of the base tensor (PEFT's
             ``base_layer.*`` keys are loaded into the shared tensor); the others untie.
+        frozen: those of ``replaced`` that are carried for the file format only (PEFT's saved embedding
+            matrices): read detached, so their gradient is zero, and not counted as trainable.
         options: method-specific static settings, as ``(name, value)`` pairs.
     """
 
@@ -59,6 +61,7 @@ class Entry:
     replaced: tuple[str, ...] = ()
     tied: tuple[str, ...] = ()
     options: tuple[tuple[str, Any], ...] = ()
+    frozen: tuple[str, ...] = ()
 
     def option(self, name: str, default: Any = None) -> Any:
         for k, v in self.options:
@@ -170,9 +173,9 @@ class Adapter:
         """Number of trainable scalars (deltas and replacements; not gates or stacked scalings)."""
         return sum(
             t.numel()
-            for d in self._tensors.values()
-            for n, t in d.items()
-            if n not in _NON_PARAMETER_LEAVES and isinstance(t, torch.Tensor)
+            for p, e in self._entries
+            for n, t in self._tensors[p].items()
+            if n not in _NON_PARAMETER_LEAVES and n not in e.frozen and isinstance(t, torch.Tensor)
         )
 
     def __repr__(self) -> str:
@@ -301,7 +304,7 @@ def stack(adapters: Sequence[Adapter]) -> Adapter:
             raise IncompatibleAdapterError(f"stack: item {i} targets other modules than item 0: {diff[:8]}")
         for p in a.paths:
             e0, e = first.entries[p], a.entries[p]
-            if (e.kind, e.replaced, e.tied) != (e0.kind, e0.replaced, e0.tied):
+            if (e.kind, e.replaced, e.tied, e.frozen) != (e0.kind, e0.replaced, e0.tied, e0.frozen):
                 raise IncompatibleAdapterError(
                     f"stack: module {p!r} differs between item 0 ({e0.kind or 'replacement'} {e0.replaced}) "
                     f"and item {i} ({e.kind or 'replacement'} {e.replaced})")

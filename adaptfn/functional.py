@@ -173,7 +173,7 @@ class FunctionalModel:
                 for name in e.replaced:
                     full = f"{path}.{name}" if path else name
                     targets = base.aliases.get(full, (full,)) if name in e.tied else (full,)
-                    repl.append((i, path, name, targets))
+                    repl.append((i, path, name, targets, name in e.frozen))
         self._deltas = tuple(deltas)
         self._repl = tuple(repl)
 
@@ -213,12 +213,12 @@ class FunctionalModel:
             if held.get(k) is not v:
                 swaps[k] = v
         tensors = [a._tensors for a in self._adapters]
-        for i, path, name, targets in self._repl:
+        for i, path, name, targets, frozen in self._repl:
             leaves = tensors[i][path]
             on = gate_on(leaves[GATE])
             if on is False:
                 continue
-            v = leaves[name]
+            v = leaves[name].detach() if frozen else leaves[name]
             for t in targets:
                 cur = swaps[t] if t in swaps else held[t]
                 vt = v if v.dtype == cur.dtype else v.to(cur.dtype)

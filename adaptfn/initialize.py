@@ -57,7 +57,12 @@ def init(
             leaves.update(method.init_leaves(config, path, e, module, generator, dtype))
         for name in e.replaced:
             base = params[f"{path}.{name}" if path else name]
-            leaves[name] = base.detach().clone() if dtype is None or not base.is_floating_point() else base.to(dtype, copy=True)
+            if name in e.frozen:  # carried for PEFT's file format only: share, never copy
+                leaves[name] = base
+            elif dtype is None or not base.is_floating_point():
+                leaves[name] = base.detach().clone()
+            else:
+                leaves[name] = base.to(dtype, copy=True)
         ref = next(iter(leaves.values()))
         leaves[GATE] = torch.ones((), dtype=torch.float32, device=ref.device)
         tensors[path] = leaves

@@ -200,7 +200,8 @@ def _resolve_hub(repo: str, adapter_name: str | None, revision: str | None, subf
                 return None
             raise AdapterFileError(f"{repo}: could not download {name} ({e})") from None
         except (RepositoryNotFoundError, RevisionNotFoundError) as e:
-            raise AdapterFileError(f"{repo}: repository or revision {revision!r} not found ({type(e).__name__})") from None
+            msg = f"{repo}: repository or revision {revision!r} not found ({type(e).__name__})"
+            raise AdapterFileError(msg) from None
         except OSError as e:
             raise AdapterFileError(f"{repo}: could not fetch {name}: {e}") from None
 
@@ -314,8 +315,10 @@ def from_state_dict(method: Any, config: Any, sd: Mapping[str, torch.Tensor], so
     for path, found in repl.items():
         e = entries.get(path, Entry())
         names = tuple(sorted(found))
-        entries[path] = Entry(e.kind, e.r, e.scaling, e.fan_in_fan_out, names,
-                              tuple(n for n in names if n in tied.get(path, ())), e.options)
+        tied_names = tuple(n for n in names if n in tied.get(path, ()))
+        # PEFT never trains a base layer's weight: those keys are there for resized vocabularies
+        frozen = tuple(n for n in tied_names if not (n == "bias" and getattr(config, "bias", "none") != "none"))
+        entries[path] = Entry(e.kind, e.r, e.scaling, e.fan_in_fan_out, names, tied_names, e.options, frozen)
         tensors.setdefault(path, {}).update(found)
     if not entries:
         raise AdapterFileError(f"{source}: the weights file holds no adapter tensors")

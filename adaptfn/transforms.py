@@ -88,6 +88,8 @@ def merge(params: Mapping[str, torch.Tensor], adapter: AdapterLike) -> dict[str,
                 base = params[full]
                 targets = [k for k, v in params.items() if v is base] if name in e.tied else [full]
                 v = leaves[name].to(base.dtype)
+                if name in e.frozen:
+                    v = v.detach()
                 for t in targets:
                     out[t] = v if on is True else torch.where(on, v, out[t])
     for a in parts:
@@ -130,7 +132,8 @@ def select(adapters: Any, where: Any) -> Any:
     if isinstance(adapters, AdapterSum):
         return AdapterSum({n: select(a, where) for n, a in adapters.parts.items()})
     if not isinstance(adapters, Adapter):
-        raise ConfigError(f"select: expected an Adapter, AdapterSum or a mapping of them, got {type(adapters).__name__}")
+        raise ConfigError(
+            f"select: expected an Adapter, AdapterSum or a mapping of them, got {type(adapters).__name__}")
     keep = matcher(where)
     paths = [p for p in adapters.paths if keep(p)]
     if not paths:

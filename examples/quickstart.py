@@ -101,8 +101,8 @@ def main() -> None:
 
     pm = peft.PeftModel.from_pretrained(copy.deepcopy(model), out_dir).eval()
     theirs = embed(pm(**inputs), batch["attention_mask"])
-    print(f"   adaptfn reload == original: {torch.equal(ours, embed(af.inject(fn, mine)(params, **inputs), batch['attention_mask']))}"
-          f";  max |adaptfn - PEFT| = {(ours - theirs).abs().max():.2e}")
+    same = torch.equal(ours, embed(af.inject(fn, mine)(params, **inputs), batch["attention_mask"]))
+    print(f"   adaptfn reload == original: {same};  max |adaptfn - PEFT| = {(ours - theirs).abs().max():.2e}")
 
     print("6. Merge: fold the adapter into a new params dict (untouched entries are shared, not copied)")
     merged = af.merge(params, hub)

@@ -77,7 +77,8 @@ def test_target_rules() -> None:
     assert sorted(a.paths) == [f"model.layers.{i}.self_attn.{n}" for i in (0, 2) for n in ("q_proj", "v_proj")]
     a = af.init(fn, af.LoraConfig(target_modules=r".*\.1\.mlp\.(up|down)_proj"))
     assert sorted(a.paths) == ["model.layers.1.mlp.down_proj", "model.layers.1.mlp.up_proj"]
-    a = af.init(fn, af.LoraConfig(target_modules=["q_proj", "k_proj"], exclude_modules=["model.layers.0.self_attn.k_proj"]))
+    excl = ["model.layers.0.self_attn.k_proj"]
+    a = af.init(fn, af.LoraConfig(target_modules=["q_proj", "k_proj"], exclude_modules=excl))
     assert "model.layers.0.self_attn.k_proj" not in a.paths and "model.layers.1.self_attn.k_proj" in a.paths
     a = af.init(fn, af.LoraConfig(target_modules="all-linear"))
     assert "lm_head" not in a.paths and len(a.paths) == 3 * 7

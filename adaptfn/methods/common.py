@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -68,6 +69,37 @@ def expand_all_linear(config: Any, model: nn.Module) -> Any:
                 exclude |= {n for n, m in model.named_modules() if m is h}
                 break
     return dataclasses.replace(config, target_modules=sorted(names - exclude))
+
+
+EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
+
+
+def plan_embedding_saves(config: Any, model: nn.Module, entries: dict[str, Entry]) -> dict[str, Entry]:
+    """PEFT's ``save_embedding_layers="auto"``: when ``embed_tokens``/``lm_head`` are named targets, the
+    targeted input/output embeddings' base tensors go in the file too (``<path>.base_layer.weight``).
+    adaptfn carries them as tied, frozen replacements that share the base tensor (no copy)."""
+    tm = getattr(config, "target_modules", None)
+    if isinstance(tm, str):
+        named = any(re.fullmatch(tm, p) for p, _ in model.named_modules()
+                    if any(re.match(rf"(.*\.)?{e}$", p) for e in EMBEDDING_LAYER_NAMES))
+    else:
+        named = bool(tm) and any(e in tm for e in EMBEDDING_LAYER_NAMES)
+    if not named:
+        return entries
+    layers = []
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        f = getattr(model, getter, None)
+        layer = f() if callable(f) else None
+        if layer is not None:
+            layers.append(layer)
+    out = dict(entries)
+    for path, mod in model.named_modules():
+        if path in entries and entries[path].kind and any(mod is layer for layer in layers):
+            e = out[path]
+            names = tuple(n for n, t in mod.named_parameters(recurse=False) if t is not None and n not in e.replaced)
+            out[path] = dataclasses.replace(e, replaced=e.replaced + names, tied=e.tied + names,
+                                            frozen=e.frozen + names)
+    return out
 
 
 def _saved_modules(config: Any, model: nn.Module) -> list[str]:

@@ -26,6 +26,7 @@ from .common import (
     expand_all_linear,
     is_conv1d,
     linear_dims,
+    plan_embedding_saves,
     plan_replacements,
     weight_needs_transpose,
 )
@@ -164,7 +165,9 @@ class Lora:
             raise IncompatibleAdapterError(
                 f"LoraConfig.target_modules={config.target_modules!r} matches no module of "
                 f"{type(model).__name__} (module names look like {_sample_paths(model)})")
-        entries = plan_replacements(config, model, entries)
+        if not config.fan_in_fan_out and any(e.fan_in_fan_out for e in entries.values()):
+            config = dataclasses.replace(config, fan_in_fan_out=True)  # as PEFT records it for Conv1D models
+        entries = plan_embedding_saves(config, model, plan_replacements(config, model, entries))
         return config, entries
 
     def init_leaves(self, config: LoraConfig, path: str, entry: Entry, module: nn.Module,
@@ -222,7 +225,14 @@ class Lora:
             if p > 0:
                 keep = torch.rand(h.shape, generator=generator, device=h.device, dtype=h.dtype) >= p
                 h = h * keep / (1 - p)
-            delta = F.linear(F.linear(h, A), B)
+            h = F.linear(h, A)  # [..., r]
+            if out.dtype == B.dtype and out.dim() >= 2 and out.shape[:-1] == h.shape[:-1]:
+                # one fused GEMM: out + s * (h @ B^T), no separate scale and add passes over [..., out]
+                h2, o2 = h.reshape(-1, h.shape[-1]), out.reshape(-1, out.shape[-1])
+                if isinstance(s, float):
+                    return torch.addmm(o2, h2, B.T, alpha=s).view(out.shape)
+                return torch.addmm(o2, h2 * s, B.T).view(out.shape)
+            delta = F.linear(h, B)
         return (out + delta * s).to(out.dtype)
 
     def merge(self, entry: Entry, leaves: Mapping[str, torch.Tensor], on: Any, weight: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ import functools
 import json
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import peft
@@ -85,7 +85,6 @@ class Case:
     kw: dict[str, Any]
     frozen: tuple[str, ...] = ()  # frozen PEFT tensors to perturb before saving (saved embedding matrices)
     peft_merge: bool = True  # PEFT's merge_and_unload agrees with its own forward (no tied LoRA target)
-    expect: dict[str, Any] = field(default_factory=dict)  # module paths the adapter must (not) touch
 
 
 CASES = [

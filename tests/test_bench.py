@@ -1,0 +1,25 @@
+"""Smoke test of the benchmark harness: every scenario runs once at a tiny size (no timing assertions)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+
+def test_bench_scenarios_run_tiny(tmp_path) -> None:
+    from bench.run import SCENARIOS, main
+
+    out = tmp_path / "r.json"
+    png = tmp_path / "r.png"
+    results = main(["--tiny", "--json", str(out), "--png", str(png)])
+    assert [r.scenario[0] for r in results] == [str(i) for i in range(1, len(SCENARIOS) + 1)]
+    data = json.loads(out.read_text())
+    assert len(data["results"]) == len(SCENARIOS)
+    for r in results:
+        assert all(v > 0 for v in r.medians.values())
+    assert png.stat().st_size > 1000
+    unmerged = results[0]
+    assert unmerged.extra["rel_err_vs_peft"] < 1e-5  # same adapter in both libraries

@@ -1,0 +1,468 @@
+"""adaptfn.load from the Hugging Face Hub, without the internet, both ways:
+
+(b) a loopback Hub: an ``http.server`` on 127.0.0.1 (port 0) speaking the part of the Hub protocol that
+    ``huggingface_hub.hf_hub_download`` (2.4) uses: ``HEAD``/``GET /{repo}/resolve/{revision}/{path}`` with
+    ``X-Repo-Commit``, ``ETag`` / ``X-Linked-Etag`` / ``X-Linked-Size``, ``Content-Length``, same-host
+    redirects for the LFS files, and the ``X-Error-Code`` 401/404 answers (RepoNotFound, RevisionNotFound,
+    EntryNotFound). ``HF_ENDPOINT`` (and the ``huggingface_hub.constants`` read from it at import) point at it.
+(a) a populated HF cache in offline mode (``local_files_only=True`` and ``HF_HUB_OFFLINE=1``), filled by a
+    real download from (b), and one laid out by hand (``models--user--repo/{refs,snapshots,blobs}``).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import quote, unquote, urlsplit
+
+import pytest
+import torch
+from conftest import gen, tiny_opt
+
+import adaptfn as af
+
+CONFIG = "adapter_config.json"
+WEIGHTS = "adapter_model.safetensors"
+BIN = "adapter_model.bin"
+
+
+# -- adapters to publish -----------------------------------------------------------------------------
+@functools.lru_cache(maxsize=1)
+def _adapters():
+    fn, _ = af.functional(tiny_opt())
+    mk = lambda seed, **kw: af.init(  # noqa: E731
+        fn, af.LoraConfig(**{"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"],
+                             "init_lora_weights": False, **kw}), generator=gen(seed))
+    return mk(1), mk(2), mk(3, r=2, target_modules=["fc1"])
+
+
+def files_of(adapter, tmp, name, bin_too=False, bin_only=False):
+    """{filename: bytes} of an adapter folder, as af.save writes it (optionally with / as a pickle)."""
+    folder = os.path.join(tmp, name)
+    af.save(adapter, folder)
+    out = {}
+    for f in (CONFIG, WEIGHTS):
+        with open(os.path.join(folder, f), "rb") as fh:
+            out[f] = fh.read()
+    if bin_too or bin_only:
+        torch.save(af.state_dict(adapter), os.path.join(folder, BIN))
+        with open(os.path.join(folder, BIN), "rb") as fh:
+            out[BIN] = fh.read()
+    if bin_only:
+        del out[WEIGHTS]
+    return out
+
+
+def under(prefix, files):
+    return {f"{prefix}/{k}": v for k, v in files.items()}
+
+
+def same(a, b) -> bool:
+    sa, sb = af.state_dict(a), af.state_dict(b)
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+# -- the loopback Hub --------------------------------------------------------------------------------
+class FakeHub:
+    """Repos: {repo_id: {"refs": {name: commit}, "commits": {commit: {path: bytes}}, "token": str | None}}."""
+
+    def __init__(self):
+        self.repos: dict[str, dict] = {}
+        self.log: list[tuple[str, str, str | None]] = []  # (method, path, authorization header)
+        self.forced: dict[str, int] = {}  # file path -> HTTP status to answer instead
+        self._n = 0
+        self._lock = threading.Lock()
+        self.server: ThreadingHTTPServer | None = None
+        self.thread: threading.Thread | None = None
+        self.endpoint = ""
+
+    def publish(self, repo, files, refs=("main",), token=None):
+        self._n += 1
+        h = hashlib.sha1(repr((repo, self._n, sorted(files))).encode())
+        for k in sorted(files):
+            h.update(files[k])
+        commit = h.hexdigest()
+        r = self.repos.setdefault(repo, {"refs": {}, "commits": {}, "token": token})
+        r["commits"][commit] = dict(files)
+        for ref in refs:
+            r["refs"][ref] = commit
+        return commit
+
+    def requested(self, method=None):
+        with self._lock:
+            return [p for m, p, _ in self.log if method is None or m == method]
+
+    def start(self):
+        handler = type("Handler", (_Handler,), {"hub": self})
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.server.daemon_threads = True
+        host, port = self.server.server_address[:2]
+        assert host == "127.0.0.1"
+        self.endpoint = f"http://127.0.0.1:{port}"
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+
+    def stop(self):
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+            self.thread.join(timeout=5)
+            assert not self.thread.is_alive()
+            self.server = None
+
+
+class _Handler(BaseHTTPRequestHandler):
+    hub: FakeHub
+
+    def log_message(self, *args):  # quiet
+        pass
+
+    def do_HEAD(self):
+        self._serve(body=False)
+
+    def do_GET(self):
+        self._serve(body=True)
+
+    def _send(self, status, headers, data=b"", body=True):
+        self.send_response(status)
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        if body and data:
+            self.wfile.write(data)
+
+    def _error(self, status, code, body, extra=None):
+        self._send(status, {"X-Error-Code": code, "X-Error-Message": code, **(extra or {})}, code.encode(), body)
+
+    def _serve(self, body):
+        hub = self.hub
+        with hub._lock:
+            hub.log.append((self.command, self.path, self.headers.get("authorization")))
+        parts = urlsplit(self.path).path.split("/")
+        if len(parts) < 6 or parts[3] != "resolve":
+            return self._send(404, {}, b"not found", body)
+        repo, revision, filename = f"{parts[1]}/{parts[2]}", unquote(parts[4]), unquote("/".join(parts[5:]))
+        r = hub.repos.get(repo)
+        if r is None or (r["token"] and self.headers.get("authorization") != f"Bearer {r['token']}"):
+            return self._error(401, "RepoNotFound", body)  # what the Hub says for missing or private repos
+        commit = r["refs"].get(revision) or (revision if revision in r["commits"] else None)
+        if commit is None:
+            return self._error(404, "RevisionNotFound", body)
+        if filename in hub.forced:
+            return self._send(hub.forced[filename], {"X-Repo-Commit": commit}, b"denied", body)
+        files = r["commits"][commit]
+        if filename not in files:
+            return self._error(404, "EntryNotFound", body, {"X-Repo-Commit": commit})
+        data = files[filename]
+        if filename.endswith(".json"):  # a "git" file: served directly, ETag = its git blob sha1
+            etag = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+            return self._send(200, {"X-Repo-Commit": commit, "ETag": f'"{etag}"'}, data, body)
+        sha256 = hashlib.sha256(data).hexdigest()  # an "LFS" file
+        if revision != commit:  # a ref: redirect (same host) to the commit's copy, as the Hub does
+            location = f"/{repo}/resolve/{commit}/{quote(filename)}"
+            return self._send(302, {"Location": location, "X-Repo-Commit": commit,
+                                    "X-Linked-Etag": f'"{sha256}"', "X-Linked-Size": str(len(data))}, b"", body)
+        self._send(200, {"X-Repo-Commit": commit, "ETag": f'"{sha256}"', "X-Linked-Size": str(len(data))}, data, body)
+
+
+def _online(monkeypatch, endpoint):
+    """Point huggingface_hub at ``endpoint`` and turn offline mode off, for this test only."""
+    from huggingface_hub import close_session, constants
+
+    monkeypatch.setenv("HF_ENDPOINT", endpoint)
+    monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_IMPLICIT_TOKEN", True)  # no token from ~/.cache unless asked
+    for var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    close_session()  # the shared HTTP client is rebuilt with this environment
+
+
+def _offline(monkeypatch):
+    from huggingface_hub import close_session, constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    close_session()
+
+
+@pytest.fixture
+def hub(monkeypatch, tmp_path):
+    from huggingface_hub import close_session
+
+    h = FakeHub()
+    h.start()
+    h.cache = str(tmp_path / "hf-cache")
+    _online(monkeypatch, h.endpoint)
+    try:
+        yield h
+    finally:
+        h.stop()
+        close_session()
+
+
+# -- (b) downloads from the loopback Hub -----------------------------------------------------------
+def test_download_from_loopback_hub(hub, tmp_path):
+    a, _, _ = _adapters()
+    commit = hub.publish("user/repo", files_of(a, tmp_path, "a"))
+    got = af.load("user/repo", cache_dir=hub.cache)
+    assert same(got, a) and got.config == a.config
+    # only the two files were fetched, safetensors (never the pickle)
+    fetched = hub.requested("GET")
+    assert any(p.endswith("/" + CONFIG) for p in fetched) and any(p.endswith("/" + WEIGHTS) for p in fetched)
+    assert not any(BIN in p for p in hub.requested())
+    # it landed in the standard cache layout
+    repo_dir = os.path.join(hub.cache, "models--user--repo")
+    with open(os.path.join(repo_dir, "refs", "main")) as f:
+        assert f.read() == commit
+    for name in (CONFIG, WEIGHTS):
+        assert os.path.isfile(os.path.join(repo_dir, "snapshots", commit, name))
+    assert len(os.listdir(os.path.join(repo_dir, "blobs"))) == 2
+
+
+def test_revision(hub, tmp_path):
+    a, b, _ = _adapters()
+    c_a = hub.publish("user/repo", files_of(a, tmp_path, "a"), refs=("main",))
+    c_b = hub.publish("user/repo", files_of(b, tmp_path, "b"), refs=("v1",))
+    assert same(af.load("user/repo", cache_dir=hub.cache), a)
+    assert same(af.load("user/repo", revision="v1", cache_dir=hub.cache), b)
+    assert same(af.load("user/repo", revision=c_a, cache_dir=hub.cache), a)
+    assert same(af.load("user/repo", revision=c_b, cache_dir=hub.cache), b)
+    assert any(f"/resolve/v1/{CONFIG}" in p for p in hub.requested("HEAD"))
+    with pytest.raises(af.AdapterFileError) as ei:
+        af.load("user/repo", revision="no-such-branch", cache_dir=hub.cache)
+    assert "user/repo" in str(ei.value) and "no-such-branch" in str(ei.value)
+
+
+def test_subfolder(hub, tmp_path):
+    a, _, _ = _adapters()
+    hub.publish("user/nested", under("sub/dir", files_of(a, tmp_path, "a")))
+    assert same(af.load("user/nested", subfolder="sub/dir", cache_dir=hub.cache), a)
+    assert any(p.endswith(f"/sub/dir/{WEIGHTS}") for p in hub.requested("GET"))
+    with pytest.raises(af.AdapterFileError) as ei:
+        af.load("user/nested", cache_dir=hub.cache)  # nothing at the root
+    assert "user/nested" in str(ei.value) and CONFIG in str(ei.value)
+
+
+def test_adapter_name_sub_folder(hub, tmp_path):
+    a, b, c = _adapters()
+    files = {**files_of(a, tmp_path, "a"), **under("other", files_of(b, tmp_path, "b")),
+             **under("sub/third", files_of(c, tmp_path, "c")), **under("sub", files_of(a, tmp_path, "a2"))}
+    hub.publish("user/multi", files)
+    assert same(af.load("user/multi", cache_dir=hub.cache), a)
+    assert same(af.load("user/multi", adapter_name="default", cache_dir=hub.cache), a)
+    assert same(af.load("user/multi", adapter_name="other", cache_dir=hub.cache), b)
+    assert same(af.load("user/multi", subfolder="sub", adapter_name="third", cache_dir=hub.cache), c)
+    assert same(af.load("user/multi", subfolder="sub", cache_dir=hub.cache), a)
+    with pytest.raises(af.ConfigError):
+        af.load("user/multi", adapter_name="../other", cache_dir=hub.cache)
+    with pytest.raises(af.ConfigError):
+        af.load("user/multi", subfolder="../x", cache_dir=hub.cache)
+
+
+def test_token_reaches_server(hub, tmp_path):
+    a, _, _ = _adapters()
+    hub.publish("user/private", files_of(a, tmp_path, "a"), token="hf_secret_123")
+    with pytest.raises(af.AdapterFileError, match="user/private"):
+        af.load("user/private", cache_dir=hub.cache)
+    with pytest.raises(af.AdapterFileError, match="user/private"):
+        af.load("user/private", token="hf_wrong", cache_dir=hub.cache)
+    n = len(hub.log)
+    got = af.load("user/private", token="hf_secret_123", cache_dir=hub.cache)
+    assert same(got, a)
+    new = hub.log[n:]
+    assert {m for m, _, _ in new} == {"HEAD", "GET"}
+    assert all(auth == "Bearer hf_secret_123" for _, _, auth in new), new
+
+
+def test_token_true_uses_the_stored_token(hub, tmp_path, monkeypatch):
+    a, _, _ = _adapters()
+    hub.publish("user/private", files_of(a, tmp_path, "a"), token="hf_from_env")
+    monkeypatch.setenv("HF_TOKEN", "hf_from_env")
+    assert same(af.load("user/private", token=True, cache_dir=hub.cache), a)
+    assert hub.log[-1][2] == "Bearer hf_from_env"
+
+
+def test_safetensors_preferred_over_bin(hub, tmp_path):
+    a, b, _ = _adapters()
+    files = files_of(a, tmp_path, "a")
+    files[BIN] = files_of(b, tmp_path, "b", bin_only=True)[BIN]  # a different adapter in the pickle
+    hub.publish("user/both", files)
+    assert same(af.load("user/both", allow_pickle=True, cache_dir=hub.cache), a)
+    assert same(af.load("user/both", cache_dir=hub.cache), a)
+    assert not any(BIN in p for p in hub.requested())
+
+
+def test_bin_only_refused_without_allow_pickle(hub, tmp_path):
+    a, _, _ = _adapters()
+    hub.publish("user/pickled", files_of(a, tmp_path, "a", bin_only=True))
+    with pytest.raises(af.AdapterFileError) as ei:
+        af.load("user/pickled", cache_dir=hub.cache)
+    assert "allow_pickle" in str(ei.value) and BIN in str(ei.value) and "user/pickled" in str(ei.value)
+    assert not any(p.endswith(BIN) for p in hub.requested("GET"))  # refused before downloading it
+    assert same(af.load("user/pickled", allow_pickle=True, cache_dir=hub.cache), a)
+    assert any(p.endswith(BIN) for p in hub.requested("GET"))
+
+
+def test_missing_repo_file_and_weights_404(hub, tmp_path):
+    a, _, _ = _adapters()
+    files = files_of(a, tmp_path, "a")
+    hub.publish("user/config-only", {CONFIG: files[CONFIG]})
+    hub.publish("user/weights-only", {WEIGHTS: files[WEIGHTS]})
+    with pytest.raises(af.AdapterFileError) as ei:
+        af.load("user/does-not-exist", cache_dir=hub.cache)
+    assert "user/does-not-exist" in str(ei.value)
+    with pytest.raises(af.AdapterFileError) as ei:
+        af.load("user/weights-only", cache_dir=hub.cache)
+    assert "user/weights-only" in str(ei.value) and CONFIG in str(ei.value)
+    with pytest.raises(af.AdapterFileError) as ei:
+        af.load("user/config-only", cache_dir=hub.cache)
+    assert "user/config-only" in str(ei.value)
+    with pytest.raises(af.AdapterFileError) as ei:
+        af.load("user/config-only", allow_pickle=True, cache_dir=hub.cache)
+    assert "user/config-only" in str(ei.value)
+
+
+def test_corrupt_download_is_a_file_error(hub, tmp_path):
+    a, _, _ = _adapters()
+    files = files_of(a, tmp_path, "a")
+    files[WEIGHTS] = files[WEIGHTS][: len(files[WEIGHTS]) // 2]
+    hub.publish("user/truncated", files)
+    with pytest.raises(af.AdapterFileError) as ei:
+        af.load("user/truncated", cache_dir=hub.cache)
+    assert WEIGHTS in str(ei.value)
+
+
+def test_inaccessible_safetensors_does_not_fall_back_to_pickle(hub, tmp_path):
+    """A safetensors file that exists but cannot be fetched (HTTP 403) is an error; adaptfn must not
+    quietly load the pickle instead (safetensors is preferred whenever it is there)."""
+    a, b, _ = _adapters()
+    files = files_of(a, tmp_path, "a")
+    files[BIN] = files_of(b, tmp_path, "b", bin_only=True)[BIN]
+    hub.publish("user/forbidden", files)
+    hub.forced[WEIGHTS] = 403
+    with pytest.raises(af.AdapterFileError) as ei:
+        af.load("user/forbidden", allow_pickle=True, cache_dir=hub.cache)
+    assert "user/forbidden" in str(ei.value)
+
+
+@pytest.mark.parametrize("source", ["user/bad--name", "user/" + "x" * 120, "user/name."])
+def test_invalid_repo_id_is_a_typed_error(hub, source):
+    with pytest.raises(af.AdaptfnError) as ei:
+        af.load(source, cache_dir=hub.cache)
+    assert isinstance(ei.value, (af.AdapterFileError, af.ConfigError))
+    assert source in str(ei.value)
+    assert hub.requested() == []
+
+
+def test_server_shuts_down(tmp_path, monkeypatch):
+    h = FakeHub()
+    h.start()
+    assert h.server.server_address[0] == "127.0.0.1"
+    thread = h.thread
+    h.stop()
+    assert not thread.is_alive()
+    _online(monkeypatch, h.endpoint)
+    with pytest.raises(af.AdapterFileError):
+        af.load("user/repo", cache_dir=str(tmp_path / "c"))
+
+
+# -- (a) a populated cache, offline ------------------------------------------------------------------
+def test_offline_cache_filled_by_a_real_download(hub, tmp_path, monkeypatch):
+    a, b, c = _adapters()
+    main = hub.publish("user/repo", {**files_of(a, tmp_path, "a"), **under("other", files_of(b, tmp_path, "b"))})
+    v1 = hub.publish("user/repo", files_of(c, tmp_path, "c"), refs=("v1",))
+    hub.publish("user/pickled", files_of(a, tmp_path, "p", bin_only=True))
+    cache = hub.cache
+    af.load("user/repo", cache_dir=cache)
+    af.load("user/repo", adapter_name="other", cache_dir=cache)
+    af.load("user/repo", revision="v1", cache_dir=cache)
+    af.load("user/pickled", allow_pickle=True, cache_dir=cache)
+    hub.stop()  # from here on nothing answers
+
+    # local_files_only=True (offline mode itself still off)
+    assert same(af.load("user/repo", cache_dir=cache, local_files_only=True), a)
+    assert same(af.load("user/repo", adapter_name="other", cache_dir=cache, local_files_only=True), b)
+    assert same(af.load("user/repo", revision="v1", cache_dir=cache, local_files_only=True), c)
+    assert same(af.load("user/repo", revision=v1, cache_dir=cache, local_files_only=True), c)
+    assert same(af.load("user/repo", revision=main, cache_dir=cache, local_files_only=True), a)
+
+    # HF_HUB_OFFLINE=1
+    _offline(monkeypatch)
+    assert same(af.load("user/repo", cache_dir=cache), a)
+    assert same(af.load("user/repo", adapter_name="other", cache_dir=cache), b)
+    assert same(af.load("user/repo", subfolder="other", cache_dir=cache), b)
+    assert same(af.load("user/repo", revision="v1", cache_dir=cache), c)
+    assert same(af.load("user/pickled", allow_pickle=True, cache_dir=cache), a)
+    with pytest.raises(af.AdapterFileError, match="allow_pickle"):
+        af.load("user/pickled", cache_dir=cache)
+    for kwargs in ({}, {"local_files_only": True}):
+        with pytest.raises(af.AdapterFileError) as ei:
+            af.load("user/never-downloaded", cache_dir=cache, **kwargs)
+        assert "user/never-downloaded" in str(ei.value)
+        with pytest.raises(af.AdapterFileError) as ei:
+            af.load("user/repo", revision="v2", cache_dir=cache, **kwargs)
+        assert "user/repo" in str(ei.value)
+
+
+def _hand_built_cache(cache, repo, files, refs=("main",), commit="0123456789abcdef0123456789abcdef01234567"):
+    """The layout huggingface_hub keeps: refs/<ref> holds the commit; snapshots/<commit>/<path> is a
+    relative symlink to blobs/<etag>."""
+    root = os.path.join(cache, "models--" + repo.replace("/", "--"))
+    os.makedirs(os.path.join(root, "blobs"), exist_ok=True)
+    os.makedirs(os.path.join(root, "refs"), exist_ok=True)
+    for ref in refs:
+        with open(os.path.join(root, "refs", ref), "w") as f:
+            f.write(commit)
+    for path, data in files.items():
+        etag = hashlib.sha256(data).hexdigest()
+        blob = os.path.join(root, "blobs", etag)
+        with open(blob, "wb") as f:
+            f.write(data)
+        link = os.path.join(root, "snapshots", commit, *path.split("/"))
+        os.makedirs(os.path.dirname(link), exist_ok=True)
+        os.symlink(os.path.relpath(blob, os.path.dirname(link)), link)
+    return commit
+
+
+def test_offline_hand_built_cache(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    a, b, _ = _adapters()
+    cache = str(tmp_path / "cache")
+    commit = _hand_built_cache(cache, "someone/adapter",
+                               {**files_of(a, tmp_path, "a"), **under("other", files_of(b, tmp_path, "b"))})
+    _offline(monkeypatch)
+    assert same(af.load("someone/adapter", cache_dir=cache), a)
+    assert same(af.load("someone/adapter", cache_dir=cache, local_files_only=True), a)
+    assert same(af.load("someone/adapter", revision=commit, cache_dir=cache), a)
+    assert same(af.load("someone/adapter", adapter_name="other", cache_dir=cache), b)
+    # the default cache (HF_HUB_CACHE) when cache_dir is not given
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", cache)
+    assert same(af.load("someone/adapter"), a)
+    with pytest.raises(af.AdapterFileError, match="someone/missing"):
+        af.load("someone/missing")
+    with pytest.raises(af.AdapterFileError, match="someone/adapter"):
+        af.load("someone/adapter", revision="v9")
+
+
+def test_offline_cache_with_corrupt_blob(tmp_path, monkeypatch):
+    a, _, _ = _adapters()
+    files = files_of(a, tmp_path, "a")
+    files[WEIGHTS] = files[WEIGHTS][:100]
+    cache = str(tmp_path / "cache")
+    _hand_built_cache(cache, "someone/broken", files)
+    _offline(monkeypatch)
+    with pytest.raises(af.AdapterFileError) as ei:
+        af.load("someone/broken", cache_dir=cache)
+    assert WEIGHTS in str(ei.value)
