@@ -140,8 +140,11 @@ def _install(module: nn.Module) -> _Slot:
             return base_forward(inp, *args, **kwargs)
 
         f = call
-        for method, entry, leaves, on, gen in slot.active:
-            f = functools.partial(method.forward, entry, leaves, on, gen, f, module)
+        for method, entry, leaves, on, gen, route in slot.active:
+            if route is None:
+                f = functools.partial(method.forward, entry, leaves, on, gen, f, module)
+            else:
+                f = functools.partial(method.forward, entry, leaves, on, gen, f, module, route=route)
         return f(x)
 
     module.__dict__["forward"] = forward
@@ -156,10 +159,13 @@ class FunctionalModel:
     ``model.generate``.
     """
 
-    def __init__(self, base: _Base, adapters: tuple[Adapter, ...] = (), generator: torch.Generator | None = None):
+    def __init__(self, base: _Base, adapters: tuple[Adapter, ...] = (), generator: torch.Generator | None = None,
+                 routes: tuple[Any, ...] | None = None):
         self._base = base
         self._adapters = adapters
         self._generator = generator
+        self._routes = routes if routes is not None else (None,) * len(adapters)
+        self._all = next((i for i, r in enumerate(self._routes) if isinstance(r, str)), None)
         self._key = tuple(a.structure_key for a in adapters)
         # Static plan of the call, from the adapters' structure only (their leaves are read per call):
         # deltas: (adapter index, path, method, entry); replacements: (adapter index, path, name, targets).
@@ -186,24 +192,72 @@ class FunctionalModel:
     def adapters(self) -> tuple[Adapter, ...]:
         return self._adapters
 
-    def with_adapters(self, adapters: tuple[Adapter, ...], generator: torch.Generator | None) -> FunctionalModel:
-        return FunctionalModel(self._base, adapters, generator)
+    @property
+    def routes(self) -> tuple[Any, ...]:
+        return self._routes
+
+    def with_adapters(self, adapters: tuple[Adapter, ...], generator: torch.Generator | None,
+                      routes: tuple[Any, ...] | None = None) -> FunctionalModel:
+        return FunctionalModel(self._base, adapters, generator, routes)
 
     def __call__(self, params: Mapping[str, torch.Tensor], *args: Any, **kwargs: Any) -> Any:
-        return self._run(params, None, args, kwargs)
+        if self._all is not None:
+            return self._run_all(params, None, args, kwargs)
+        return self._run(params, None, args, kwargs, self._check_routes(args, kwargs))
 
     def generate(self, params: Mapping[str, torch.Tensor], *args: Any, **kwargs: Any) -> Any:
         """``model.generate(*args, **kwargs)`` with ``params`` (and this function's adapters)."""
         if not hasattr(self._base.model, "generate"):
             raise ConfigError(f"{type(self._base.model).__name__} has no generate method")
         with torch.no_grad():
-            return self._run(params, "generate", args, kwargs)
+            if self._all is not None:
+                return self._run_all(params, "generate", args, kwargs)
+            return self._run(params, "generate", args, kwargs, self._check_routes(args, kwargs))
+
+    def _check_routes(self, args: tuple, kwargs: dict) -> tuple[Any, ...]:
+        routes = self._routes
+        if any(r is not None for r in routes):
+            bsz = _batch_size(args, kwargs)
+            for r in routes:
+                if r is not None and bsz is not None and r.shape[0] != bsz:
+                    raise ConfigError(f"route has {r.shape[0]} entries but the batch has {bsz} rows")
+        return routes
+
+    def _run_all(self, params: Mapping[str, torch.Tensor], attr: str | None, args: tuple, kwargs: dict) -> Any:
+        """Every adapter of the stack on the same inputs: the batch is repeated per adapter and routed."""
+        from torch.utils import _pytree
+
+        i = self._all
+        n = self._adapters[i].stack_info.n  # type: ignore[union-attr]
+        bsz = _batch_size(args, kwargs)
+        if bsz is None:
+            raise ConfigError("route='all' needs a tensor input with a batch dimension")
+
+        def rep(t: Any) -> Any:
+            if isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] == bsz:
+                return t.repeat(n, *([1] * (t.dim() - 1)))
+            return t
+
+        args2 = tuple(rep(a) for a in args)
+        kwargs2 = {k: rep(v) for k, v in kwargs.items()}
+        dev = next((t.device for t in list(args2) + list(kwargs2.values()) if isinstance(t, torch.Tensor)), None)
+        route = torch.arange(n, device=dev).repeat_interleave(bsz)
+        routes = tuple(route if j == i else r for j, r in enumerate(self._routes))
+        out = self._run(params, attr, args2, kwargs2, routes)
+
+        def split(t: Any) -> Any:
+            if isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] % n == 0 and t.shape[0] >= n * bsz:
+                return t.reshape(n, t.shape[0] // n, *t.shape[1:])
+            return t
+
+        return _pytree.tree_map(split, out)
 
     def __repr__(self) -> str:
         inner = ", ".join(repr(a) for a in self._adapters)
         return f"FunctionalModel({type(self._base.model).__name__}" + (f", {inner})" if inner else ")")
 
-    def _run(self, params: Mapping[str, torch.Tensor], attr: str | None, args: tuple, kwargs: dict) -> Any:
+    def _run(self, params: Mapping[str, torch.Tensor], attr: str | None, args: tuple, kwargs: dict,
+             routes: tuple[Any, ...]) -> Any:
         base = self._base
         cp = base.copy_for(self._key, self._adapters)
         held = base.params
@@ -214,6 +268,8 @@ class FunctionalModel:
                 swaps[k] = v
         tensors = [a._tensors for a in self._adapters]
         for i, path, name, targets, frozen in self._repl:
+            if routes[i] is not None:  # routed stacks carry only frozen copies of base tensors: not applied
+                continue
             leaves = tensors[i][path]
             on = gate_on(leaves[GATE])
             if on is False:
@@ -231,7 +287,7 @@ class FunctionalModel:
             leaves = tensors[i][path]
             on = gate_on(leaves[GATE])
             if on is not False:
-                slots[path].active.append((method, e, leaves, on, gen))
+                slots[path].active.append((method, e, leaves, on, gen, routes[i]))
         cp.busy = True
         try:
             root = cp.root
@@ -273,6 +329,17 @@ class FunctionalModel:
                     raise IncompatibleAdapterError(
                         f"adapter replaces {full!r} with shape {shape_str(shape)} but the model's is "
                         f"{shape_str(base_t.shape)}")
+
+
+def _batch_size(args: tuple, kwargs: dict) -> int | None:
+    for key in ("input_ids", "inputs_embeds", "input", "x"):
+        t = kwargs.get(key)
+        if isinstance(t, torch.Tensor) and t.dim() >= 1:
+            return int(t.shape[0])
+    for t in list(args) + list(kwargs.values()):
+        if isinstance(t, torch.Tensor) and t.dim() >= 1:
+            return int(t.shape[0])
+    return None
 
 
 def functional(model: nn.Module) -> tuple[FunctionalModel, dict[str, torch.Tensor]]:

@@ -16,7 +16,8 @@ from .methods import get_method
 AdapterLike = Adapter | AdapterSum
 
 
-def inject(fn: FunctionalModel, adapter: AdapterLike, *, generator: torch.Generator | None = None) -> FunctionalModel:
+def inject(fn: FunctionalModel, adapter: AdapterLike, *, generator: torch.Generator | None = None,
+           route: torch.Tensor | str | None = None) -> FunctionalModel:
     """Return ``fn`` with ``adapter`` applied, unmerged: ``g(params, *args, **kwargs)``.
 
     Pure: nothing is mutated; the adapter's tensors are inputs of each call, so ``g`` composes with
@@ -28,6 +29,10 @@ def inject(fn: FunctionalModel, adapter: AdapterLike, *, generator: torch.Genera
         adapter: an :class:`Adapter` or :class:`AdapterSum`, checked against the model now.
         generator: enables LoRA dropout (``lora_dropout``), drawing masks from this generator. None
             (default): no dropout, the deterministic inference forward.
+        route: with a stacked adapter (:func:`adaptfn.stack`): a LongTensor [batch], row ``i`` of the batch
+            uses adapter ``route[i]`` (-1: the base model alone); the base layers run once for the whole
+            batch, only the low-rank part is per row. ``"all"``: every adapter on the same inputs; the
+            outputs get a leading adapter axis [N, batch, ...].
 
     Returns:
         A :class:`FunctionalModel` ``g`` with ``g.generate`` too.
@@ -50,7 +55,35 @@ def inject(fn: FunctionalModel, adapter: AdapterLike, *, generator: torch.Genera
                 replaced[full] = 1
     for a in parts:
         fn.check(a)
-    return fn.with_adapters(fn.adapters + parts, generator if generator is not None else fn._generator)
+    routes = (None,) * len(parts)
+    if route is not None:
+        routes = (_check_route(parts, route, fn),)
+    return fn.with_adapters(fn.adapters + parts, generator if generator is not None else fn._generator,
+                            fn.routes + routes)
+
+
+def _check_route(parts: tuple[Adapter, ...], route: torch.Tensor | str, fn: FunctionalModel) -> Any:
+    from . import routing
+
+    if len(parts) != 1 or not parts[0].is_stacked:
+        raise ConfigError("route= needs one stacked adapter (af.stack([...])); got "
+                          + ("an AdapterSum" if len(parts) != 1 else "an unstacked adapter"))
+    a = parts[0]
+    method = get_method(a.method)
+    if not getattr(method, "supports_route", False):
+        raise ConfigError(f"route= is not supported for {a.method} adapters")
+    replaced = [f"{p}.{n}" for p, e in a.entry_items for n in e.replaced if n not in e.frozen]
+    if replaced:
+        raise ConfigError(f"route= applies per-row deltas only; this stack replaces tensors ({replaced[:3]}); "
+                          "af.select the delta modules first")
+    n = a.stack_info.n  # type: ignore[union-attr]
+    if isinstance(route, str):
+        if route != "all":
+            raise ConfigError(f"route: expected a LongTensor[batch] or 'all', got {route!r}")
+        if any(isinstance(r, str) for r in fn.routes):
+            raise ConfigError("route='all' can be used for one stacked adapter per function")
+        return route
+    return routing.check_route(route, n)
 
 
 def merge(params: Mapping[str, torch.Tensor], adapter: AdapterLike) -> dict[str, torch.Tensor]:
@@ -92,8 +125,10 @@ def merge(params: Mapping[str, torch.Tensor], adapter: AdapterLike) -> dict[str,
                     v = v.detach()
                 for t in targets:
                     out[t] = v if on is True else torch.where(on, v, out[t])
+    own: dict[str, list[str]] | None = None  # module path -> its tensor names, built when a method needs it
     for a in parts:
         method = get_method(a.method)
+        merge_tensors = getattr(method, "merge_tensors", None)  # optional hook: methods that touch more than W
         for path, e in a.entry_items:
             if not e.kind:
                 continue
@@ -104,7 +139,17 @@ def merge(params: Mapping[str, torch.Tensor], adapter: AdapterLike) -> dict[str,
             key = f"{path}.weight"
             if key not in out:
                 raise IncompatibleAdapterError(f"merge: adapter targets {path!r} but params has no {key!r}")
-            out[key] = method.merge(e, leaves, on, out[key])
+            if merge_tensors is None:
+                out[key] = method.merge(e, leaves, on, out[key])
+                continue
+            if own is None:
+                own = {}
+                for k in out:
+                    mod, _, name = k.rpartition(".")
+                    own.setdefault(mod, []).append(name)
+            mine = {n: out[f"{path}.{n}"] for n in own.get(path, ())}
+            for n, t in merge_tensors(e, leaves, on, mine).items():
+                out[f"{path}.{n}"] = t
     return out
 
 

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import routing
 from .._where import is_target, pattern_key
 from ..adapter import GATE, SCALING, Entry
 from ..errors import AdapterFileError, ConfigError, IncompatibleAdapterError, shape_str
@@ -207,10 +208,15 @@ class Lora:
             s = s * on
         return s
 
+    supports_route = True
+
     def forward(self, entry: Entry, leaves: Mapping[str, torch.Tensor], on: Any, generator: Any,
-                call_base: CallBase, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+                call_base: CallBase, module: nn.Module, x: torch.Tensor,
+                route: torch.Tensor | None = None) -> torch.Tensor:
         out = call_base(x)
         A, B = leaves["lora_A"], leaves["lora_B"]
+        if route is not None:
+            return self._routed(entry, leaves, on, generator, module, x, out, route)
         if A.dim() != 2:
             raise IncompatibleAdapterError(
                 "a stacked adapter was called directly; map it with torch.func.vmap or pass route=")
@@ -234,6 +240,27 @@ class Lora:
                 return torch.addmm(o2, h2 * s, B.T).view(out.shape)
             delta = F.linear(h, B)
         return (out + delta * s).to(out.dtype)
+
+    def _routed(self, entry: Entry, leaves: Mapping[str, torch.Tensor], on: Any, generator: Any,
+                module: nn.Module, x: torch.Tensor, out: torch.Tensor, route: torch.Tensor) -> torch.Tensor:
+        """Row i of the batch uses adapter ``route[i]`` of the stack (-1: the base alone)."""
+        A, B = leaves["lora_A"], leaves["lora_B"]
+        if A.dim() != 3:
+            raise IncompatibleAdapterError("route= needs a stacked adapter (af.stack); this one is single")
+        scale = leaves[SCALING].detach() if SCALING in leaves else torch.full(
+            (A.shape[0],), entry.scaling, dtype=torch.float32, device=A.device)
+        if on is not True:
+            scale = scale * on
+        if entry.kind == "embedding":
+            delta = routing.embedding_lowrank(x, A, B, scale, route)
+        else:
+            h = x if x.dtype == A.dtype else x.to(A.dtype)
+            p = entry.option("dropout", 0.0) if generator is not None else 0.0
+            if p > 0:
+                keep = torch.rand(h.shape, generator=generator, device=h.device, dtype=h.dtype) >= p
+                h = h * keep / (1 - p)
+            delta = routing.lowrank(h, A, B, scale, route)
+        return (out + delta).to(out.dtype)
 
     def merge(self, entry: Entry, leaves: Mapping[str, torch.Tensor], on: Any, weight: torch.Tensor) -> torch.Tensor:
         A, B = leaves["lora_A"], leaves["lora_B"]

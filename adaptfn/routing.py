@@ -1,0 +1,97 @@
+"""Per-row routing kernels: batch row ``i`` uses adapter ``idx[i]`` of a stacked adapter (-1: none).
+
+The base layer runs once for the whole batch; only the low-rank part is per row. A module may see its
+batch reshaped: OPT's MLP gets ``[batch * seq, d]`` rows and ``generate`` repeats rows for beams
+(``repeat_interleave``); in both cases the rows of one batch row are contiguous, so the leading dimension
+is ``batch * k`` and the input is viewed as ``[batch, k * ..., d]``.
+
+Two kernels, chosen per call from the sizes (see bench/README.md for the measurements):
+
+* ``dense``: one GEMM with every adapter's A for every row (``[M, N * r]``), a per-row mask, one GEMM
+  with every adapter's B. Wastes ``N`` x the A/B FLOPs but reads each adapter once and has no gathers:
+  the fast choice when rows are few (decode, short prompts).
+* ``gather``: ``A[idx]``, ``B[idx]`` per row and two batched matmuls: exact FLOPs, weights gathered
+  per row; the choice for long rows.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .errors import ConfigError, IncompatibleAdapterError
+
+# use the dense kernel while (rows * tokens-per-row * adapters) <= DENSE_LIMIT * rows
+DENSE_LIMIT = 64
+
+
+def check_route(route: torch.Tensor, n: int) -> torch.Tensor:
+    """Validate a route vector against a stack of ``n`` adapters (typed errors)."""
+    if not isinstance(route, torch.Tensor):
+        raise ConfigError(f"route: expected a LongTensor[batch] or 'all', got {type(route).__name__}")
+    if route.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        raise ConfigError(f"route: expected an integer tensor, got dtype {route.dtype}")
+    if route.dim() != 1:
+        raise ConfigError(f"route: expected a 1-D tensor [batch], got shape {list(route.shape)}")
+    if route.numel() == 0:
+        raise ConfigError("route: empty")
+    lo, hi = int(route.min()), int(route.max())
+    if lo < -1 or hi >= n:
+        raise ConfigError(f"route: indices must be in [-1, {n - 1}] for a stack of {n} adapters, got {lo}..{hi}")
+    return route.long()
+
+
+def rows_view(x: torch.Tensor, bsz: int) -> torch.Tensor:
+    """``x`` [bsz * k, ..., d] -> [bsz, L, d] (rows of one batch row are contiguous)."""
+    lead = x.shape[0]
+    if lead % bsz:
+        raise IncompatibleAdapterError(
+            f"route has {bsz} entries but a module saw {lead} rows ({list(x.shape)}), not a multiple of {bsz}")
+    return x.reshape(bsz, -1, x.shape[-1])
+
+
+def row_scale(scale: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(clamped index, per-row scale with 0 for rows routed to -1)."""
+    ic = idx.clamp(min=0)
+    return ic, torch.where(idx >= 0, scale[ic], torch.zeros((), dtype=scale.dtype, device=scale.device))
+
+
+def lowrank(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: torch.Tensor, idx: torch.Tensor,
+            kernel: str | None = None) -> torch.Tensor:
+    """Per-row ``scale[j] * x_i @ A[j]^T @ B[j]^T`` with ``j = idx[i]`` (zero where ``idx[i] == -1``).
+
+    Arguments:
+        x: [bsz * k, ..., in]. A: [N, r, in]. B: [N, out, r]. scale: [N]. idx: [bsz] (int64).
+        kernel: "dense" or "gather"; None picks by size.
+
+    Returns:
+        [*x.shape[:-1], out].
+    """
+    bsz = idx.shape[0]
+    xb = rows_view(x, bsz)
+    n, r = A.shape[0], A.shape[1]
+    ic, s = row_scale(scale.to(x.dtype), idx)
+    if kernel is None:
+        kernel = "dense" if xb.shape[1] * n <= DENSE_LIMIT else "gather"
+    if kernel == "dense":
+        h = F.linear(xb, A.reshape(n * r, A.shape[-1]))  # [bsz, L, N*r]
+        pick = (ic[:, None] == torch.arange(n, device=ic.device)[None, :]).to(h.dtype) * s[:, None]  # [bsz, N]
+        h = h * pick.repeat_interleave(r, dim=1)[:, None, :]
+        delta = F.linear(h, B.permute(1, 0, 2).reshape(B.shape[1], n * r))
+    else:
+        h = torch.bmm(xb, A[ic].transpose(1, 2)) * s[:, None, None]  # [bsz, L, r]
+        delta = torch.bmm(h, B[ic].transpose(1, 2))  # [bsz, L, out]
+    return delta.reshape(*x.shape[:-1], B.shape[1])
+
+
+def embedding_lowrank(ids: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: torch.Tensor,
+                      idx: torch.Tensor) -> torch.Tensor:
+    """Per-row LoRA of an embedding: ``scale[j] * A[j][:, ids]^T @ B[j]^T``. ids: [bsz * k, ...]."""
+    bsz = idx.shape[0]
+    if ids.shape[0] % bsz:
+        raise IncompatibleAdapterError(f"route has {bsz} entries but the embedding saw {ids.shape[0]} rows")
+    ib = ids.reshape(bsz, -1)  # [bsz, L]
+    ic, s = row_scale(scale.to(B.dtype), idx)
+    h = A.transpose(1, 2)[ic[:, None], ib] * s[:, None, None]  # [bsz, L, r]
+    delta = torch.bmm(h, B[ic].transpose(1, 2))
+    return delta.reshape(*ids.shape, B.shape[1])

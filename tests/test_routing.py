@@ -1,0 +1,126 @@
+"""route=: row i of a batch uses adapter idx[i] of a stack (-1: base); route="all": every adapter."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import BUILDERS, gen, ids_for
+
+import adaptfn as af
+from adaptfn import routing
+
+TARGETS = {
+    "opt": ["q_proj", "v_proj", "fc1", "fc2", "embed_tokens"],  # OPT's MLP sees [batch * seq, d] rows
+    "llama": ["q_proj", "o_proj", "down_proj", "gate_proj", "embed_tokens"],
+    "gpt2": ["c_attn", "c_fc", "wte"],
+}
+
+
+def _stack(name: str, attn: str = "eager", n: int = 3):
+    model = BUILDERS[name](attn=attn)
+    fn, params = af.functional(model)
+    ads = [af.init(fn, af.LoraConfig(r=2 + i, lora_alpha=3 + 2 * i, target_modules=TARGETS[name],
+                                     init_lora_weights=False), generator=gen(i)) for i in range(n)]
+    return model, fn, params, ads, af.stack(ads)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.mark.parametrize("name", sorted(TARGETS))
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_route_equals_each_row_alone(name: str, attn: str) -> None:
+    model, fn, params, ads, st = _stack(name, attn)
+    ids = ids_for(model, batch=6, seq=5)
+    idx = torch.tensor([2, -1, 0, 1, 0, 2])
+    out = af.inject(fn, st, route=idx)(params, input_ids=ids).logits
+    base = fn(params, input_ids=ids).logits
+    for i, j in enumerate(idx.tolist()):
+        alone = (af.inject(fn, ads[j]) if j >= 0 else fn)(params, input_ids=ids[i:i + 1]).logits[0]
+        assert _rel(out[i], alone) <= 1e-5, (i, j)
+    assert torch.equal(out[1], base[1])  # a base row gets exactly zero from the adapters
+
+
+@pytest.mark.parametrize("kernel", ["dense", "gather"])
+def test_both_kernels_agree(kernel: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    g = gen(3)
+    x = torch.randn(4 * 3, 11, generator=g)  # [bsz * k, in], k = 3
+    A, B = torch.randn(5, 7, 11, generator=g), torch.randn(5, 13, 7, generator=g)
+    scale, idx = torch.tensor([0.5, 1.0, 2.0, 0.0, 3.0]), torch.tensor([4, -1, 0, 2])
+    got = routing.lowrank(x, A, B, scale, idx, kernel=kernel)
+    want = torch.zeros(12, 13)
+    for i, j in enumerate(idx.tolist()):
+        if j >= 0:
+            want[3 * i:3 * i + 3] = scale[j] * x[3 * i:3 * i + 3] @ A[j].T @ B[j].T
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.count_nonzero(got[3:6]) == 0
+
+
+def test_route_all_equals_loop_and_has_adapter_axis() -> None:
+    model, fn, params, ads, st = _stack("llama", "sdpa")
+    ids = ids_for(model, batch=2, seq=5)
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    out = af.inject(fn, st, route="all")(params, input_ids=ids, attention_mask=mask).logits
+    assert out.shape[:2] == (3, 2)
+    for k, a in enumerate(ads):
+        assert _rel(out[k], af.inject(fn, a)(params, input_ids=ids, attention_mask=mask).logits) <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["opt", "llama"])
+def test_route_through_generate_with_beams_and_return_sequences(name: str) -> None:
+    model, fn, params, ads, st = _stack(name)
+    ids = ids_for(model, batch=3, seq=4)
+    idx = torch.tensor([1, -1, 2])
+    kw = dict(max_new_tokens=4, do_sample=False, num_beams=2, num_return_sequences=2)
+    toks = af.inject(fn, st, route=idx).generate(params, input_ids=ids, **kw)
+    for i, j in enumerate(idx.tolist()):
+        want = (af.inject(fn, ads[j]) if j >= 0 else fn).generate(params, input_ids=ids[i:i + 1], **kw)
+        assert torch.equal(toks[2 * i:2 * i + 2], want), (i, j)
+
+
+def test_route_training_gradients_reach_only_the_rows_adapter() -> None:
+    model, fn, params, ads, st = _stack("opt")
+    ids = ids_for(model, batch=3, seq=5)
+    idx = torch.tensor([0, 2, 0])
+
+    def loss(stacked):
+        return af.inject(fn, stacked, route=idx)(params, input_ids=ids).logits.square().mean()
+
+    grads = torch.func.grad(loss)(st)
+    for path, leaves in grads.tensors.items():
+        if "lora_A" not in leaves:
+            continue
+        gA = leaves["lora_A"]
+        assert torch.count_nonzero(gA[1]) == 0, path  # adapter 1 serves no row
+        assert torch.count_nonzero(gA[0]) > 0 and torch.count_nonzero(gA[2]) > 0, path
+    # equals the gradient of the same loss computed row by row with each adapter alone
+    def loss_rows(a0, a2):
+        rows = [af.inject(fn, a)(params, input_ids=ids[i:i + 1]).logits for i, a in ((0, a0), (1, a2), (2, a0))]
+        return torch.cat(rows).square().mean()
+
+    g0, g2 = torch.func.grad(loss_rows, argnums=(0, 1))(ads[0], ads[2])
+    p = "model.decoder.layers.1.fc1"
+    r0, r2 = ads[0].entries[p].r, ads[2].entries[p].r
+    torch.testing.assert_close(grads.tensors[p]["lora_A"][0, :r0], g0.tensors[p]["lora_A"], rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(grads.tensors[p]["lora_B"][2, :, :r2], g2.tensors[p]["lora_B"], rtol=1e-4, atol=1e-7)
+
+
+def test_route_bad_input() -> None:
+    model, fn, params, ads, st = _stack("opt")
+    ids = ids_for(model, batch=3, seq=4)
+    with pytest.raises(af.ConfigError, match="3 rows"):
+        af.inject(fn, st, route=torch.tensor([0, 1]))(params, input_ids=ids)
+    with pytest.raises(af.ConfigError, match=r"\[-1, 2\]"):
+        af.inject(fn, st, route=torch.tensor([0, 3, 1]))
+    with pytest.raises(af.ConfigError, match=r"\[-1, 2\]"):
+        af.inject(fn, st, route=torch.tensor([0, -2, 1]))
+    with pytest.raises(af.ConfigError, match="integer"):
+        af.inject(fn, st, route=torch.tensor([0.0, 1.0, 2.0]))
+    with pytest.raises(af.ConfigError, match="1-D"):
+        af.inject(fn, st, route=torch.tensor([[0, 1, 2]]))
+    with pytest.raises(af.ConfigError, match="unstacked"):
+        af.inject(fn, ads[0], route=torch.tensor([0, 0, 0]))
+    with pytest.raises(af.ConfigError, match="'all'"):
+        af.inject(fn, st, route="some")
