@@ -8,6 +8,7 @@ import sys as _sys
 
 import optree.pytree as _optree_pytree
 
+from . import adalora as adalora
 from .adapter import NAMESPACE as _NAMESPACE
 from .adapter import Adapter as Adapter
 from .adapter import AdapterSum as AdapterSum
@@ -24,7 +25,11 @@ from .initialize import init as init
 from .io import load as load
 from .io import save as save
 from .io import state_dict as state_dict
+from .methods import AdaLoraConfig as AdaLoraConfig
+from .methods import IA3Config as IA3Config
 from .methods import LoraConfig as LoraConfig
+from .shell import AdapterModel as AdapterModel
+from .shell import from_pretrained as from_pretrained
 from .transforms import inject as inject
 from .transforms import mask as mask
 from .transforms import merge as merge
