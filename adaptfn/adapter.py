@@ -63,6 +63,10 @@ class Entry:
     options: tuple[tuple[str, Any], ...] = ()
     frozen: tuple[str, ...] = ()
 
+    def __post_init__(self) -> None:  # one canonical order, whoever built the entry
+        for name in ("replaced", "tied", "frozen"):
+            object.__setattr__(self, name, tuple(sorted(getattr(self, name))))
+
     def option(self, name: str, default: Any = None) -> Any:
         for k, v in self.options:
             if k == name:
@@ -106,7 +110,7 @@ class Adapter:
         tensors: Mapping[str, Mapping[str, Any]],
         stack_info: StackInfo | None = None,
     ) -> None:
-        paths = tuple(entries)
+        paths = tuple(sorted(entries))  # one canonical order, whoever built the adapter
         if set(paths) != set(tensors):
             raise IncompatibleAdapterError(
                 f"adapter entries and tensors disagree: {sorted(set(paths) ^ set(tensors))}"

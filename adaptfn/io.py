@@ -110,33 +110,75 @@ def save(adapter: Adapter | Mapping[str, Adapter], directory: str | os.PathLike[
     Example:
         >>> af.save(adapter, "out/my-lora")
     """
-    if isinstance(adapter, Mapping):
-        for name in adapter:
-            _check_name(name)
-        for name, a in adapter.items():
-            save(a, directory, adapter_name=None if name == "default" else name)
-        return os.fspath(directory)
-    _check_name(adapter_name)
-    sd = state_dict(adapter)  # validates before any write
-    config_json = json.dumps(adapter.config.to_dict(), indent=2, sort_keys=True) + "\n"
-    folder = os.fspath(directory)
-    if adapter_name is not None and adapter_name != "default":
-        folder = os.path.join(folder, adapter_name)
-    os.makedirs(folder, exist_ok=True)
+    items = adapter.items() if isinstance(adapter, Mapping) else [(adapter_name, adapter)]
+    plans = []
+    for name, a in items:  # everything is checked (and serialised in memory) before any write
+        _check_name(name)
+        if isinstance(adapter, Mapping) and name == "default":
+            name = None
+        sd = state_dict(a)
+        plans.append((name, {k: v.detach().contiguous().cpu() for k, v in sd.items()},
+                      json.dumps(a.config.to_dict(), indent=2, sort_keys=True) + "\n"))
+    for name, tensors, config_json in plans:
+        folder = os.fspath(directory)
+        if name is not None and name != "default":
+            folder = os.path.join(folder, name)
+        _write_adapter(folder, tensors, config_json)
+    root = os.fspath(directory)
+    return root if isinstance(adapter, Mapping) or adapter_name in (None, "default") else os.path.join(
+        root, adapter_name)
+
+
+def _write_adapter(folder: str, tensors: dict[str, torch.Tensor], config_json: str) -> None:
+    """Write weights + config so that a failure at any point leaves the previous adapter in place.
+
+    Both files are written to temp names and fsynced first. If the config is unchanged only the weights
+    are renamed over (one atomic rename). Otherwise the old files are moved aside, the new ones renamed
+    in, and on any error the old ones are put back; temp and backup files are always removed."""
     from safetensors.torch import save_file
 
-    tensors = {k: v.detach().contiguous().cpu() for k, v in sd.items()}
+    os.makedirs(folder, exist_ok=True)
     wpath, cpath = os.path.join(folder, SAFETENSORS_NAME), os.path.join(folder, CONFIG_NAME)
-    tmp_w = _atomic_write(wpath, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    temps: list[str] = []
+    backups: list[tuple[str, str]] = []
     try:
-        tmp_c = _atomic_write(cpath, lambda p: open(p, "w", encoding="utf-8").write(config_json))
+        temps.append(_atomic_write(wpath, lambda p: save_file(tensors, p, metadata={"format": "pt"})))
+        old_config = None
+        if os.path.isfile(cpath):
+            with open(cpath, encoding="utf-8") as f:
+                old_config = f.read()
+        if old_config == config_json:
+            os.replace(temps[0], wpath)
+            temps.clear()
+        else:
+            temps.append(_atomic_write(cpath, lambda p: open(p, "w", encoding="utf-8").write(config_json)))
+            for final in (wpath, cpath):
+                if os.path.exists(final):
+                    fd, bak = tempfile.mkstemp(prefix="." + os.path.basename(final) + ".", suffix=".bak", dir=folder)
+                    os.close(fd)
+                    try:
+                        os.replace(final, bak)
+                    except BaseException:
+                        os.unlink(bak)
+                        raise
+                    backups.append((bak, final))
+            os.replace(temps[0], wpath)
+            os.replace(temps[1], cpath)
+            temps.clear()
+        _fsync_dir(folder)
     except BaseException:
-        os.unlink(tmp_w)
+        for bak, final in backups:  # put the previous adapter back
+            with contextlib.suppress(OSError):
+                os.replace(bak, final)
+        backups.clear()
         raise
-    os.replace(tmp_w, wpath)
-    os.replace(tmp_c, cpath)
-    _fsync_dir(folder)
-    return folder
+    finally:
+        for t in temps:
+            with contextlib.suppress(OSError):
+                os.unlink(t)
+        for bak, _ in backups:
+            with contextlib.suppress(OSError):
+                os.unlink(bak)
 
 
 def _fsync_dir(folder: str) -> None:
@@ -181,27 +223,32 @@ def _resolve(source: str, adapter_name: str | None, revision: str | None, subfol
 
 def _resolve_hub(repo: str, adapter_name: str | None, revision: str | None, subfolder: str | None, token: Any,
                  cache_dir: Any, local_files_only: bool, allow_pickle: bool) -> tuple[str, str]:
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
-
-    try:
-        from huggingface_hub.errors import RevisionNotFoundError
-    except ImportError:  # pragma: no cover
-        RevisionNotFoundError = RepositoryNotFoundError  # type: ignore[misc,assignment]
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     def get(name: str, sub: str | None) -> str | None:
+        """The file's local path; None only when the file is known to be absent (remote 404, or not in
+        the cache while offline). Any other failure is an error, never a silent fallback."""
         try:
             return hf_hub_download(repo, name, subfolder=sub, revision=revision, token=token,
                                    cache_dir=cache_dir, local_files_only=local_files_only)
-        except EntryNotFoundError:
-            return None
-        except LocalEntryNotFoundError as e:
-            if "offline" in str(e).lower() or local_files_only or os.environ.get("HF_HUB_OFFLINE"):
+        except LocalEntryNotFoundError as e:  # (a subclass of EntryNotFoundError: check it first)
+            if local_files_only or constants.HF_HUB_OFFLINE:
                 return None
             raise AdapterFileError(f"{repo}: could not download {name} ({e})") from None
         except (RepositoryNotFoundError, RevisionNotFoundError) as e:
             msg = f"{repo}: repository or revision {revision!r} not found ({type(e).__name__})"
             raise AdapterFileError(msg) from None
+        except EntryNotFoundError:
+            return None
+        except HFValidationError as e:
+            raise AdapterFileError(f"{repo!r} is not a valid Hub repo id or revision ({e})") from None
         except OSError as e:
             raise AdapterFileError(f"{repo}: could not fetch {name}: {e}") from None
 

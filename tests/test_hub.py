@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import quote, unquote, urlsplit
@@ -331,6 +332,12 @@ def test_missing_repo_file_and_weights_404(hub, tmp_path):
     with pytest.raises(af.AdapterFileError) as ei:
         af.load("user/config-only", allow_pickle=True, cache_dir=hub.cache)
     assert "user/config-only" in str(ei.value)
+    # a bare 404 (no Hub error code, e.g. from a mirror) for the config
+    hub.publish("user/plain-404", files)
+    hub.forced[CONFIG] = 404
+    with pytest.raises(af.AdapterFileError) as ei:
+        af.load("user/plain-404", cache_dir=hub.cache)
+    assert "user/plain-404" in str(ei.value)
 
 
 def test_corrupt_download_is_a_file_error(hub, tmp_path):
@@ -365,16 +372,17 @@ def test_invalid_repo_id_is_a_typed_error(hub, source):
     assert hub.requested() == []
 
 
-def test_server_shuts_down(tmp_path, monkeypatch):
+def test_server_binds_loopback_only_and_shuts_down():
     h = FakeHub()
     h.start()
-    assert h.server.server_address[0] == "127.0.0.1"
+    host, port = h.server.server_address[:2]
+    assert host == "127.0.0.1"
+    socket.create_connection((host, port), timeout=2).close()  # it answers while running
     thread = h.thread
     h.stop()
     assert not thread.is_alive()
-    _online(monkeypatch, h.endpoint)
-    with pytest.raises(af.AdapterFileError):
-        af.load("user/repo", cache_dir=str(tmp_path / "c"))
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection((host, port), timeout=2)
 
 
 # -- (a) a populated cache, offline ------------------------------------------------------------------

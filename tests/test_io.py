@@ -674,19 +674,24 @@ def _interrupt(monkeypatch, stage):
         monkeypatch.setattr(builtins, "open", open_)
 
 
-@pytest.mark.parametrize("stage", ["save_file", "fsync_config", "config_text", "replace_weights", "replace_config"])
-def test_interrupted_save_leaves_previous_adapter(setup, saved, monkeypatch, stage):
+@pytest.mark.parametrize(("stage", "config_changes"), [
+    ("save_file", False), ("replace_weights", False),  # same config: a single atomic rename of the weights
+    ("save_file", True), ("fsync_config", True), ("config_text", True), ("replace_weights", True),
+    ("replace_config", True),
+])
+def test_interrupted_save_leaves_previous_adapter(setup, saved, monkeypatch, stage, config_changes):
     _, fn, _, _ = setup
     folder, old = saved
     before = snapshot(folder)
-    new = lora(fn, seed=11)  # same structure and config, other values
+    # same structure, other values; and where config_changes, another config too
+    new = lora(fn, seed=11, lora_alpha=5) if config_changes else lora(fn, seed=11)
     with monkeypatch.context() as m:
         _interrupt(m, stage)
         with pytest.raises(Crash):
             af.save(new, folder)
+    assert sd_equal(af.load(folder), old), "the previous adapter was not left intact (new values were loaded)"
     assert sorted(snapshot(folder)) == [CONFIG, WEIGHTS], "temp files left behind"
     assert snapshot(folder) == before
-    assert sd_equal(af.load(folder), old)
 
 
 def test_interrupted_save_into_new_folder_leaves_no_files(setup, tmp_path, monkeypatch):
