@@ -92,7 +92,9 @@ class _Base:
         named = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
         for name, t in named:
             if id(t) not in by_id:
-                by_id[id(t)] = t.detach() if isinstance(t, nn.Parameter) else t
+                # plain Parameters are detached (the base is frozen by construction); parameter subclasses
+                # (bitsandbytes' Params4bit / Int8Params) carry quantisation state and are kept as they are
+                by_id[id(t)] = t.detach() if type(t) is nn.Parameter else t
             params[name] = by_id[id(t)]
             groups.setdefault(id(t), []).append(name)
         self.tensors = by_id
