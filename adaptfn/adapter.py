@@ -100,7 +100,7 @@ class Adapter:
         stack_info: set on stacked adapters.
     """
 
-    __slots__ = ("_method", "_config", "_entries", "_tensors", "_stack", "_key", "__weakref__")
+    __slots__ = ("_method", "_config", "_entries", "_tensors", "_stack", "_key", "_key_id", "__weakref__")
 
     def __init__(
         self,
@@ -122,11 +122,14 @@ class Adapter:
         object.__setattr__(self, "_stack", stack_info)
         object.__setattr__(self, "_key", (method, self._entries, tuple(
             (p, tuple(sorted(d))) for p, d in self._tensors.items())))
+        # an int naming the structure: what caches are keyed by (torch.compile guards it by value)
+        object.__setattr__(self, "_key_id", hash(self._key))
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError("Adapter is immutable; use adaptfn's transforms or af.tree.map to make a new one")
 
-    __delattr__ = __setattr__  # type: ignore[assignment]
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError("Adapter is immutable; use adaptfn's transforms or af.tree.map to make a new one")
 
     # -- static structure ------------------------------------------------------------------------
     @property
@@ -167,6 +170,11 @@ class Adapter:
     def structure_key(self) -> tuple:
         """Hashable static structure: what decides the code path."""
         return self._key
+
+    @property
+    def structure_id(self) -> int:
+        """``hash(structure_key)``: equal for adapters of the same structure."""
+        return self._key_id
 
     @property
     def is_stacked(self) -> bool:
@@ -334,8 +342,9 @@ def stack(adapters: Sequence[Adapter]) -> Adapter:
             leaf[name] = torch.stack(parts)
         if e0.kind:
             g = leaf[GATE]
-            leaf[SCALING] = torch.tensor([a.entries[p].scaling for a in adapters], dtype=torch.float32,
-                                         device=g.device)
+            ref = leaf.get("lora_A", g)
+            sdt = torch.float64 if ref.dtype == torch.float64 else torch.float32
+            leaf[SCALING] = torch.tensor([a.entries[p].scaling for a in adapters], dtype=sdt, device=g.device)
         tensors[p] = leaf
     info = StackInfo(tuple(a.config for a in adapters), tuple(tuple(a.entries.items()) for a in adapters))
     return Adapter(first.method, first.config, entries, tensors, info)

@@ -16,18 +16,17 @@ import functools
 import threading
 import types
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.utils.stateless import _reparametrize_module
 
+from . import quant
 from .adapter import GATE, Adapter, gate_on
 from .errors import ConfigError, IncompatibleAdapterError, shape_str
 from .methods import get_method
-
-_MAX_COPIES_PER_THREAD = 8
 
 
 class _Slot:
@@ -40,10 +39,17 @@ class _Slot:
 
 
 class _Copy:
-    __slots__ = ("root", "slots", "busy")
+    __slots__ = ("root", "mods", "slots", "busy")
 
-    def __init__(self, root: nn.Module, slots: dict[str, _Slot]) -> None:
-        self.root, self.slots, self.busy = root, slots, False
+    def __init__(self, root: nn.Module, mods: dict[str, nn.Module], slots: dict[str, _Slot]) -> None:
+        self.root, self.mods, self.slots, self.busy = root, mods, slots, False
+
+    def slot(self, path: str) -> _Slot:
+        """The adapter slot of a module (installed on first use for module kinds not prepared up front)."""
+        s = self.slots.get(path)
+        if s is None:
+            s = self.slots[path] = _install(self.mods[path])
+        return s
 
 
 def _rebind(value: Any, old: nn.Module, new: nn.Module) -> Any:
@@ -81,6 +87,13 @@ def structural_copy(root: nn.Module, tensors: Mapping[int, torch.Tensor]) -> tup
     return new_root, dict(new_root.named_modules(remove_duplicate=False))
 
 
+class _Local(threading.local):
+    """Per-thread state: this thread's structural copy of the model."""
+
+    def __init__(self) -> None:
+        self.copy: _Copy | None = None
+
+
 class _Base:
     """What all FunctionalModels of one model share: tensors, aliases, module info, per-thread copies."""
 
@@ -103,34 +116,32 @@ class _Base:
         self.modules = dict(model.named_modules(remove_duplicate=False))
         # fn runs in the mode the model had when functional() was called, whatever the user does later
         self.training = {p: m.training for p, m in self.modules.items()}
-        self.local = threading.local()
+        self.local = _Local()
         self.checked: dict[tuple, None] = {}
+        quant.register(model, self.modules)  # bitsandbytes layers: see adaptfn/quant.py
 
-    def copy_for(self, key: tuple, adapters: Sequence[Adapter]) -> _Copy:
-        cache: OrderedDict[tuple, _Copy] | None = getattr(self.local, "cache", None)
-        if cache is None:
-            cache = self.local.cache = OrderedDict()
-        cp = cache.get(key)
-        if cp is not None and not cp.busy:
-            cache.move_to_end(key)
-            return cp
-        cp = self._build(adapters)
-        if key not in cache:  # a busy (re-entrant) copy stays; the extra one is used once
-            cache[key] = cp
-            if len(cache) > _MAX_COPIES_PER_THREAD:
-                cache.popitem(last=False)
+    def copy(self) -> _Copy:
+        """This thread's structural copy (one per thread, whatever the adapters: every module an adapter
+        method can target gets a slot up front, so nothing about the copy depends on the adapter and
+        torch.compile sees one stable object). A re-entrant call gets a fresh, uncached copy."""
+        cp = self.local.copy
+        if cp is None:
+            cp = self.local.copy = self._build()
+        elif cp.busy:
+            cp = self._build()
         return cp
 
-    def _build(self, adapters: Sequence[Adapter]) -> _Copy:
+    def _build(self) -> _Copy:
         root, mods = structural_copy(self.model, self.tensors)
         for p, m in mods.items():
             m.training = self.training.get(p, m.training)
-        slots: dict[str, _Slot] = {}
-        for a in adapters:
-            for path, e in a.entry_items:
-                if e.kind and path not in slots:
-                    slots[path] = _install(mods[path])
-        return _Copy(root, slots)
+        quant.install(self.model, mods)  # pure forward on the copy's quantized layers (before adapter slots)
+        slots = {p: _install(m) for p, m in mods.items() if p and _adaptable(m)}
+        return _Copy(root, mods, slots)
+
+
+def _adaptable(m: nn.Module) -> bool:
+    return isinstance(m, (nn.Linear, nn.Embedding)) or (type(m).__name__ == "Conv1D" and hasattr(m, "nf"))
 
 
 def _install(module: nn.Module) -> _Slot:
@@ -138,6 +149,9 @@ def _install(module: nn.Module) -> _Slot:
     base_forward = module.forward
 
     def forward(x: Any, *args: Any, **kwargs: Any) -> Any:
+        if not slot.active:
+            return base_forward(x, *args, **kwargs)
+
         def call(inp: Any) -> Any:
             return base_forward(inp, *args, **kwargs)
 
@@ -168,7 +182,7 @@ class FunctionalModel:
         self._generator = generator
         self._routes = routes if routes is not None else (None,) * len(adapters)
         self._all = next((i for i, r in enumerate(self._routes) if isinstance(r, str)), None)
-        self._key = tuple(a.structure_key for a in adapters)
+        self._key = tuple(a.structure_id for a in adapters)
         # Static plan of the call, from the adapters' structure only (their leaves are read per call):
         # deltas: (adapter index, path, method, entry); replacements: (adapter index, path, name, targets).
         deltas = []
@@ -261,7 +275,7 @@ class FunctionalModel:
     def _run(self, params: Mapping[str, torch.Tensor], attr: str | None, args: tuple, kwargs: dict,
              routes: tuple[Any, ...]) -> Any:
         base = self._base
-        cp = base.copy_for(self._key, self._adapters)
+        cp = base.copy()
         held = base.params
         swaps: dict[str, torch.Tensor] = {}
         for k in params:
@@ -279,17 +293,21 @@ class FunctionalModel:
             v = leaves[name].detach() if frozen else leaves[name]
             for t in targets:
                 cur = swaps[t] if t in swaps else held[t]
+                if v.dim() != cur.dim():
+                    raise IncompatibleAdapterError(
+                        f"{t}: a stacked adapter was called directly; map it with torch.func.vmap or pass route=")
                 vt = v if v.dtype == cur.dtype else v.to(cur.dtype)
                 swaps[t] = vt if on is True else torch.where(on, vt, cur)
-        slots = cp.slots
-        for slot in slots.values():
-            slot.active = []
+        used: list[_Slot] = []
         gen = self._generator
         for i, path, method, e in self._deltas:
             leaves = tensors[i][path]
             on = gate_on(leaves[GATE])
             if on is not False:
-                slots[path].active.append((method, e, leaves, on, gen, routes[i]))
+                slot = cp.slot(path)
+                if not slot.active:
+                    used.append(slot)
+                slot.active.append((method, e, leaves, on, gen, routes[i]))
         cp.busy = True
         try:
             root = cp.root
@@ -300,7 +318,7 @@ class FunctionalModel:
             return call(*args, **kwargs)
         finally:
             cp.busy = False
-            for slot in slots.values():
+            for slot in used:
                 slot.active = []
 
     # -- used by inject/init ---------------------------------------------------------------------
@@ -308,6 +326,8 @@ class FunctionalModel:
         """Raise :class:`IncompatibleAdapterError` unless ``adapter`` fits this model."""
         method = get_method(adapter.method)
         mods = self._base.modules
+        if not torch.compiler.is_compiling():  # static checks; already done eagerly for this structure
+            quant.check_adapter(self._base.model, adapter)
         for path, e in adapter.entry_items:
             mod = mods.get(path)
             if mod is None:
@@ -326,11 +346,12 @@ class FunctionalModel:
                     raise IncompatibleAdapterError(
                         f"adapter replaces {full!r}, which {type(self._base.model).__name__} does not have")
                 t = leaves[name]
-                shape = tuple(t.shape[1:]) if stacked else tuple(t.shape)
-                if shape != tuple(base_t.shape):
+                # stacked or single is read from the leaf's shape (under vmap a stacked leaf looks single)
+                want = tuple(base_t.shape)
+                if tuple(t.shape) != want and not (stacked and tuple(t.shape[1:]) == want):
                     raise IncompatibleAdapterError(
-                        f"adapter replaces {full!r} with shape {shape_str(shape)} but the model's is "
-                        f"{shape_str(base_t.shape)}")
+                        f"adapter replaces {full!r} with shape {shape_str(t.shape)} but the model's is "
+                        f"{shape_str(want)}")
 
 
 def _batch_size(args: tuple, kwargs: dict) -> int | None:
@@ -362,4 +383,5 @@ def functional(model: nn.Module) -> tuple[FunctionalModel, dict[str, torch.Tenso
     if not isinstance(model, nn.Module):
         raise ConfigError(f"functional: expected a torch.nn.Module, got {type(model).__name__}")
     base = _Base(model)
+    base.copy()  # this thread's copy, built now rather than inside a first (possibly compiled) call
     return FunctionalModel(base), dict(base.params)
