@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from . import quant
 from ._where import Where, matcher
 from .adapter import GATE, Adapter, AdapterSum, components, gate_on, replace
 from .errors import ConfigError, IncompatibleAdapterError
@@ -86,7 +87,8 @@ def _check_route(parts: tuple[Adapter, ...], route: torch.Tensor | str, fn: Func
     return routing.check_route(route, n)
 
 
-def merge(params: Mapping[str, torch.Tensor], adapter: AdapterLike) -> dict[str, torch.Tensor]:
+def merge(params: Mapping[str, torch.Tensor], adapter: AdapterLike, *,
+          dequantize: bool = False) -> dict[str, torch.Tensor]:
     """Fold an adapter into a params dict: ``fn(merge(params, a), x) == inject(fn, a)(params, x)``.
 
     Pure: returns a new dict; replaced / merged entries are new tensors, every other entry is the same
@@ -96,6 +98,9 @@ def merge(params: Mapping[str, torch.Tensor], adapter: AdapterLike) -> dict[str,
     Arguments:
         params: from :func:`adaptfn.functional` (or an earlier merge).
         adapter: an :class:`Adapter` or :class:`AdapterSum` (not stacked).
+        dequantize: return every quantized (bitsandbytes) weight of ``params`` as a float tensor with the
+            adapter folded in, instead of requantizing the merged ones into new quantized tensors (which
+            emits an :class:`adaptfn.quant.RequantizationWarning` with the error); see :mod:`adaptfn.quant`.
 
     Returns:
         ``dict[str, Tensor]`` with LoRA weights ``W + scaling * B @ A`` (transposed for Conv1D).
@@ -106,6 +111,7 @@ def merge(params: Mapping[str, torch.Tensor], adapter: AdapterLike) -> dict[str,
     """
     parts = components(adapter)
     out = dict(params)
+    qplan = quant.prepare_merge(out, parts, dequantize)  # quantized weights -> float stand-ins
     for a in parts:
         if a.is_stacked:
             raise ConfigError("merge: the adapter is stacked; merge each of af.unstack(...) or vmap over it")
@@ -150,7 +156,7 @@ def merge(params: Mapping[str, torch.Tensor], adapter: AdapterLike) -> dict[str,
             mine = {n: out[f"{path}.{n}"] for n in own.get(path, ())}
             for n, t in merge_tensors(e, leaves, on, mine).items():
                 out[f"{path}.{n}"] = t
-    return out
+    return quant.finish_merge(out, qplan)
 
 
 def select(adapters: Any, where: Any) -> Any:

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from bench import many
 from bench.harness import Result, interleaved, plot, table
 
 warnings.filterwarnings("ignore")
@@ -224,6 +225,9 @@ SCENARIOS = {
     "switch": scenario_switch,
     "load": scenario_load,
     "merge": scenario_merge,
+    "same": many.scenario_same,
+    "mixed": many.scenario_mixed,
+    "scaling": many.scenario_scaling,
 }
 
 

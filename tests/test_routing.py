@@ -124,3 +124,21 @@ def test_route_bad_input() -> None:
         af.inject(fn, ads[0], route=torch.tensor([0, 0, 0]))
     with pytest.raises(af.ConfigError, match="'all'"):
         af.inject(fn, st, route="some")
+
+
+@pytest.mark.parametrize("name", ["opt", "gpt2"])
+def test_route_ia3(name: str) -> None:
+    model = BUILDERS[name]()
+    fn, params = af.functional(model)
+    targets, ff = {"opt": (["k_proj", "v_proj", "fc2"], ["fc2"]), "gpt2": (["c_attn", "mlp.c_proj"], ["mlp.c_proj"])}[name]
+    ads = [af.init(fn, af.IA3Config(target_modules=targets, feedforward_modules=ff, init_ia3_weights=False),
+                   generator=gen(i)) for i in range(3)]
+    st = af.stack(ads)
+    ids = ids_for(model, batch=4, seq=5)
+    idx = torch.tensor([1, -1, 2, 0])
+    out = af.inject(fn, st, route=idx)(params, input_ids=ids).logits
+    base = fn(params, input_ids=ids).logits
+    for i, j in enumerate(idx.tolist()):
+        alone = (af.inject(fn, ads[j]) if j >= 0 else fn)(params, input_ids=ids[i:i + 1]).logits[0]
+        assert _rel(out[i], alone) <= 1e-5, (i, j)
+    assert torch.equal(out[1], base[1])

@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import ConfigError
+from .adalora import AdaLora, AdaLoraConfig
+from .ia3 import IA3, IA3Config
 from .lora import Lora, LoraConfig
 
 _METHODS: dict[str, Any] = {}
@@ -44,5 +46,8 @@ def known_configs() -> list[str]:
 
 
 register(Lora())
+register(IA3())
+register(AdaLora())
 
-__all__ = ["LoraConfig", "register", "get_method", "method_for_config", "method_for_peft_type"]
+__all__ = ["LoraConfig", "IA3Config", "AdaLoraConfig", "register", "get_method", "method_for_config",
+           "method_for_peft_type"]

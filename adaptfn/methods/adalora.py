@@ -1,0 +1,363 @@
+"""AdaLoRA: an SVD-shaped low-rank delta whose rank is pruned during training.
+
+For a target Linear / GPT-2 Conv1D with ``in`` inputs and ``out`` outputs, PEFT's shapes and formula:
+
+* ``lora_A`` [r, in] (right singular vectors), ``lora_E`` [r, 1] (singular values), ``lora_B`` [out, r];
+* ``y = base(x) + (x @ (A * E).T @ B.T) * alpha / (ranknum + 1e-5)``, with ``ranknum = init_r`` (the
+  rank the adapter started with, never saved) and ``alpha = lora_alpha`` (``r`` when ``lora_alpha <= 0``);
+* merge: ``W + B @ (A * E) * alpha / (ranknum + 1e-5)`` (transposed for Conv1D's [in, out] weight).
+
+Training prunes singular triplets by setting entries of ``E`` to zero (shapes never change); see
+:mod:`adaptfn.methods.adalora_alloc` (``af.adalora``) for the regulariser and the rank allocator. A
+pruned adapter saved by PEFT carries ``rank_pattern`` (per-module boolean masks, keys
+``"<module path>.lora_E"``) and tensors of the kept rank only; :func:`adaptfn.adalora.prune` makes one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .._where import is_target
+from ..adapter import SCALING, Entry
+from ..errors import AdapterFileError, IncompatibleAdapterError, shape_str
+from .base import CallBase, PeftConfigBase, need
+from .common import adapter_dtype, expand_all_linear, is_conv1d, linear_dims, plan_replacements, weight_needs_transpose
+
+KIND = "svd"
+EPS = 1e-5  # PEFT: ranknum + 1e-5
+
+
+def _int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _names_ok(v: Any) -> bool:
+    return v is None or isinstance(v, str) or (isinstance(v, (list, tuple, set, frozenset))
+                                                and all(isinstance(t, str) for t in v))
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaLoraConfig(PeftConfigBase):
+    """AdaLoRA config with PEFT's field names and defaults (``peft.AdaLoraConfig``, a LoraConfig subclass).
+
+    Arguments:
+        target_r: target average rank per module after pruning. init_r: every module's starting rank.
+        tinit: warm-up steps without pruning. tfinal: final steps at the target budget (masks frozen).
+        deltaT: steps between two re-allocations during the pruning phase. beta1 / beta2: EMA factors of
+        the sensitivity and its uncertainty. orth_reg_weight: weight of the orthogonality regulariser
+        (:func:`adaptfn.adalora.orth_reg`). total_step: total training steps (required, > tinit + tfinal).
+        rank_pattern: ``None`` while training; for a pruned adapter, ``{"<path>.lora_E": [bool] * init_r}``
+        (PEFT's format; the saved tensors then hold only the kept triplets).
+        LoRA fields (inherited in PEFT): lora_alpha (scale numerator), lora_dropout (needs an explicit
+        generator, see :func:`adaptfn.inject`), target_modules / exclude_modules / layers_to_transform /
+        layers_pattern (PEFT's targeting rules), fan_in_fan_out (set from the module type, as PEFT does),
+        bias ("none", "all", "lora_only"), modules_to_save, init_lora_weights (True: ``E`` zeros, ``A`` and
+        ``B`` ~ N(0, 0.02); False: all standard normal). ``r``, ``use_rslora`` and ``alpha_pattern`` are
+        kept for the round trip but, as in PEFT, have no effect on AdaLoRA.
+
+    Example:
+        >>> cfg = af.AdaLoraConfig(init_r=12, target_r=4, lora_alpha=32, target_modules=["q_proj", "v_proj"],
+        ...                        total_step=1000, tinit=100, tfinal=200, deltaT=10)
+    """
+
+    peft_type: ClassVar[str] = "ADALORA"
+    unsupported: ClassVar[dict[str, Any]] = {
+        "layer_replication": None,
+        "trainable_token_indices": None,
+        "target_parameters": None,
+        "loftq_config": {},
+        "eva_config": None,
+        "corda_config": None,
+        "lora_ga_config": None,
+        "megatron_config": None,
+        "use_qalora": False,
+        "alora_invocation_tokens": None,
+        "arrow_config": None,
+        "velora_config": None,
+        "monteclora_config": None,
+        "kasa_config": None,
+        "use_bdlora": None,
+        "ensure_weight_tying": False,
+    }
+
+    # LoRA fields (PEFT's AdaLoraConfig inherits them)
+    r: int = 8
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    fan_in_fan_out: bool = False
+    bias: str = "none"
+    use_rslora: bool = False
+    modules_to_save: list[str] | None = None
+    init_lora_weights: bool | str = True
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+    rank_pattern: dict[str, list[bool]] | None = None
+    alpha_pattern: dict[str, float] = dataclasses.field(default_factory=dict)
+    use_dora: bool = False
+    lora_bias: bool = False
+    # AdaLoRA's own
+    target_r: int = 8
+    init_r: int = 12
+    tinit: int = 0
+    tfinal: int = 0
+    deltaT: int = 1
+    beta1: float = 0.85
+    beta2: float = 0.85
+    orth_reg_weight: float = 0.5
+    total_step: int | None = None
+
+    def validate(self) -> None:
+        cls = type(self)
+        for name in ("use_dora", "lora_bias"):
+            need(getattr(self, name) is False, cls, name,
+                 f"{getattr(self, name)!r} is not supported by AdaLoRA; use False")
+        need(_int(self.total_step) and self.total_step > 0, cls, "total_step",  # type: ignore[operator]
+             f"AdaLoRA needs the total number of training steps, a positive int; got {self.total_step!r}")
+        need(_int(self.init_r) and self.init_r > 0, cls, "init_r", f"must be a positive int, got {self.init_r!r}")
+        need(_int(self.target_r) and self.target_r >= 0, cls, "target_r",
+             f"must be an int >= 0, got {self.target_r!r}")
+        need(self.init_r >= self.target_r, cls, "init_r",
+             f"({self.init_r}) must be >= target_r ({self.target_r}): pruning only lowers ranks")
+        need(_int(self.r) and self.r > 0, cls, "r", f"must be a positive int (unused by AdaLoRA), got {self.r!r}")
+        for name in ("tinit", "tfinal"):
+            v = getattr(self, name)
+            need(_int(v) and v >= 0, cls, name, f"must be an int >= 0, got {v!r}")
+        need(self.tinit < self.total_step - self.tfinal, cls, "tinit",  # type: ignore[operator]
+             f"tinit={self.tinit}, tfinal={self.tfinal} and total_step={self.total_step} leave no pruning phase "
+             "(need tinit < total_step - tfinal)")
+        need(_int(self.deltaT) and self.deltaT > 0, cls, "deltaT", f"must be a positive int, got {self.deltaT!r}")
+        for name in ("beta1", "beta2"):
+            v = getattr(self, name)
+            need(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1, cls, name,
+                 f"must be in (0, 1), got {v!r}")
+        need(isinstance(self.orth_reg_weight, (int, float)) and not isinstance(self.orth_reg_weight, bool)
+             and self.orth_reg_weight >= 0, cls, "orth_reg_weight", f"must be >= 0, got {self.orth_reg_weight!r}")
+        need(isinstance(self.lora_alpha, (int, float)) and not isinstance(self.lora_alpha, bool), cls,
+             "lora_alpha", f"must be a number, got {self.lora_alpha!r}")
+        need(isinstance(self.lora_dropout, (int, float)) and 0 <= self.lora_dropout < 1, cls, "lora_dropout",
+             f"must be in [0, 1), got {self.lora_dropout!r}")
+        need(self.bias in ("none", "all", "lora_only"), cls, "bias",
+             f"must be 'none', 'all' or 'lora_only', got {self.bias!r}")
+        need(isinstance(self.init_lora_weights, bool) or self.init_lora_weights == "gaussian", cls,
+             "init_lora_weights", f"must be True or False, got {self.init_lora_weights!r}")
+        for name in ("target_modules", "exclude_modules"):
+            v = getattr(self, name)
+            need(_names_ok(v), cls, name, f"must be a list of str, a regex str or 'all-linear', got {v!r}")
+        need(not (isinstance(self.target_modules, str) and self.layers_to_transform is not None), cls,
+             "layers_to_transform", "cannot be used when target_modules is a regex str")
+        need(not (self.layers_pattern and self.layers_to_transform is None), cls, "layers_pattern",
+             "is only used together with layers_to_transform")
+        if self.rank_pattern is not None:
+            need(isinstance(self.rank_pattern, Mapping), cls, "rank_pattern",
+                 f"must be a dict '<path>.lora_E' -> list of bools, got {type(self.rank_pattern).__name__}")
+            for k, v in self.rank_pattern.items():
+                need(isinstance(v, (list, tuple)) and all(isinstance(b, bool) for b in v), cls, "rank_pattern",
+                     f"{k!r} must map to a list of bools (kept singular values), got {v!r}")
+
+    # -- per-module static facts -----------------------------------------------------------------
+    def mask_for(self, path: str) -> list[bool] | None:
+        """The saved ``rank_pattern`` mask of the module at ``path`` (None when there is none)."""
+        rp = self.rank_pattern
+        if not rp:
+            return None
+        key = f"{path}.lora_E"
+        if key in rp:
+            return list(rp[key])
+        for k, v in rp.items():  # keys still carrying an adapter name ("<path>.lora_E.default")
+            if k.startswith(key + "."):
+                return list(v)
+        return None
+
+    def rank_for(self, path: str) -> int:
+        """The module's rank: the kept count of its ``rank_pattern`` mask, else ``init_r``."""
+        m = self.mask_for(path)
+        return self.init_r if m is None else sum(m)
+
+
+def make_entry(config: AdaLoraConfig, r: int, fan_in_fan_out: bool | None) -> Entry:
+    """The :class:`Entry` of one module of rank ``r``: ``ranknum`` is ``init_r`` (PEFT keeps it through
+    pruning); ``alpha`` is ``lora_alpha``, or the module's rank when ``lora_alpha <= 0`` (PEFT)."""
+    alpha = float(config.lora_alpha) if config.lora_alpha > 0 else float(r)
+    ranknum = float(config.init_r)
+    opts: tuple[tuple[str, Any], ...] = (("alpha", alpha), ("ranknum", ranknum))
+    if config.lora_dropout:
+        opts += (("dropout", float(config.lora_dropout)),)
+    return Entry(kind=KIND, r=r, scaling=alpha / (ranknum + EPS), fan_in_fan_out=fan_in_fan_out, options=opts)
+
+
+class AdaLora:
+    """The AdaLoRA method (see the module docstring). Leaves: ``lora_A`` [r, in], ``lora_E`` [r, 1],
+    ``lora_B`` [out, r]; entries of kind ``"svd"``."""
+
+    name = "adalora"
+    peft_type = "ADALORA"
+    config_cls = AdaLoraConfig
+
+    # -- planning and init -------------------------------------------------------------------------
+    def plan(self, config: AdaLoraConfig, model: nn.Module) -> tuple[AdaLoraConfig, dict[str, Entry]]:
+        """Which modules ``config`` targets in ``model``, each with its :class:`Entry` (rank ``init_r``, or
+        the kept count of a ``rank_pattern`` mask), plus the ``modules_to_save`` / bias replacements."""
+        if config.target_modules is None:
+            need(False, AdaLoraConfig, "target_modules",
+                 "is None; name the modules to adapt (PEFT guesses them per architecture, adaptfn does not)")
+        config = expand_all_linear(config, model)
+        entries: dict[str, Entry] = {}
+        fif = config.fan_in_fan_out
+        for path, mod in model.named_modules():
+            if not path or not is_target(config, path):
+                continue
+            if is_conv1d(mod):
+                fif = True
+            elif isinstance(mod, nn.Linear):
+                fif = False
+            else:
+                raise IncompatibleAdapterError(
+                    f"target module {path!r} is a {type(mod).__name__}; AdaLoRA supports nn.Linear and "
+                    "transformers Conv1D (check target_modules / exclude_modules)")
+            entries[path] = make_entry(config, config.rank_for(path), fif)
+        if not entries:
+            paths = [p for p, m in model.named_modules() if p and not list(m.children())][:4]
+            raise IncompatibleAdapterError(
+                f"AdaLoraConfig.target_modules={config.target_modules!r} matches no module of "
+                f"{type(model).__name__} (module names look like {paths})")
+        if fif != config.fan_in_fan_out:  # PEFT rewrites the field from the module type; so do we
+            config = dataclasses.replace(config, fan_in_fan_out=fif)
+        return config, plan_replacements(config, model, entries)
+
+    def init_leaves(self, config: AdaLoraConfig, path: str, entry: Entry, module: nn.Module,
+                    generator: torch.Generator | None, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+        """PEFT's initialisation: ``E`` zeros, ``A`` [r, in] and ``B`` [out, r] ~ N(0, 0.02) (so the
+        adapted model starts equal to the base); ``init_lora_weights=False``: all three standard normal."""
+        w = module.weight
+        n_in, n_out = linear_dims(module)
+        r = entry.r
+        kw: dict[str, Any] = dict(dtype=torch.float32, device=w.device)
+        if config.init_lora_weights:
+            A = torch.empty(r, n_in, **kw).normal_(0.0, 0.02, generator=generator)
+            E = torch.zeros(r, 1, **kw)
+            B = torch.empty(n_out, r, **kw).normal_(0.0, 0.02, generator=generator)
+        else:
+            A = torch.randn(r, n_in, generator=generator, **kw)
+            E = torch.randn(r, 1, generator=generator, **kw)
+            B = torch.randn(n_out, r, generator=generator, **kw)
+        dt = dtype or adapter_dtype(w)
+        return {"lora_A": A.to(dt), "lora_E": E.to(dt), "lora_B": B.to(dt)}
+
+    # -- compute -----------------------------------------------------------------------------------
+    @staticmethod
+    def _scaled(entry: Entry, leaves: Mapping[str, torch.Tensor], on: Any, t: torch.Tensor) -> torch.Tensor:
+        """``t * alpha / (ranknum + 1e-5)`` in PEFT's order (ranknum a float tensor [1]); a stacked
+        adapter's ``scaling`` leaf when present; times the gate under a transform."""
+        if SCALING in leaves:
+            t = t * leaves[SCALING].detach()
+        else:
+            ranknum = torch.full((1,), entry.option("ranknum"), dtype=t.dtype, device=t.device) + EPS
+            t = t * entry.option("alpha") / ranknum
+        if on is not True:
+            t = t * on
+        return t
+
+    def forward(self, entry: Entry, leaves: Mapping[str, torch.Tensor], on: Any, generator: Any,
+                call_base: CallBase, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """``base(x) + (x @ (A * E).T @ B.T) * alpha / (ranknum + 1e-5)``.
+
+        Arguments:
+            entry, leaves: this module's entry and ``{"lora_A": [r, in], "lora_E": [r, 1],
+                "lora_B": [out, r], "gate": []}``.
+            on: ``True``, or a bool tensor (the gate under a transform).
+            generator: dropout on the delta's input when the config has ``lora_dropout`` (else None: off).
+            call_base, module: the base forward and module. x: the module input [..., in].
+
+        Returns:
+            The adapted output [..., out], in the base output's dtype.
+        """
+        out = call_base(x)
+        A, E, B = leaves["lora_A"], leaves["lora_E"], leaves["lora_B"]
+        if A.dim() != 2:
+            raise IncompatibleAdapterError(
+                "a stacked adapter was called directly; map it with torch.func.vmap")
+        h = x if x.dtype == A.dtype else x.to(A.dtype)
+        p = entry.option("dropout", 0.0) if generator is not None else 0.0
+        if p > 0:
+            keep = torch.rand(h.shape, generator=generator, device=h.device, dtype=h.dtype) >= p
+            h = h * keep / (1 - p)
+        delta = (h @ (A * E).T) @ B.T  # [..., out]
+        return (out + self._scaled(entry, leaves, on, delta)).to(out.dtype)
+
+    def merge(self, entry: Entry, leaves: Mapping[str, torch.Tensor], on: Any, weight: torch.Tensor) -> torch.Tensor:
+        """``W + B @ (A * E) * alpha / (ranknum + 1e-5)`` ([out, in]; transposed for Conv1D's [in, out])."""
+        A, E, B = leaves["lora_A"], leaves["lora_E"], leaves["lora_B"]
+        delta = B @ (A * E)  # [out, in]
+        if weight_needs_transpose(weight.shape, delta.shape, entry.fan_in_fan_out):
+            delta = delta.T
+        return weight + self._scaled(entry, leaves, on, delta).to(weight.dtype)
+
+    def off(self, entry: Entry, leaves: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``E`` zeros: no delta (how a masked-off entry is written to a file)."""
+        return {**leaves, "lora_E": torch.zeros_like(leaves["lora_E"])}
+
+    # -- checks against a model -------------------------------------------------------------------
+    def check(self, path: str, entry: Entry, leaves: Mapping[str, torch.Tensor], module: nn.Module) -> None:
+        if not (isinstance(module, nn.Linear) or is_conv1d(module)):
+            raise IncompatibleAdapterError(
+                f"module {path!r}: the adapter has an AdaLoRA delta but the model has a {type(module).__name__}")
+        n_in, n_out = linear_dims(module)
+        A, E, B = leaves["lora_A"], leaves["lora_E"], leaves["lora_B"]
+        if A.shape[-1] != n_in or B.shape[-2] != n_out:
+            raise IncompatibleAdapterError(
+                f"module {path!r}: lora_A {shape_str(A.shape)} / lora_E {shape_str(E.shape)} / lora_B "
+                f"{shape_str(B.shape)} do not fit {type(module).__name__} with in={n_in}, out={n_out} "
+                f"(expected lora_A [r, {n_in}], lora_E [r, 1], lora_B [{n_out}, r])")
+
+    # -- PEFT files ------------------------------------------------------------------------------
+    def delta_suffixes(self) -> tuple[str, ...]:
+        return ("lora_A", "lora_E", "lora_B")
+
+    def to_peft(self, entry: Entry, leaves: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"lora_A": leaves["lora_A"], "lora_E": leaves["lora_E"], "lora_B": leaves["lora_B"]}
+
+    def from_peft(self, config: AdaLoraConfig, path: str, found: Mapping[str, torch.Tensor],
+                  source: str) -> tuple[Entry, dict[str, torch.Tensor]]:
+        for k in ("lora_A", "lora_E", "lora_B"):
+            if k not in found:
+                raise AdapterFileError(f"{source}: module {path!r} has {sorted(found)} but no {k!r}")
+        A, E, B = found["lora_A"], found["lora_E"], found["lora_B"]
+        r = A.shape[0] if A.dim() == 2 else -1
+        if A.dim() != 2 or B.dim() != 2 or tuple(E.shape) != (r, 1) or B.shape[1] != r:
+            raise AdapterFileError(
+                f"{source}: module {path!r}: lora_A {shape_str(A.shape)}, lora_E {shape_str(E.shape)}, lora_B "
+                f"{shape_str(B.shape)} are not a rank-r triplet ([r, in], [r, 1], [out, r])")
+        if not is_target(config, path):
+            raise AdapterFileError(
+                f"{source}: key {path}.lora_A is for module {path!r}, which adapter_config.json's "
+                f"target_modules={config.target_modules!r} does not target")
+        want = config.rank_for(path)
+        if r != want:
+            why = "its rank_pattern mask keeps" if config.mask_for(path) is not None else "init_r is"
+            raise AdapterFileError(
+                f"{source}: module {path!r} has rank {r} (lora_A {shape_str(A.shape)}) but {why} {want}")
+        return make_entry(config, r, bool(config.fan_in_fan_out)), {"lora_A": A, "lora_E": E, "lora_B": B}
+
+    # -- stacking --------------------------------------------------------------------------------
+    def pad(self, entry: Entry, leaves: Mapping[str, torch.Tensor], r: int) -> dict[str, torch.Tensor]:
+        A, E, B = leaves["lora_A"], leaves["lora_E"], leaves["lora_B"]
+        extra = r - A.shape[0]
+        if extra == 0:
+            return dict(leaves)
+        return {**leaves, "lora_A": F.pad(A, (0, 0, 0, extra)), "lora_E": F.pad(E, (0, 0, 0, extra)),
+                "lora_B": F.pad(B, (0, extra))}
+
+    def unpad(self, entry: Entry, leaves: Mapping[str, torch.Tensor], r: int) -> dict[str, torch.Tensor]:
+        return {**leaves, "lora_A": leaves["lora_A"][:r], "lora_E": leaves["lora_E"][:r],
+                "lora_B": leaves["lora_B"][:, :r]}
+
+
+__all__ = ["AdaLoraConfig", "AdaLora", "make_entry"]

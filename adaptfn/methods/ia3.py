@@ -1,0 +1,318 @@
+"""(IA)³: learned vectors that rescale a module's output, or its input for feedforward modules.
+
+For a target Linear / GPT-2 Conv1D with ``in`` inputs and ``out`` outputs:
+
+* an ordinary target: ``y = base(x) * l`` with ``ia3_l`` [out, 1] (PEFT's shape), broadcast over the
+  last axis of the output;
+* a feedforward target (matched by ``feedforward_modules``): ``y = base(x * l)`` with ``ia3_l`` [1, in].
+
+Merging folds the vector into the weight (rows for an output vector, columns for an input vector; the
+other way round for Conv1D's [in, out] weight) and, for ordinary targets, into the bias too:
+``W' = W * l``, ``b' = b * l``. A masked-off entry contributes nothing: the vector is read as ones, so
+the module computes its base output bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from .._where import is_target
+from .. import routing
+from ..adapter import Entry
+from ..errors import AdapterFileError, IncompatibleAdapterError, shape_str
+from .base import CallBase, PeftConfigBase, need
+from .common import adapter_dtype, expand_all_linear, is_conv1d, linear_dims, plan_replacements
+
+OUT, IN = "ia3_out", "ia3_in"
+
+
+def _names_ok(v: Any) -> bool:
+    return v is None or isinstance(v, str) or (isinstance(v, (list, tuple, set, frozenset))
+                                                and all(isinstance(t, str) for t in v))
+
+
+@dataclasses.dataclass(frozen=True)
+class IA3Config(PeftConfigBase):
+    """(IA)³ config with PEFT's field names and defaults (``peft.IA3Config``).
+
+    Arguments:
+        target_modules: list of names/suffixes (a path equal to an entry or ending with ``"." + entry``),
+            a regex (``re.fullmatch``) or ``"all-linear"``. Required here (PEFT falls back to a table of
+            known architectures; adaptfn asks for it explicitly).
+        exclude_modules: same rules, wins over targets.
+        feedforward_modules: targets whose *input* is scaled (``ia3_l`` [1, in]); the other targets scale
+            their output (``ia3_l`` [out, 1]). PEFT's rule: a str is ``re.fullmatch`` on the path, a list
+            entry matches by plain suffix (``path.endswith(entry)``). A list must be a subset of a
+            ``target_modules`` list. ``None`` is PEFT's default, but then PEFT picks feedforward modules
+            from a per-architecture table; :func:`adaptfn.init` asks for an explicit value (``[]`` for none).
+        fan_in_fan_out: base weight stored [in, out] (GPT-2 Conv1D). As PEFT does, :func:`adaptfn.init`
+            sets it from the targeted module type (True for Conv1D, False for Linear).
+        modules_to_save: modules trained in full (replacements).
+        init_ia3_weights: True: vectors start at ones (the adapted model equals the base); False:
+            standard normal draws (for tests).
+
+    Example:
+        >>> cfg = af.IA3Config(target_modules=["k_proj", "v_proj", "fc2"], feedforward_modules=["fc2"])
+    """
+
+    peft_type: ClassVar[str] = "IA3"
+
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    feedforward_modules: list[str] | str | None = None
+    fan_in_fan_out: bool = False
+    modules_to_save: list[str] | None = None
+    init_ia3_weights: bool = True
+
+    def validate(self) -> None:
+        cls = type(self)
+        for name in ("target_modules", "exclude_modules", "feedforward_modules"):
+            v = getattr(self, name)
+            need(_names_ok(v), cls, name, f"must be a list of str or a regex str, got {v!r}")
+        need(self.modules_to_save is None or (isinstance(self.modules_to_save, (list, tuple))
+                                              and all(isinstance(m, str) for m in self.modules_to_save)),
+             cls, "modules_to_save", f"must be a list of module names, got {self.modules_to_save!r}")
+        need(isinstance(self.fan_in_fan_out, bool), cls, "fan_in_fan_out",
+             f"must be a bool, got {self.fan_in_fan_out!r}")
+        need(isinstance(self.init_ia3_weights, bool), cls, "init_ia3_weights",
+             f"must be a bool, got {self.init_ia3_weights!r}")
+        ff, tm = self.feedforward_modules, self.target_modules
+        if ff is not None and tm is not None and not isinstance(ff, str) and not isinstance(tm, str):
+            # PEFT's check: a set inclusion. Entries that are a suffix of a (full-path) target also pass,
+            # so configs saved with expanded "all-linear" targets load back (PEFT itself rejects those).
+            targets = set(tm)
+            missing = [f for f in ff if f not in targets and not any(t.endswith("." + f) for t in targets)]
+            need(not missing, cls, "feedforward_modules",
+                 f"must be a subset of target_modules={sorted(targets)!r}; not there: {sorted(missing)!r}")
+
+    def is_feedforward(self, path: str) -> bool:
+        """PEFT's rule: a str is ``re.fullmatch`` on ``path``; a list entry matches by plain suffix."""
+        ff = self.feedforward_modules
+        if not ff:
+            return False
+        if isinstance(ff, str):
+            return re.fullmatch(ff, path) is not None
+        return any(path.endswith(f) for f in ff)
+
+
+class IA3:
+    """The (IA)³ method (see the module docstring). Entries: ``kind`` ``"ia3_out"`` (``ia3_l`` [out, 1])
+    or ``"ia3_in"`` (feedforward, ``ia3_l`` [1, in]); ``r`` is 0 (no rank: stacking pads nothing)."""
+
+    name = "ia3"
+    peft_type = "IA3"
+    config_cls = IA3Config
+
+    # -- planning and init -------------------------------------------------------------------------
+    def plan(self, config: IA3Config, model: nn.Module) -> tuple[IA3Config, dict[str, Entry]]:
+        """Which modules ``config`` targets in ``model``, each with its :class:`Entry`.
+
+        Arguments:
+            config: the user's config; ``"all-linear"`` is expanded to module names and ``fan_in_fan_out``
+                is set from the module type, as PEFT saves them.
+            model: the base model.
+
+        Returns:
+            ``(config, entries)``: module path -> Entry, the ``modules_to_save`` replacements included.
+        """
+        if config.target_modules is None:
+            need(False, IA3Config, "target_modules",
+                 "is None; name the modules to adapt (PEFT guesses them per architecture, adaptfn does not)")
+        if config.feedforward_modules is None:
+            need(False, IA3Config, "feedforward_modules",
+                 "is None; PEFT would pick them from a per-architecture table, adaptfn asks you to name them "
+                 "([] when no target is a feedforward module)")
+        config = expand_all_linear(config, model)
+        entries: dict[str, Entry] = {}
+        fif = config.fan_in_fan_out
+        for path, mod in model.named_modules():
+            if not path or not is_target(config, path):
+                continue
+            if is_conv1d(mod):
+                fif = True
+            elif isinstance(mod, nn.Linear):
+                fif = False
+            else:
+                raise IncompatibleAdapterError(
+                    f"target module {path!r} is a {type(mod).__name__}; IA3 supports nn.Linear and transformers "
+                    "Conv1D (check target_modules / exclude_modules)")
+            kind = IN if config.is_feedforward(path) else OUT
+            entries[path] = Entry(kind=kind, r=0, scaling=1.0, fan_in_fan_out=fif)
+        if not entries:
+            paths = [p for p, m in model.named_modules() if p and not list(m.children())][:4]
+            raise IncompatibleAdapterError(
+                f"IA3Config.target_modules={config.target_modules!r} matches no module of "
+                f"{type(model).__name__} (module names look like {paths})")
+        if fif != config.fan_in_fan_out:  # PEFT rewrites the field from the module type; so do we
+            config = dataclasses.replace(config, fan_in_fan_out=fif)
+        return config, plan_replacements(config, model, entries)
+
+    def init_leaves(self, config: IA3Config, path: str, entry: Entry, module: nn.Module,
+                    generator: torch.Generator | None, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+        """``ia3_l``: ones ([out, 1], or [1, in] for feedforward), or standard normal with
+        ``init_ia3_weights=False`` (PEFT's draws)."""
+        w = module.weight
+        n_in, n_out = linear_dims(module)
+        shape = (1, n_in) if entry.kind == IN else (n_out, 1)
+        if config.init_ia3_weights:
+            v = torch.ones(shape, dtype=torch.float32, device=w.device)
+        else:
+            v = torch.randn(shape, generator=generator, dtype=torch.float32, device=w.device)
+        return {"ia3_l": v.to(dtype or adapter_dtype(w))}
+
+    # -- compute -----------------------------------------------------------------------------------
+    @staticmethod
+    def _vector(leaves: Mapping[str, torch.Tensor], on: Any) -> torch.Tensor:
+        """The flat vector [n]; ones where the gate is off (under vmap/grad/compile)."""
+        v = leaves["ia3_l"]
+        if v.dim() != 2:
+            raise IncompatibleAdapterError(
+                "a stacked adapter was called directly; map it with torch.func.vmap or pass route=")
+        v = v.flatten()
+        if on is not True:
+            v = torch.where(on, v, torch.ones_like(v))
+        return v
+
+    supports_route = True
+
+    def _routed(self, entry: Entry, leaves: Mapping[str, torch.Tensor], on: Any, call_base: CallBase,
+                x: torch.Tensor, route: torch.Tensor) -> torch.Tensor:
+        """Row i of the batch is scaled by adapter ``route[i]``'s vector (-1: by ones, the base exactly)."""
+        stack = leaves["ia3_l"]
+        if stack.dim() != 3:
+            raise IncompatibleAdapterError("route= needs a stacked adapter (af.stack); this one is single")
+        vs = stack.flatten(1)  # [N, n]
+        if on is not True:
+            vs = torch.where(on[:, None], vs, torch.ones_like(vs))
+        rows = torch.where((route >= 0)[:, None], vs[route.clamp(min=0)], torch.ones_like(vs[:1]))  # [bsz, n]
+
+        def scale(t: torch.Tensor) -> torch.Tensor:
+            tb = routing.rows_view(t.to(rows.dtype), route.shape[0])
+            return (tb * rows[:, None, :]).reshape(t.shape)
+
+        if entry.kind == IN:
+            return call_base(scale(x).to(x.dtype))
+        out = call_base(x)
+        return scale(out).to(out.dtype)
+
+    def forward(self, entry: Entry, leaves: Mapping[str, torch.Tensor], on: Any, generator: Any,
+                call_base: CallBase, module: nn.Module, x: torch.Tensor,
+                route: torch.Tensor | None = None) -> torch.Tensor:
+        """``base(x) * l`` [..., out], or ``base(x * l)`` for a feedforward entry (``x`` [..., in]).
+
+        Arguments:
+            entry, leaves: this module's entry and ``{"ia3_l": [out, 1] or [1, in], "gate": []}``.
+            on: ``True``, or a bool tensor (the gate under a transform). call_base: the base forward.
+            generator, module: unused (no dropout in IA3).
+            x: the module input [..., in].
+            route: per-row adapter indices into a stacked adapter (see :func:`adaptfn.inject`).
+
+        Returns:
+            The module output [..., out], in the base output's dtype.
+        """
+        if route is not None:
+            return self._routed(entry, leaves, on, call_base, x, route)
+        v = self._vector(leaves, on)
+        if entry.kind == IN:
+            prev = x.dtype
+            return call_base((x.to(v.dtype) * v).to(prev))
+        out = call_base(x)
+        return (out * v).to(out.dtype)
+
+    def _axis(self, entry: Entry, w_shape: tuple[int, ...], n: int) -> int:
+        """Which axis of the stored weight the vector scales (0 or 1)."""
+        scales_out = entry.kind == OUT
+        fits = [ax for ax in (0, 1) if w_shape[ax] == n]
+        if not fits:
+            raise IncompatibleAdapterError(
+                f"ia3_l of length {n} fits no axis of weight {shape_str(w_shape)}")
+        if len(fits) == 1:
+            return fits[0]
+        fif = bool(entry.fan_in_fan_out)  # square weight: only the layout tells
+        out_axis = 1 if fif else 0
+        return out_axis if scales_out else 1 - out_axis
+
+    def merge(self, entry: Entry, leaves: Mapping[str, torch.Tensor], on: Any, weight: torch.Tensor) -> torch.Tensor:
+        """``W * l`` along the scaled axis (output rows, input columns; swapped for Conv1D)."""
+        return self.merge_tensors(entry, leaves, on, {"weight": weight})["weight"]
+
+    def merge_tensors(self, entry: Entry, leaves: Mapping[str, torch.Tensor], on: Any,
+                      params_for_module: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Fold the vector into the module's weight and, for an output vector, its bias (PEFT's IA3 merge).
+
+        Arguments:
+            entry, leaves, on: as in :meth:`forward`.
+            params_for_module: the module's tensors by name (``weight`` [out, in] or Conv1D [in, out],
+                ``bias`` [out] when present).
+
+        Returns:
+            ``{"weight": W * l}`` plus ``{"bias": b * l}`` for non-feedforward modules with a bias.
+
+        Example:
+            >>> merged = af.merge(params, ia3_adapter)   # calls this for every IA3 entry
+        """
+        v = self._vector(leaves, on)
+        w = params_for_module["weight"]
+        ax = self._axis(entry, tuple(w.shape), v.numel())
+        vb = v.reshape(-1, 1) if ax == 0 else v.reshape(1, -1)
+        out = {"weight": (w * vb).to(w.dtype)}
+        b = params_for_module.get("bias")
+        if entry.kind == OUT and b is not None:
+            out["bias"] = (b * v.reshape(b.shape)).to(b.dtype)
+        return out
+
+    def off(self, entry: Entry, leaves: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Ones: the module's base output (how a masked-off entry is written to a file)."""
+        return {**leaves, "ia3_l": torch.ones_like(leaves["ia3_l"])}
+
+    # -- checks against a model -------------------------------------------------------------------
+    def check(self, path: str, entry: Entry, leaves: Mapping[str, torch.Tensor], module: nn.Module) -> None:
+        if not (isinstance(module, nn.Linear) or is_conv1d(module)):
+            raise IncompatibleAdapterError(
+                f"module {path!r}: the adapter has an IA3 vector but the model has a {type(module).__name__}")
+        n_in, n_out = linear_dims(module)
+        v = leaves["ia3_l"]
+        want = (1, n_in) if entry.kind == IN else (n_out, 1)
+        if tuple(v.shape[-2:]) != want:
+            what = "feedforward (input) vector [1, in]" if entry.kind == IN else "output vector [out, 1]"
+            raise IncompatibleAdapterError(
+                f"module {path!r}: ia3_l {shape_str(v.shape)} does not fit {type(module).__name__} with "
+                f"in={n_in}, out={n_out} (expected the {what} {shape_str(want)})")
+
+    # -- PEFT files ------------------------------------------------------------------------------
+    def delta_suffixes(self) -> tuple[str, ...]:
+        return ("ia3_l",)
+
+    def to_peft(self, entry: Entry, leaves: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"ia3_l": leaves["ia3_l"]}
+
+    def from_peft(self, config: IA3Config, path: str, found: Mapping[str, torch.Tensor],
+                  source: str) -> tuple[Entry, dict[str, torch.Tensor]]:
+        v = found["ia3_l"]
+        if not is_target(config, path):
+            raise AdapterFileError(
+                f"{source}: key {path}.ia3_l is for module {path!r}, which adapter_config.json's "
+                f"target_modules={config.target_modules!r} does not target")
+        kind = IN if config.is_feedforward(path) else OUT
+        if v.dim() != 2 or (kind == IN and v.shape[0] != 1) or (kind == OUT and v.shape[1] != 1):
+            want = "[1, in] (a feedforward module)" if kind == IN else "[out, 1] (not a feedforward module)"
+            raise AdapterFileError(
+                f"{source}: module {path!r}: ia3_l is {shape_str(v.shape)} but feedforward_modules="
+                f"{config.feedforward_modules!r} makes it {want}")
+        return Entry(kind=kind, r=0, scaling=1.0, fan_in_fan_out=bool(config.fan_in_fan_out)), {"ia3_l": v}
+
+    # -- stacking: no rank, nothing to pad ------------------------------------------------------
+    def pad(self, entry: Entry, leaves: Mapping[str, torch.Tensor], r: int) -> dict[str, torch.Tensor]:
+        return dict(leaves)
+
+    def unpad(self, entry: Entry, leaves: Mapping[str, torch.Tensor], r: int) -> dict[str, torch.Tensor]:
+        return dict(leaves)
+
+
+__all__ = ["IA3Config", "IA3"]

@@ -1,0 +1,203 @@
+"""Many adapters in one call (issue: vmap over stacks and per-row routing) vs PEFT.
+
+Scenarios (registered in bench.run):
+* ``same``: N adapters on the same inputs; adaptfn ``route="all"`` / ``vmap`` vs PEFT's loop of
+  ``set_adapter`` + forward, at batch 8x128 and 1x32.
+* ``mixed``: a batch of 32 rows, each with one of 16 adapters; adaptfn ``route=`` vs PEFT's
+  ``adapter_names=`` and vs the base model, on OPT (attention targets) and Llama (attention + MLP),
+  at 1 and 128 tokens per row.
+* ``scaling``: N = 1, 4, 16, 64 distinct adapters in one mixed batch: time and peak memory.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+import tempfile
+from typing import Any
+
+import torch
+
+from bench.harness import Result, interleaved
+
+OPT_ATTN = ["q_proj", "k_proj", "v_proj", "out_proj"]
+LLAMA_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _model(kind: str, args: Any):
+    if kind == "opt":
+        from transformers import OPTConfig, OPTForCausalLM
+
+        cfg = OPTConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
+                        ffn_dim=args.ffn, num_attention_heads=args.heads, max_position_embeddings=2048,
+                        word_embed_proj_dim=args.hidden, attn_implementation="sdpa")
+        torch.manual_seed(0)
+        return OPTForCausalLM(cfg).eval()
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
+                      intermediate_size=args.ffn, num_attention_heads=args.heads, num_key_value_heads=args.heads,
+                      max_position_embeddings=2048, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    return LlamaForCausalLM(cfg).eval()
+
+
+class Many:
+    """A base model, N adapters (made by adaptfn, saved, loaded into one PeftModel), their stack."""
+
+    def __init__(self, kind: str, targets: list[str], n: int, args: Any, peft_too: bool = True) -> None:
+        import adaptfn as af
+
+        self.base = _model(kind, args)
+        self.fn, self.params = af.functional(self.base)
+        self.adapters = []
+        for i in range(n):
+            cfg = af.LoraConfig(r=args.r, lora_alpha=args.alpha, target_modules=targets, init_lora_weights=False)
+            self.adapters.append(af.init(self.fn, cfg, generator=torch.Generator().manual_seed(1000 + i)))
+        self.stacked = af.stack(self.adapters)
+        self.names = [f"a{i}" for i in range(n)]
+        self.peft = None
+        if peft_too:
+            import peft
+
+            tmp = tempfile.mkdtemp(prefix="adaptfn-many-")
+            for name, a in zip(self.names, self.adapters):
+                af.save(a, os.path.join(tmp, name))
+            pm = peft.PeftModel.from_pretrained(copy.deepcopy(self.base), os.path.join(tmp, "a0"), adapter_name="a0")
+            for name in self.names[1:]:
+                pm.load_adapter(os.path.join(tmp, name), adapter_name=name)
+            self.peft = pm.eval()
+
+
+def _ids(vocab: int, b: int, t: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, vocab, (b, t), generator=torch.Generator().manual_seed(seed))
+
+
+def scenario_same(w: Any) -> Result:
+    import adaptfn as af
+
+    args = w.args
+    n = 8
+    m = Many("opt", OPT_ATTN + ["fc1", "fc2"], n, args)
+    med_all: dict[str, float] = {}
+    ratios: dict[str, float] = {}
+    for b, t in ((args.batch, args.seq), (1, 32 if not args.tiny else 4)):
+        ids = _ids(args.vocab, b, t)
+        g_all = af.inject(m.fn, m.stacked, route="all")
+
+        def peft_loop():
+            with torch.inference_mode():
+                for name in m.names:
+                    m.peft.set_adapter(name)
+                    m.peft(input_ids=ids, use_cache=False)
+
+        def af_all():
+            with torch.inference_mode():
+                g_all(m.params, input_ids=ids, use_cache=False)
+
+        def af_vmap():
+            with torch.inference_mode():
+                torch.func.vmap(lambda a: af.inject(m.fn, a)(m.params, input_ids=ids, use_cache=False).logits)(
+                    m.stacked)
+
+        med = interleaved({"peft loop": peft_loop, "route=all": af_all, "vmap": af_vmap},
+                          max(3, args.repeats // 3), max(1, args.warmup // 2))
+        best = min(med["route=all"], med["vmap"])
+        tag = f"{b}x{t}"
+        ratios[f"best/peft {tag}"] = best / med["peft loop"]
+        ratios[f"route=all/peft {tag}"] = med["route=all"] / med["peft loop"]
+        ratios[f"vmap/peft {tag}"] = med["vmap"] / med["peft loop"]
+        med_all.update({f"{k} {tag}": v for k, v in med.items()})
+    return Result(f"7 same inputs, N={n}", med_all, ratios,
+                  {f"best/peft {args.batch}x{args.seq}": 0.9, f"best/peft 1x{32 if not args.tiny else 4}": 0.5})
+
+
+def scenario_mixed(w: Any) -> Result:
+    import adaptfn as af
+
+    args = w.args
+    n, rows = (16, 32) if not args.tiny else (3, 4)
+    meds: dict[str, float] = {}
+    ratios: dict[str, float] = {}
+    targets: dict[str, float] = {}
+    for kind, tm in (("opt", OPT_ATTN), ("llama", LLAMA_ALL)):
+        m = Many(kind, tm, n, args)
+        idx = torch.arange(rows) % n
+        names = [m.names[i] for i in idx.tolist()]
+        g = af.inject(m.fn, m.stacked, route=idx)
+        for t in (1, args.seq):
+            ids = _ids(args.vocab, rows, t, seed=t)
+
+            def base():
+                with torch.inference_mode():
+                    m.base(input_ids=ids, use_cache=False)
+
+            def peft_mixed():
+                with torch.inference_mode():
+                    m.peft(input_ids=ids, adapter_names=names, use_cache=False)
+
+            def routed():
+                with torch.inference_mode():
+                    g(m.params, input_ids=ids, use_cache=False)
+
+            med = interleaved({"base": base, "peft adapter_names": peft_mixed, "route": routed},
+                              max(5, args.repeats // 2), args.warmup)
+            tag = f"{kind} {rows}x{t}"
+            meds.update({f"{k} {tag}": v for k, v in med.items()})
+            ratios[f"route/peft {tag}"] = med["route"] / med["peft adapter_names"]
+            ratios[f"route/base {tag}"] = med["route"] / med["base"]
+            long = t > 1
+            targets[f"route/peft {tag}"] = 0.95 if long else 0.5
+            targets[f"route/base {tag}"] = 1.10 if long else 1.3
+    return Result(f"8 mixed batch, {n} adapters", meds, ratios, targets)
+
+
+_CHILD = r"""
+import sys, time, statistics, resource, torch
+sys.path.insert(0, {root!r})
+from bench.many import Many
+import adaptfn as af
+class A: pass
+args = A(); args.__dict__.update({args!r})
+torch.set_num_threads(args.threads)
+n, rows, t = {n}, {rows}, {t}
+m = Many("llama", {targets!r}, n, args, peft_too=False)
+idx = torch.arange(rows) % n
+g = af.inject(m.fn, m.stacked, route=idx)
+ids = torch.randint(3, args.vocab, (rows, t), generator=torch.Generator().manual_seed(0))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+times = []
+for i in range({reps}):
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        g(m.params, input_ids=ids, use_cache=False)
+    times.append(time.perf_counter() - t0)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(statistics.median(times[1:] or times), before, after)
+"""
+
+
+def scenario_scaling(w: Any) -> Result:
+    args = w.args
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    ns = (1, 4, 16, 64) if not args.tiny else (1, 2)
+    rows = 64 if not args.tiny else 2
+    t = 16 if not args.tiny else 2
+    arg_d = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
+    meds: dict[str, float] = {}
+    extra: dict[str, Any] = {}
+    for n in ns:
+        code = _CHILD.format(root=root, args=arg_d, n=n, rows=rows, t=t, targets=LLAMA_ALL,
+                             reps=max(3, args.repeats // 2))
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        med, before, after = out.stdout.strip().split()[-3:]
+        meds[f"N={n}"] = float(med)
+        extra[f"N={n} peak RSS MiB"] = round(int(after) / 1024, 1)
+        extra[f"N={n} adapters MiB"] = round(
+            n * args.layers * args.r * 4 * (4 * 2 * args.hidden + 3 * (args.hidden + args.ffn)) / 2**20, 2)
+    ratios = {f"N={n}/N={ns[0]}": meds[f"N={n}"] / meds[f"N={ns[0]}"] for n in ns[1:]}
+    res = Result(f"9 scaling, {rows}x{t} rows, Llama all targets", meds, ratios, {}, extra=extra)
+    res.notes.append("time should grow with the distinct adapters' low-rank work, not with N full forwards")
+    return res
