@@ -15,6 +15,7 @@ import copy as _copy
 import functools
 import threading
 import types
+import weakref
 from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
@@ -117,8 +118,9 @@ class _Base:
         # fn runs in the mode the model had when functional() was called, whatever the user does later
         self.training = {p: m.training for p, m in self.modules.items()}
         self.local = _Local()
-        self.checked: dict[tuple, None] = {}
-        quant.register(model, self.modules)  # bitsandbytes layers: see adaptfn/quant.py
+        self.checked: weakref.WeakSet[Adapter] = weakref.WeakSet()  # adapters already checked against the model
+        self.plans: dict[tuple, tuple] = {}  # call plans by adapter structure
+        quant.register(model, self.modules, by_id)  # quantized layers: see adaptfn/quant.py
 
     def copy(self) -> _Copy:
         """This thread's structural copy (one per thread, whatever the adapters: every module an adapter
@@ -183,6 +185,11 @@ class FunctionalModel:
         self._routes = routes if routes is not None else (None,) * len(adapters)
         self._all = next((i for i, r in enumerate(self._routes) if isinstance(r, str)), None)
         self._key = tuple(a.structure_id for a in adapters)
+        compiling = torch.compiler.is_compiling()
+        hit = None if compiling else base.plans.get(self._key)
+        if hit is not None and hit[0] == tuple(a.structure_key for a in adapters):
+            self._deltas, self._repl = hit[1], hit[2]
+            return
         # Static plan of the call, from the adapters' structure only (their leaves are read per call):
         # deltas: (adapter index, path, method, entry); replacements: (adapter index, path, name, targets).
         deltas = []
@@ -198,6 +205,10 @@ class FunctionalModel:
                     repl.append((i, path, name, targets, name in e.frozen))
         self._deltas = tuple(deltas)
         self._repl = tuple(repl)
+        if not compiling:
+            if len(base.plans) > 64:
+                base.plans.clear()
+            base.plans[self._key] = (tuple(a.structure_key for a in adapters), self._deltas, self._repl)
 
     @property
     def model(self) -> nn.Module:
@@ -324,9 +335,12 @@ class FunctionalModel:
     # -- used by inject/init ---------------------------------------------------------------------
     def check(self, adapter: Adapter) -> None:
         """Raise :class:`IncompatibleAdapterError` unless ``adapter`` fits this model."""
+        compiling = torch.compiler.is_compiling()
+        if not compiling and adapter in self._base.checked:
+            return
         method = get_method(adapter.method)
         mods = self._base.modules
-        if not torch.compiler.is_compiling():  # static checks; already done eagerly for this structure
+        if not compiling:  # static checks; already done eagerly for this structure
             quant.check_adapter(self._base.model, adapter)
         for path, e in adapter.entry_items:
             mod = mods.get(path)
@@ -352,6 +366,8 @@ class FunctionalModel:
                     raise IncompatibleAdapterError(
                         f"adapter replaces {full!r} with shape {shape_str(t.shape)} but the model's is "
                         f"{shape_str(want)}")
+        if not compiling:
+            self._base.checked.add(adapter)
 
 
 def _batch_size(args: tuple, kwargs: dict) -> int | None:

@@ -130,7 +130,8 @@ def test_route_bad_input() -> None:
 def test_route_ia3(name: str) -> None:
     model = BUILDERS[name]()
     fn, params = af.functional(model)
-    targets, ff = {"opt": (["k_proj", "v_proj", "fc2"], ["fc2"]), "gpt2": (["c_attn", "mlp.c_proj"], ["mlp.c_proj"])}[name]
+    targets, ff = {"opt": (["k_proj", "v_proj", "fc2"], ["fc2"]),
+                   "gpt2": (["c_attn", "mlp.c_proj"], ["mlp.c_proj"])}[name]
     ads = [af.init(fn, af.IA3Config(target_modules=targets, feedforward_modules=ff, init_ia3_weights=False),
                    generator=gen(i)) for i in range(3)]
     st = af.stack(ads)

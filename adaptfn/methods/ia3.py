@@ -22,8 +22,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from .._where import is_target
 from .. import routing
+from .._where import is_target
 from ..adapter import Entry
 from ..errors import AdapterFileError, IncompatibleAdapterError, shape_str
 from .base import CallBase, PeftConfigBase, need
