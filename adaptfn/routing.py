@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .errors import ConfigError, IncompatibleAdapterError
 
@@ -56,6 +57,60 @@ def row_scale(scale: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, tor
     return ic, torch.where(idx >= 0, scale[ic], torch.zeros((), dtype=scale.dtype, device=scale.device))
 
 
+def in_place_ok(out: torch.Tensor, *others: torch.Tensor) -> bool:
+    """Whether ``out`` (a fresh base-layer output) may be updated in place: a plain contiguous tensor, not a
+    view, not inside a torch.func transform or torch.compile, and no autograd graph that could need it."""
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    if torch.compiler.is_compiling() or wrapped(out) or any(wrapped(t) for t in others):
+        return False
+    if out._base is not None or not out.is_contiguous():
+        return False
+    return not (torch.is_grad_enabled() and (out.requires_grad or any(t.requires_grad for t in others)))
+
+
+_B_CAT: WeakIdKeyDictionary = WeakIdKeyDictionary()  # by tensor identity
+
+
+def _b_cat(B: torch.Tensor) -> torch.Tensor:
+    """Stacked B [N, out, r] laid out as [out, N * r] for one GEMM. Cached per (tensor, version) when no
+    gradient flows through it (inference), so a fixed stack is re-laid out once, not at every call."""
+    n, o, r = B.shape
+    cacheable = not B.requires_grad and not torch._C._functorch.is_functorch_wrapped_tensor(B) \
+        and not torch.compiler.is_compiling() and not torch.is_inference(B)
+    if cacheable:
+        hit = _B_CAT.get(B)
+        if hit is not None and hit[0] == B._version:
+            return hit[1]
+    cat = B.permute(1, 0, 2).reshape(o, n * r)
+    if cacheable:
+        if cat._base is not None:  # a view would keep B alive through the cache
+            cat = cat.clone()
+        _B_CAT[B] = (B._version, cat)
+    return cat
+
+
+def lowrank_add(out: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: torch.Tensor,
+                idx: torch.Tensor, kernel: str | None = None) -> torch.Tensor:
+    """``out + lowrank(x, ...)``, accumulated into ``out`` in place when that is safe (inference)."""
+    bsz = idx.shape[0]
+    xb = rows_view(x, bsz)
+    n, r = A.shape[0], A.shape[1]
+    if kernel is None:
+        kernel = "dense" if xb.shape[1] * n <= DENSE_LIMIT else "gather"
+    if out.dtype != B.dtype or out.shape[:-1] != x.shape[:-1] or not in_place_ok(out, x, A, B, scale):
+        return (out + lowrank(x, A, B, scale, idx, kernel)).to(out.dtype)
+    ic, s = row_scale(scale.to(x.dtype), idx)
+    if kernel == "dense":
+        h = F.linear(xb, A.reshape(n * r, A.shape[-1]))  # [bsz, L, N*r]
+        pick = (ic[:, None] == torch.arange(n, device=ic.device)[None, :]).to(h.dtype) * s[:, None]
+        h = h * pick.repeat_interleave(r, dim=1)[:, None, :]
+        out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, n * r), _b_cat(B).T)
+    else:
+        h = torch.bmm(xb, A[ic].transpose(1, 2)) * s[:, None, None]  # [bsz, L, r]
+        out.view(bsz, -1, out.shape[-1]).baddbmm_(h, B[ic].transpose(1, 2))
+    return out
+
+
 def lowrank(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: torch.Tensor, idx: torch.Tensor,
             kernel: str | None = None) -> torch.Tensor:
     """Per-row ``scale[j] * x_i @ A[j]^T @ B[j]^T`` with ``j = idx[i]`` (zero where ``idx[i] == -1``).
@@ -77,7 +132,7 @@ def lowrank(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: torch.Tens
         h = F.linear(xb, A.reshape(n * r, A.shape[-1]))  # [bsz, L, N*r]
         pick = (ic[:, None] == torch.arange(n, device=ic.device)[None, :]).to(h.dtype) * s[:, None]  # [bsz, N]
         h = h * pick.repeat_interleave(r, dim=1)[:, None, :]
-        delta = F.linear(h, B.permute(1, 0, 2).reshape(B.shape[1], n * r))
+        delta = F.linear(h, _b_cat(B))
     else:
         h = torch.bmm(xb, A[ic].transpose(1, 2)) * s[:, None, None]  # [bsz, L, r]
         delta = torch.bmm(h, B[ic].transpose(1, 2))  # [bsz, L, out]

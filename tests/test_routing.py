@@ -143,3 +143,15 @@ def test_route_ia3(name: str) -> None:
         alone = (af.inject(fn, ads[j]) if j >= 0 else fn)(params, input_ids=ids[i:i + 1]).logits[0]
         assert _rel(out[i], alone) <= 1e-5, (i, j)
     assert torch.equal(out[1], base[1])
+
+
+def test_dense_kernel_layout_cache_follows_in_place_changes() -> None:
+    g = gen(5)
+    x = torch.randn(3, 11, generator=g)
+    A, B = torch.randn(4, 2, 11, generator=g), torch.randn(4, 9, 2, generator=g)
+    scale, idx = torch.ones(4), torch.tensor([3, 0, 1])
+    out0 = torch.zeros(3, 9)
+    first = routing.lowrank_add(out0.clone(), x, A, B, scale, idx, kernel="dense")
+    B.mul_(2.0)  # bumps B's version: the cached [out, N*r] layout must not be reused
+    second = routing.lowrank_add(out0.clone(), x, A, B, scale, idx, kernel="dense")
+    torch.testing.assert_close(second, 2 * first)

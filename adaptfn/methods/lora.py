@@ -237,7 +237,7 @@ class Lora:
                 h2, o2 = h.reshape(-1, h.shape[-1]), out.reshape(-1, out.shape[-1])
                 if not isinstance(s, float):
                     h2, s = h2 * s, 1.0
-                if _in_place_ok(out, h2, B):  # add into the base output: no new [..., out] buffer
+                if routing.in_place_ok(out, h2, B):  # add into the base output: no new [..., out] buffer
                     o2.addmm_(h2, B.T, alpha=s)
                     return out
                 return torch.addmm(o2, h2, B.T, alpha=s).view(out.shape)
@@ -262,7 +262,7 @@ class Lora:
             if p > 0:
                 keep = torch.rand(h.shape, generator=generator, device=h.device, dtype=h.dtype) >= p
                 h = h * keep / (1 - p)
-            delta = routing.lowrank(h, A, B, scale, route)
+            return routing.lowrank_add(out, h, A, B, scale, route)
         return (out + delta).to(out.dtype)
 
     def merge(self, entry: Entry, leaves: Mapping[str, torch.Tensor], on: Any, weight: torch.Tensor) -> torch.Tensor:
@@ -341,17 +341,6 @@ class Lora:
 
     def unpad(self, entry: Entry, leaves: Mapping[str, torch.Tensor], r: int) -> dict[str, torch.Tensor]:
         return {**leaves, "lora_A": leaves["lora_A"][:r], "lora_B": leaves["lora_B"][:, :r]}
-
-
-def _in_place_ok(out: torch.Tensor, *others: torch.Tensor) -> bool:
-    """Whether the base output may be updated in place: a plain contiguous tensor (not a view into
-    something else, not inside a torch.func transform) and no autograd graph that could need it."""
-    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
-    if torch.compiler.is_compiling() or wrapped(out) or any(wrapped(t) for t in others):
-        return False
-    if out._base is not None or not out.is_contiguous():
-        return False
-    return not (torch.is_grad_enabled() and (out.requires_grad or any(t.requires_grad for t in others)))
 
 
 def _options(config: LoraConfig) -> tuple[tuple[str, Any], ...]:
