@@ -9,6 +9,8 @@ import sys as _sys
 import optree.pytree as _optree_pytree
 
 from . import adalora as adalora
+from . import optim as optim
+from . import quant as quant
 from .adapter import NAMESPACE as _NAMESPACE
 from .adapter import Adapter as Adapter
 from .adapter import AdapterSum as AdapterSum

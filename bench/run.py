@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from bench import many
+from bench import many, qlora
 from bench.harness import Result, interleaved, plot, table
 
 warnings.filterwarnings("ignore")
@@ -228,6 +228,7 @@ SCENARIOS = {
     "same": many.scenario_same,
     "mixed": many.scenario_mixed,
     "scaling": many.scenario_scaling,
+    "qlora": qlora.scenario_qlora,
 }
 
 

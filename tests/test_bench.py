@@ -15,7 +15,7 @@ def test_bench_scenarios_run_tiny(tmp_path) -> None:
     out = tmp_path / "r.json"
     png = tmp_path / "r.png"
     results = main(["--tiny", "--json", str(out), "--png", str(png)])
-    assert [r.scenario[0] for r in results] == [str(i) for i in range(1, len(SCENARIOS) + 1)]
+    assert [r.scenario.split()[0] for r in results] == [str(i) for i in range(1, len(SCENARIOS) + 1)]
     data = json.loads(out.read_text())
     assert len(data["results"]) == len(SCENARIOS)
     for r in results:
