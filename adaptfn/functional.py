@@ -1,12 +1,13 @@
 """``functional(model) -> (fn, params)`` and the call machinery behind injected adapters.
 
-How a call runs. Each thread keeps, per adapter *structure* (:attr:`Adapter.structure_key`), one
-**structural copy** of the model: new module objects sharing the model's tensors, whose adapted modules
-get an instance ``forward`` that composes the base forward with the adapter methods. The adapter's
-leaves are bound to those modules for the duration of the call (so they stay inputs of the call:
+How a call runs. Each thread keeps one **structural copy** of the model: new module objects sharing the
+model's tensors, whose Linear / Embedding / Conv1D modules get an instance ``forward`` (a slot) that
+composes the base forward with whatever adapter methods are bound to it. An adapter's leaves are bound
+to the slots of its target modules for the duration of one call (so they stay inputs of the call:
 vmap, grad and torch.compile see them), and only the tensors that differ from what the copy already
-holds (replacements, base tensors the caller replaced) are swapped in. The user's model is never
-touched; threads never share a copy.
+holds (replacements, base tensors the caller replaced) are swapped in. The static plan of a call is
+cached by adapter structure (:attr:`Adapter.structure_key`). The user's model is never touched;
+threads never share a copy.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from . import quant
 from .adapter import GATE, Adapter, gate_on
 from .errors import ConfigError, IncompatibleAdapterError, shape_str
 from .methods import get_method
+from .methods.common import is_conv1d
 
 
 class _Slot:
@@ -143,7 +145,7 @@ class _Base:
 
 
 def _adaptable(m: nn.Module) -> bool:
-    return isinstance(m, (nn.Linear, nn.Embedding)) or (type(m).__name__ == "Conv1D" and hasattr(m, "nf"))
+    return isinstance(m, (nn.Linear, nn.Embedding)) or is_conv1d(m)
 
 
 def _install(module: nn.Module) -> _Slot:

@@ -27,7 +27,15 @@ from .._where import is_target
 from ..adapter import SCALING, Entry
 from ..errors import AdapterFileError, IncompatibleAdapterError, shape_str
 from .base import CallBase, PeftConfigBase, need
-from .common import adapter_dtype, expand_all_linear, is_conv1d, linear_dims, plan_replacements, weight_needs_transpose
+from .common import (
+    PEFT_UNSUPPORTED,
+    adapter_dtype,
+    is_conv1d,
+    linear_dims,
+    linear_targets,
+    plan_replacements,
+    weight_needs_transpose,
+)
 
 KIND = "svd"
 EPS = 1e-5  # PEFT: ranknum + 1e-5
@@ -67,24 +75,7 @@ class AdaLoraConfig(PeftConfigBase):
     """
 
     peft_type: ClassVar[str] = "ADALORA"
-    unsupported: ClassVar[dict[str, Any]] = {
-        "layer_replication": None,
-        "trainable_token_indices": None,
-        "target_parameters": None,
-        "loftq_config": {},
-        "eva_config": None,
-        "corda_config": None,
-        "lora_ga_config": None,
-        "megatron_config": None,
-        "use_qalora": False,
-        "alora_invocation_tokens": None,
-        "arrow_config": None,
-        "velora_config": None,
-        "monteclora_config": None,
-        "kasa_config": None,
-        "use_bdlora": None,
-        "ensure_weight_tying": False,
-    }
+    unsupported: ClassVar[dict[str, Any]] = PEFT_UNSUPPORTED
 
     # LoRA fields (PEFT's AdaLoraConfig inherits them)
     r: int = 8
@@ -208,28 +199,8 @@ class AdaLora:
         if config.target_modules is None:
             need(False, AdaLoraConfig, "target_modules",
                  "is None; name the modules to adapt (PEFT guesses them per architecture, adaptfn does not)")
-        config = expand_all_linear(config, model)
-        entries: dict[str, Entry] = {}
-        fif = config.fan_in_fan_out
-        for path, mod in model.named_modules():
-            if not path or not is_target(config, path):
-                continue
-            if is_conv1d(mod):
-                fif = True
-            elif isinstance(mod, nn.Linear):
-                fif = False
-            else:
-                raise IncompatibleAdapterError(
-                    f"target module {path!r} is a {type(mod).__name__}; AdaLoRA supports nn.Linear and "
-                    "transformers Conv1D (check target_modules / exclude_modules)")
-            entries[path] = make_entry(config, config.rank_for(path), fif)
-        if not entries:
-            paths = [p for p, m in model.named_modules() if p and not list(m.children())][:4]
-            raise IncompatibleAdapterError(
-                f"AdaLoraConfig.target_modules={config.target_modules!r} matches no module of "
-                f"{type(model).__name__} (module names look like {paths})")
-        if fif != config.fan_in_fan_out:  # PEFT rewrites the field from the module type; so do we
-            config = dataclasses.replace(config, fan_in_fan_out=fif)
+        config, found = linear_targets(config, model, "AdaLoRA")
+        entries = {path: make_entry(config, config.rank_for(path), fif) for path, fif in found}
         return config, plan_replacements(config, model, entries)
 
     def init_leaves(self, config: AdaLoraConfig, path: str, entry: Entry, module: nn.Module,

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._where import is_target
 from ..adapter import Entry
 from ..errors import IncompatibleAdapterError, shape_str
 
@@ -69,6 +70,56 @@ def expand_all_linear(config: Any, model: nn.Module) -> Any:
                 exclude |= {n for n, m in model.named_modules() if m is h}
                 break
     return dataclasses.replace(config, target_modules=sorted(names - exclude))
+
+
+# PEFT fields (LoRA family) that adaptfn does not implement: name -> the value meaning "off"
+PEFT_UNSUPPORTED = {
+    "layer_replication": None,
+    "trainable_token_indices": None,
+    "target_parameters": None,
+    "loftq_config": {},
+    "eva_config": None,
+    "corda_config": None,
+    "lora_ga_config": None,
+    "megatron_config": None,
+    "use_qalora": False,
+    "alora_invocation_tokens": None,
+    "arrow_config": None,
+    "velora_config": None,
+    "monteclora_config": None,
+    "kasa_config": None,
+    "use_bdlora": None,
+    "ensure_weight_tying": False,
+}
+
+
+def linear_targets(config: Any, model: nn.Module, method: str) -> tuple[Any, list[tuple[str, bool]]]:
+    """The Linear / Conv1D modules ``config`` targets, as ``(path, fan_in_fan_out)``; the config comes back
+    with ``all-linear`` expanded and ``fan_in_fan_out`` set from the module type, as PEFT saves it.
+    Other module types, or no match at all, raise :class:`IncompatibleAdapterError`."""
+    config = expand_all_linear(config, model)
+    found: list[tuple[str, bool]] = []
+    fif = config.fan_in_fan_out
+    for path, mod in model.named_modules():
+        if not path or not is_target(config, path):
+            continue
+        if is_conv1d(mod):
+            fif = True
+        elif isinstance(mod, nn.Linear):
+            fif = False
+        else:
+            raise IncompatibleAdapterError(
+                f"target module {path!r} is a {type(mod).__name__}; {method} supports nn.Linear and "
+                "transformers Conv1D (check target_modules / exclude_modules)")
+        found.append((path, fif))
+    if not found:
+        paths = [p for p, m in model.named_modules() if p and not list(m.children())][:4]
+        raise IncompatibleAdapterError(
+            f"{type(config).__name__}.target_modules={config.target_modules!r} matches no module of "
+            f"{type(model).__name__} (module names look like {paths})")
+    if fif != config.fan_in_fan_out:  # PEFT rewrites the field from the module type; so do we
+        config = dataclasses.replace(config, fan_in_fan_out=fif)
+    return config, found
 
 
 EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")

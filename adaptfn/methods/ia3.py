@@ -27,7 +27,7 @@ from .._where import is_target
 from ..adapter import Entry
 from ..errors import AdapterFileError, IncompatibleAdapterError, shape_str
 from .base import CallBase, PeftConfigBase, need
-from .common import adapter_dtype, expand_all_linear, is_conv1d, linear_dims, plan_replacements
+from .common import adapter_dtype, is_conv1d, linear_dims, linear_targets, plan_replacements
 
 OUT, IN = "ia3_out", "ia3_in"
 
@@ -128,29 +128,9 @@ class IA3:
             need(False, IA3Config, "feedforward_modules",
                  "is None; PEFT would pick them from a per-architecture table, adaptfn asks you to name them "
                  "([] when no target is a feedforward module)")
-        config = expand_all_linear(config, model)
-        entries: dict[str, Entry] = {}
-        fif = config.fan_in_fan_out
-        for path, mod in model.named_modules():
-            if not path or not is_target(config, path):
-                continue
-            if is_conv1d(mod):
-                fif = True
-            elif isinstance(mod, nn.Linear):
-                fif = False
-            else:
-                raise IncompatibleAdapterError(
-                    f"target module {path!r} is a {type(mod).__name__}; IA3 supports nn.Linear and transformers "
-                    "Conv1D (check target_modules / exclude_modules)")
-            kind = IN if config.is_feedforward(path) else OUT
-            entries[path] = Entry(kind=kind, r=0, scaling=1.0, fan_in_fan_out=fif)
-        if not entries:
-            paths = [p for p, m in model.named_modules() if p and not list(m.children())][:4]
-            raise IncompatibleAdapterError(
-                f"IA3Config.target_modules={config.target_modules!r} matches no module of "
-                f"{type(model).__name__} (module names look like {paths})")
-        if fif != config.fan_in_fan_out:  # PEFT rewrites the field from the module type; so do we
-            config = dataclasses.replace(config, fan_in_fan_out=fif)
+        config, found = linear_targets(config, model, "IA3")
+        entries = {path: Entry(kind=IN if config.is_feedforward(path) else OUT, r=0, scaling=1.0, fan_in_fan_out=fif)
+                   for path, fif in found}
         return config, plan_replacements(config, model, entries)
 
     def init_leaves(self, config: IA3Config, path: str, entry: Entry, module: nn.Module,

@@ -23,6 +23,7 @@ from ..adapter import GATE, SCALING, Entry
 from ..errors import AdapterFileError, ConfigError, IncompatibleAdapterError, shape_str
 from .base import CallBase, PeftConfigBase, need
 from .common import (
+    PEFT_UNSUPPORTED,
     adapter_dtype,
     expand_all_linear,
     is_conv1d,
@@ -56,26 +57,7 @@ class LoraConfig(PeftConfigBase):
     """
 
     peft_type: ClassVar[str] = "LORA"
-    unsupported: ClassVar[dict[str, Any]] = {
-        "use_dora": False,
-        "lora_bias": False,
-        "layer_replication": None,
-        "trainable_token_indices": None,
-        "target_parameters": None,
-        "loftq_config": {},
-        "eva_config": None,
-        "corda_config": None,
-        "lora_ga_config": None,
-        "megatron_config": None,
-        "use_qalora": False,
-        "alora_invocation_tokens": None,
-        "arrow_config": None,
-        "velora_config": None,
-        "monteclora_config": None,
-        "kasa_config": None,
-        "use_bdlora": None,
-        "ensure_weight_tying": False,
-    }
+    unsupported: ClassVar[dict[str, Any]] = PEFT_UNSUPPORTED
 
     r: int = 8
     lora_alpha: float = 8
@@ -226,11 +208,7 @@ class Lora:
             h = F.embedding(x, A.T, m.padding_idx, m.max_norm, m.norm_type, m.scale_grad_by_freq, m.sparse)
             delta = h @ B.T
         else:
-            h = x if x.dtype == A.dtype else x.to(A.dtype)
-            p = entry.option("dropout", 0.0) if generator is not None else 0.0
-            if p > 0:
-                keep = torch.rand(h.shape, generator=generator, device=h.device, dtype=h.dtype) >= p
-                h = h * keep / (1 - p)
+            h = _dropout(entry, generator, x if x.dtype == A.dtype else x.to(A.dtype))
             h = F.linear(h, A)  # [..., r]
             if out.dtype == B.dtype and out.dim() >= 2 and out.shape[:-1] == h.shape[:-1]:
                 # one fused GEMM: out + s * (h @ B^T), no separate scale and add passes over [..., out]
@@ -257,11 +235,7 @@ class Lora:
         if entry.kind == "embedding":
             delta = routing.embedding_lowrank(x, A, B, scale, route)
         else:
-            h = x if x.dtype == A.dtype else x.to(A.dtype)
-            p = entry.option("dropout", 0.0) if generator is not None else 0.0
-            if p > 0:
-                keep = torch.rand(h.shape, generator=generator, device=h.device, dtype=h.dtype) >= p
-                h = h * keep / (1 - p)
+            h = _dropout(entry, generator, x if x.dtype == A.dtype else x.to(A.dtype))
             return routing.lowrank_add(out, h, A, B, scale, route)
         return (out + delta).to(out.dtype)
 
@@ -341,6 +315,15 @@ class Lora:
 
     def unpad(self, entry: Entry, leaves: Mapping[str, torch.Tensor], r: int) -> dict[str, torch.Tensor]:
         return {**leaves, "lora_A": leaves["lora_A"][:r], "lora_B": leaves["lora_B"][:, :r]}
+
+
+def _dropout(entry: Entry, generator: torch.Generator | None, h: torch.Tensor) -> torch.Tensor:
+    """LoRA dropout on the input, only with an explicit generator (else the deterministic forward)."""
+    p = entry.option("dropout", 0.0) if generator is not None else 0.0
+    if p <= 0:
+        return h
+    keep = torch.rand(h.shape, generator=generator, device=h.device, dtype=h.dtype) >= p
+    return h * keep / (1 - p)
 
 
 def _options(config: LoraConfig) -> tuple[tuple[str, Any], ...]:
