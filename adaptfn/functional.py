@@ -119,6 +119,10 @@ class _Base:
         self.modules = dict(model.named_modules(remove_duplicate=False))
         # fn runs in the mode the model had when functional() was called, whatever the user does later
         self.training = {p: m.training for p, m in self.modules.items()}
+        # transformers' gradient checkpointing recomputes layers in backward, after a call has unbound its
+        # adapter: the recomputation would run without it, so adapters refuse such a model (see inject)
+        self.checkpointing = [p for p, m in self.modules.items()
+                              if getattr(m, "gradient_checkpointing", False) is True and m.training]
         self.local = _Local()
         self.checked: weakref.WeakSet[Adapter] = weakref.WeakSet()  # adapters already checked against the model
         self.plans: dict[tuple, tuple] = {}  # call plans by adapter structure

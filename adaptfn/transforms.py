@@ -46,6 +46,11 @@ def inject(fn: FunctionalModel, adapter: AdapterLike, *, generator: torch.Genera
     if not isinstance(fn, FunctionalModel):
         raise ConfigError(f"inject: expected a FunctionalModel from af.functional, got {type(fn).__name__}")
     parts = components(adapter)
+    if fn._base.checkpointing and any(e.kind for a in parts for _, e in a.entry_items):
+        raise ConfigError(
+            f"inject: {type(fn.model).__name__} has gradient checkpointing on (e.g. {fn._base.checkpointing[0]!r}); "
+            "its backward recomputes layers after the call has unbound the adapter, so the adapter's gradients "
+            "would be wrong. Call model.gradient_checkpointing_disable() (or model.eval()) before af.functional.")
     replaced: dict[str, int] = {}
     for a in fn.adapters + parts:
         for path, e in a.entry_items:

@@ -167,14 +167,22 @@ m = Many("llama", {targets!r}, n, args, peft_too=False)
 idx = torch.arange(rows) % n
 g = af.inject(m.fn, m.stacked, route=idx)
 ids = torch.randint(3, args.vocab, (rows, t), generator=torch.Generator().manual_seed(0))
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def _status(key):
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith(key))
+try:  # reset the peak-RSS mark (Linux), so the peak below is the calls' own
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+except OSError:
+    pass
+before = _status("VmRSS:")
 times = []
 for i in range({reps}):
     t0 = time.perf_counter()
     with torch.inference_mode():
         g(m.params, input_ids=ids, use_cache=False)
     times.append(time.perf_counter() - t0)
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+after = _status("VmHWM:")
 print(statistics.median(times[1:] or times), before, after)
 """
 
@@ -194,7 +202,8 @@ def scenario_scaling(w: Any) -> Result:
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
         med, before, after = out.stdout.strip().split()[-3:]
         meds[f"N={n}"] = float(med)
-        extra[f"N={n} peak RSS MiB"] = round(int(after) / 1024, 1)
+        extra[f"N={n} peak RSS during the calls, above the resident set before them, MiB"] = round(
+            (int(after) - int(before)) / 1024, 1)
         extra[f"N={n} adapters MiB"] = round(
             n * args.layers * args.r * 4 * (4 * 2 * args.hidden + 3 * (args.hidden + args.ffn)) / 2**20, 2)
     ratios = {f"N={n}/N={ns[0]}": meds[f"N={n}"] / meds[f"N={ns[0]}"] for n in ns[1:]}

@@ -178,3 +178,41 @@ def test_threads_each_get_their_own_result() -> None:
     for t in threads:
         t.join()
     assert errors == []
+
+
+def test_bf16_autocast_with_adapter() -> None:
+    from conftest import tiny_llama
+
+    model = tiny_llama()
+    fn, params = af.functional(model)
+    ids = ids_for(model)
+    a = af.init(fn, af.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False), generator=gen(0))
+    g = af.inject(fn, a)
+
+    def loss(ad):
+        return af.inject(fn, ad)(params, input_ids=ids).logits.float().square().mean()
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = g(params, input_ids=ids).logits
+        grads = torch.func.grad(loss)(a)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), g(params, input_ids=ids).logits, rtol=0.05, atol=0.05)
+    ref = torch.func.grad(loss)(a)
+    for p in a.paths:
+        assert grads.tensors[p]["lora_A"].dtype == torch.float32
+        torch.testing.assert_close(grads.tensors[p]["lora_B"], ref.tensors[p]["lora_B"], rtol=0.1, atol=1e-3)
+
+
+def test_gradient_checkpointing_is_refused_clearly() -> None:
+    from conftest import tiny_llama
+
+    model = tiny_llama()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    fn, params = af.functional(model)
+    a = af.init(fn, af.LoraConfig(r=4, target_modules=["q_proj"]), generator=gen(0))
+    with pytest.raises(af.ConfigError, match="gradient checkpointing"):
+        af.inject(fn, a)
+    model.eval()  # checkpointing only acts in training mode
+    fn, params = af.functional(model)
+    af.inject(fn, a)(params, input_ids=ids_for(model))
