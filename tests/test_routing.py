@@ -155,3 +155,17 @@ def test_dense_kernel_layout_cache_follows_in_place_changes() -> None:
     B.mul_(2.0)  # bumps B's version: the cached [out, N*r] layout must not be reused
     second = routing.lowrank_add(out0.clone(), x, A, B, scale, idx, kernel="dense")
     torch.testing.assert_close(second, 2 * first)
+
+
+@pytest.mark.parametrize("name", ["opt", "llama", "gpt2"])
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_vmap_with_padding_mask_equals_loop_and_route_all(name: str, attn: str) -> None:
+    model, fn, params, ads, st = _stack(name, attn)
+    ids = ids_for(model, batch=2, seq=5)
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    out = torch.func.vmap(lambda a: af.inject(fn, a)(params, input_ids=ids, attention_mask=mask).logits)(st)
+    every = af.inject(fn, st, route="all")(params, input_ids=ids, attention_mask=mask).logits
+    for k, a in enumerate(ads):
+        want = af.inject(fn, a)(params, input_ids=ids, attention_mask=mask).logits
+        assert _rel(out[k], want) <= 1e-5 and _rel(every[k], want) <= 1e-5
