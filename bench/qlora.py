@@ -94,14 +94,27 @@ def scenario_qlora(w: Any) -> Result:
         grad(adapter)
         sync()
 
-    med = interleaved({"peft fwd": peft_fwd, "adaptfn fwd": af_fwd, "peft step": peft_step, "adaptfn step": af_step},
+    # the same gradients through ordinary autograd: the adapter's trainable leaves require grad
+    with_grad = af.tree.map(lambda t: t.detach().requires_grad_(t.is_floating_point()), adapter)
+    leaves = [t for p in with_grad.paths for n, t in with_grad.tensors[p].items() if n != "gate"]
+
+    def af_autograd_step() -> None:
+        torch.autograd.grad(loss(with_grad), leaves)
+        sync()
+
+    med = interleaved({"peft fwd": peft_fwd, "adaptfn fwd": af_fwd, "peft step": peft_step,
+                       "adaptfn step (func.grad)": af_step, "adaptfn step (autograd)": af_autograd_step},
                       args.repeats, args.warmup)
+    best = min(med["adaptfn step (func.grad)"], med["adaptfn step (autograd)"])
     res = Result(f"10 qlora (4-bit nf4, {dev.type})", med,
                  {"fwd adaptfn/peft": med["adaptfn fwd"] / med["peft fwd"],
-                  "step adaptfn/peft": med["adaptfn step"] / med["peft step"]}, {},
+                  "step best adaptfn/peft": best / med["peft step"],
+                  "step func.grad/peft": med["adaptfn step (func.grad)"] / med["peft step"],
+                  "step autograd/peft": med["adaptfn step (autograd)"] / med["peft step"]},
+                 {"fwd adaptfn/peft": 1.0, "step best adaptfn/peft": 1.0},
                  extra={"rel_err_vs_peft": rel_err})
     res.notes.append(f"OPT hidden {hidden}, ffn {ffn}, {args.layers} layers, compute {str(compute)[6:]}; "
-                     "step = grads of the LoRA weights (PEFT: loss.backward, adaptfn: torch.func.grad); "
-                     "no targets yet: set them from a full-size run on an idle machine; on CPU, bitsandbytes' "
+                     "step = grads of the LoRA weights (PEFT: loss.backward; adaptfn: torch.func.grad over the "
+                     "tree, or torch.autograd.grad on leaves that require grad); on CPU, bitsandbytes' "
                      "OpenMP runtime competes with torch's (try --threads 1 on few cores)")
     return res
