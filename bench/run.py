@@ -76,17 +76,20 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def scenario_unmerged(w: Workload) -> Result:
-    import adaptfn as af  # noqa: F401
-
-    args, ids, dev = w.args, w.ids, w.device
-
-    def run(f):
+def _inference(dev: torch.device):
+    """``f`` -> a timed callable running ``f`` under inference_mode (and synchronising a GPU)."""
+    def wrap(f):
         def go():
             with torch.inference_mode():
                 f()
             _sync(dev)
         return go
+    return wrap
+
+
+def scenario_unmerged(w: Workload) -> Result:
+    args, ids, dev = w.args, w.ids, w.device
+    run = _inference(dev)
 
     med = interleaved({
         "base": run(lambda: w.base(input_ids=ids, use_cache=False)),
@@ -102,14 +105,8 @@ def scenario_merged(w: Workload) -> Result:
     import adaptfn as af
 
     args, ids, dev = w.args, w.ids, w.device
+    run = _inference(dev)
     merged = af.merge(w.params, w.adapters[0])
-
-    def run(f):
-        def go():
-            with torch.inference_mode():
-                f()
-            _sync(dev)
-        return go
 
     med = interleaved({
         "base": run(lambda: w.base(input_ids=ids, use_cache=False)),
@@ -121,13 +118,7 @@ def scenario_merged(w: Workload) -> Result:
 
 def scenario_decode(w: Workload) -> Result:
     args, ids, dev = w.args, w.ids1, w.device
-
-    def run(f):
-        def go():
-            with torch.inference_mode():
-                f()
-            _sync(dev)
-        return go
+    run = _inference(dev)
 
     med = interleaved({
         "base": run(lambda: w.base(input_ids=ids, use_cache=False)),
