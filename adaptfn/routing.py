@@ -16,6 +16,8 @@ Two kernels, chosen per call from the sizes (see bench/README.md for the measure
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
@@ -89,23 +91,57 @@ def _b_cat(B: torch.Tensor) -> torch.Tensor:
     return cat
 
 
-def lowrank_add(out: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: torch.Tensor,
-                idx: torch.Tensor, kernel: str | None = None) -> torch.Tensor:
-    """``out + lowrank(x, ...)``, accumulated into ``out`` in place when that is safe (inference)."""
+_PICK: WeakIdKeyDictionary = WeakIdKeyDictionary()  # route tensor -> {(sources, r, dtype): row multipliers}
+
+
+def _dense_pick(scale: Any, idx: torch.Tensor, n: int, r: int, dtype: torch.dtype,
+                sources: tuple[torch.Tensor, ...] | None) -> torch.Tensor:
+    """Row multipliers [bsz, N*r] of the dense kernel: the row's own adapter's scale on its r columns, 0
+    elsewhere. They depend only on the route and the scaling/gate leaves, so in inference they are
+    cached per (route, leaves, versions) and the per-module work is one GEMM, one multiply, one GEMM."""
+    key = None
+    if sources is not None and not any(torch.is_inference(t) for t in (idx, *sources)):  # those have no version
+        key = (tuple((id(t), t._version) for t in sources), idx._version, r, dtype)
+        hit = _PICK.get(idx, {}).get(key)
+        if hit is not None and all(ref() is t for ref, t in zip(hit[0], sources)):
+            return hit[1]
+    s_all = scale() if callable(scale) else scale
+    ic, s = row_scale(s_all.to(dtype), idx)
+    pick = (ic[:, None] == torch.arange(n, device=ic.device)[None, :]).to(dtype) * s[:, None]
+    pick = pick.repeat_interleave(r, dim=1)
+    if key is not None:
+        import weakref
+
+        entry = _PICK.get(idx)
+        if entry is None or len(entry) > 256:
+            entry = _PICK[idx] = {}
+        entry[key] = (tuple(weakref.ref(t) for t in sources), pick)  # type: ignore[union-attr]
+    return pick
+
+
+def lowrank_add(out: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: Any,
+                idx: torch.Tensor, kernel: str | None = None,
+                sources: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+    """``out + lowrank(x, ...)``, accumulated into ``out`` in place when that is safe (inference).
+
+    ``scale`` may be a callable returning the [N] scales (only called when needed); ``sources`` are the
+    leaves the scales come from (scaling, gate), which lets the dense kernel reuse its row multipliers."""
     bsz = idx.shape[0]
     xb = rows_view(x, bsz)
     n, r = A.shape[0], A.shape[1]
     if kernel is None:
         kernel = "dense" if xb.shape[1] * n <= DENSE_LIMIT else "gather"
-    if out.dtype != B.dtype or out.shape[:-1] != x.shape[:-1] or not in_place_ok(out, x, A, B, scale):
-        return (out + lowrank(x, A, B, scale, idx, kernel)).to(out.dtype)
-    ic, s = row_scale(scale.to(x.dtype), idx)
+    if out.dtype != B.dtype or out.shape[:-1] != x.shape[:-1] or not in_place_ok(out, x, A, B, *(sources or ())):
+        s_all = scale() if callable(scale) else scale
+        return (out + lowrank(x, A, B, s_all, idx, kernel)).to(out.dtype)
     if kernel == "dense":
         h = F.linear(xb, A.reshape(n * r, A.shape[-1]))  # [bsz, L, N*r]
-        pick = (ic[:, None] == torch.arange(n, device=ic.device)[None, :]).to(h.dtype) * s[:, None]
-        h = h * pick.repeat_interleave(r, dim=1)[:, None, :]
+        h = h * _dense_pick(scale, idx, n, r, h.dtype, sources)[:, None, :]
         out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, n * r), _b_cat(B).T)
-    else:
+        return out
+    s_all = scale() if callable(scale) else scale
+    ic, s = row_scale(s_all.to(x.dtype), idx)
+    if kernel == "gather":
         h = torch.bmm(xb, A[ic].transpose(1, 2)) * s[:, None, None]  # [bsz, L, r]
         out.view(bsz, -1, out.shape[-1]).baddbmm_(h, B[ic].transpose(1, 2))
     return out

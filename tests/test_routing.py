@@ -169,3 +169,20 @@ def test_vmap_with_padding_mask_equals_loop_and_route_all(name: str, attn: str) 
     for k, a in enumerate(ads):
         want = af.inject(fn, a)(params, input_ids=ids, attention_mask=mask).logits
         assert _rel(out[k], want) <= 1e-5 and _rel(every[k], want) <= 1e-5
+
+
+def test_route_cached_row_multipliers_follow_masks_and_routes() -> None:
+    model, fn, params, ads, st = _stack("opt")
+    ids = ids_for(model, batch=3, seq=1)  # 1 token per row: the dense kernel, whose row multipliers are cached
+    base = fn(params, input_ids=ids).logits
+    idx = torch.tensor([0, 1, 2])
+    with torch.inference_mode():
+        first = af.inject(fn, st, route=idx)(params, input_ids=ids).logits
+        masked = af.inject(fn, af.mask(st, False), route=idx)(params, input_ids=ids).logits
+        again = af.inject(fn, st, route=idx)(params, input_ids=ids).logits
+        other = af.inject(fn, st, route=torch.tensor([2, -1, 0]))(params, input_ids=ids).logits
+    assert torch.equal(masked, base) and torch.equal(again, first)
+    assert torch.equal(other[1], base[1]) and not torch.equal(other[0], first[0])
+    for i, j in enumerate([2, -1, 0]):
+        alone = (af.inject(fn, ads[j]) if j >= 0 else fn)(params, input_ids=ids[i:i + 1]).logits[0]
+        assert _rel(other[i], alone) <= 1e-5

@@ -228,16 +228,16 @@ class Lora:
         A, B = leaves["lora_A"], leaves["lora_B"]
         if A.dim() != 3:
             raise IncompatibleAdapterError("route= needs a stacked adapter (af.stack); this one is single")
-        scale = leaves[SCALING].detach() if SCALING in leaves else torch.full(
-            (A.shape[0],), entry.scaling, dtype=torch.float32, device=A.device)
-        if on is not True:
-            scale = scale * on
+        def scale() -> torch.Tensor:  # [N]: per-adapter scale, 0 where the gate is off
+            s = leaves[SCALING].detach() if SCALING in leaves else torch.full(
+                (A.shape[0],), entry.scaling, dtype=torch.float32, device=A.device)
+            return s if on is True else s * on
+
         if entry.kind == "embedding":
-            delta = routing.embedding_lowrank(x, A, B, scale, route)
-        else:
-            h = _dropout(entry, generator, x if x.dtype == A.dtype else x.to(A.dtype))
-            return routing.lowrank_add(out, h, A, B, scale, route)
-        return (out + delta).to(out.dtype)
+            return (out + routing.embedding_lowrank(x, A, B, scale(), route)).to(out.dtype)
+        h = _dropout(entry, generator, x if x.dtype == A.dtype else x.to(A.dtype))
+        sources = (leaves[SCALING], leaves[GATE]) if SCALING in leaves else None
+        return routing.lowrank_add(out, h, A, B, scale, route, sources=sources)
 
     def merge(self, entry: Entry, leaves: Mapping[str, torch.Tensor], on: Any, weight: torch.Tensor) -> torch.Tensor:
         A, B = leaves["lora_A"], leaves["lora_B"]
