@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from .adapter import GATE, Adapter, AdapterSum, Entry, gate_on
-from .errors import AdapterFileError, AdaptfnError, ConfigError, IncompatibleAdapterError
+from .adapter import GATE, Adapter, AdapterSum, Entry, gate_on, replace
+from .errors import AdapterFileError, AdaptfnError, ConfigError
 from .methods import get_method, method_for_peft_type
 
 CONFIG_NAME = "adapter_config.json"
@@ -411,13 +411,8 @@ def load(
                                 local_files_only, allow_pickle)
     method, config = read_config(cfg_path)
     sd = read_tensors(w_path, device)
-    try:
-        adapter = from_state_dict(method, config, sd, w_path)
-    except (IncompatibleAdapterError, ConfigError) as e:
-        raise type(e)(f"{e}") from None
+    adapter = from_state_dict(method, config, sd, w_path)
     if dtype is not None:
-        from .adapter import replace
-
         adapter = replace(adapter, tensors={
             p: {n: (t.to(dtype) if t.is_floating_point() and n != GATE else t) for n, t in d.items()}
             for p, d in adapter._tensors.items()})

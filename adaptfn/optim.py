@@ -181,6 +181,15 @@ def _pick(source: Tree, keys: list[Key], like: list[torch.Tensor], what: str) ->
     return out
 
 
+def _leaves_and_grads(adapter: Tree, grads: Tree, who: str) -> tuple[list[Key], list[torch.Tensor],
+                                                                     list[torch.Tensor]]:
+    """The adapter's trainable leaves (keys, tensors) and the matching gradients, checked."""
+    items = _items(adapter, who)
+    keys = [k for k, _ in items]
+    params = [t for _, t in items]
+    return keys, params, _pick(grads, keys, params, f"{who}: grads")
+
+
 def trainable(tree: Tree) -> dict[str, Any]:
     """The trainable leaves of an adapter (or of its gradient), as a nested dict keyed by module path.
 
@@ -412,10 +421,7 @@ def adamw(
     def update(grads: Tree, state: AdamWState, adapter: Tree) -> tuple[Tree, AdamWState]:
         """One AdamW step: ``(new adapter, new state)``; ``grads``, ``state`` and ``adapter`` are untouched."""
         count = _check_count(state, AdamWState, "adamw.update")
-        items = _items(adapter, "adamw.update")
-        keys = [k for k, _ in items]
-        params = [t for _, t in items]
-        gs = _pick(grads, keys, params, "adamw.update: grads")
+        keys, params, gs = _leaves_and_grads(adapter, grads, "adamw.update")
         mus = _pick(state.mu, keys, params, "adamw.update: state.mu")
         nus = _pick(state.nu, keys, params, "adamw.update: state.nu")
         traced = _is_traced([count, *params, *gs, *mus, *nus])
@@ -492,10 +498,7 @@ def sgd(lr: float | Schedule, momentum: float = 0.0, weight_decay: float = 0.0, 
     def update(grads: Tree, state: SGDState, adapter: Tree) -> tuple[Tree, SGDState]:
         """One SGD step: ``(new adapter, new state)``; ``grads``, ``state`` and ``adapter`` are untouched."""
         count = _check_count(state, SGDState, "sgd.update")
-        items = _items(adapter, "sgd.update")
-        keys = [k for k, _ in items]
-        params = [t for _, t in items]
-        gs = _pick(grads, keys, params, "sgd.update: grads")
+        keys, params, gs = _leaves_and_grads(adapter, grads, "sgd.update")
         if momentum:
             if state.momentum is None:
                 raise ConfigError("sgd.update: state has no momentum buffers; make it with this optimiser's init")

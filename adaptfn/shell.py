@@ -19,7 +19,7 @@ from .adapter import GATE, SCALING, Adapter
 from .errors import ConfigError
 from .functional import functional
 from .initialize import init
-from .io import load, read_config, save, state_dict
+from .io import _check_name, load, read_config, save, state_dict
 from .transforms import inject, merge, select
 
 _SEP = "::"
@@ -203,10 +203,6 @@ def _named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     out.update(dict(model.named_buffers(remove_duplicate=False)))
     return out
 
-
-def _check_name(name: str) -> None:
-    if not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", ".."):
-        raise ConfigError(f"adapter_name={name!r} is not a plain name")
 
 
 _TASK_AUTO = {

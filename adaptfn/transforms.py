@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -224,6 +224,3 @@ def mask(adapter: AdapterLike, where: Where) -> Any:
             tensors[p] = {**leaves, GATE: torch.zeros_like(leaves[GATE])}
     return replace(adapter, tensors=tensors)
 
-
-def _names(xs: Sequence[str]) -> str:
-    return ", ".join(xs)

@@ -78,3 +78,31 @@ def gpt2():
 
 def gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
+
+
+# -- shared by the parity tests ----------------------------------------------------------------------
+PARITY_TOL = 1e-5
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |out - ref| / max |ref|."""
+    return ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
+
+
+def assert_close(out: torch.Tensor, ref: torch.Tensor, what: str = "logits", tol: float = PARITY_TOL) -> None:
+    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    err = rel_err(out, ref)
+    assert err <= tol, f"{what}: max relative error {err:.3e} > {tol:g}"
+
+
+def shapes(sd: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in sd.items()}
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: one intra-op thread is faster, and much steadier on a busy machine, than two."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -14,7 +14,7 @@ import peft
 import pytest
 import torch
 import torch.utils._pytree as torch_pytree
-from conftest import gen, ids_for, tiny_gpt2, tiny_llama, tiny_opt
+from conftest import assert_close, gen, ids_for, rel_err, shapes, tiny_gpt2, tiny_llama, tiny_opt
 from peft.utils import get_peft_model_state_dict
 
 import adaptfn as af
@@ -22,20 +22,6 @@ import adaptfn as af
 TOL = 1e-5
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
-
-
-def assert_close(out: torch.Tensor, ref: torch.Tensor, what: str = "logits", tol: float = TOL) -> None:
-    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
-    err = rel_err(out, ref)
-    assert err <= tol, f"{what}: max relative error {err:.3e} > {tol:g}"
-
-
-def shapes(sd: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
-    return {k: tuple(v.shape) for k, v in sd.items()}
 
 
 def peft_from_pretrained(build, folder) -> peft.PeftModel:

@@ -13,7 +13,7 @@ from typing import Any
 import peft
 import pytest
 import torch
-from conftest import gen, ids_for, tiny_gpt2, tiny_llama, tiny_opt
+from conftest import assert_close, gen, ids_for, rel_err, shapes, tiny_gpt2, tiny_llama, tiny_opt
 from peft.utils import get_peft_model_state_dict
 
 import adaptfn as af
@@ -21,20 +21,6 @@ import adaptfn as af
 TOL = 1e-5
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
-
-
-def assert_close(out: torch.Tensor, ref: torch.Tensor, what: str = "logits") -> None:
-    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
-    err = rel_err(out, ref)
-    assert err <= TOL, f"{what}: max relative error {err:.3e} > {TOL:g}"
-
-
-def shapes(sd: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
-    return {k: tuple(v.shape) for k, v in sd.items()}
 
 
 def make_peft(build, seed: int = 1234, **kw) -> peft.PeftModel:

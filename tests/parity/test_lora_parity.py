@@ -14,7 +14,7 @@ from typing import Any
 import peft
 import pytest
 import torch
-from conftest import gen, ids_for, tiny_bert, tiny_gpt2, tiny_llama, tiny_opt
+from conftest import assert_close, gen, ids_for, rel_err, shapes, tiny_bert, tiny_gpt2, tiny_llama, tiny_opt
 from peft.utils import get_peft_model_state_dict
 
 import adaptfn as af
@@ -22,17 +22,6 @@ import adaptfn as af
 TOL = 1e-5
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-
-
-# -- helpers -----------------------------------------------------------------------------------------
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
-
-
-def assert_close(out: torch.Tensor, ref: torch.Tensor, what: str = "logits", tol: float = TOL) -> None:
-    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
-    err = rel_err(out, ref)
-    assert err <= tol, f"{what}: max relative error {err:.3e} > {tol:g}"
 
 
 def logits(out: Any) -> torch.Tensor:
@@ -63,10 +52,6 @@ def perturb_af(a: Any, seed: int = 7) -> Any:
     """Noise on every non-scalar leaf (LoRA factors and replacements; the 0-d gates stay)."""
     g = torch.Generator().manual_seed(seed)
     return af.tree.map(lambda t: t + 0.5 * torch.randn(t.shape, generator=g, dtype=t.dtype) if t.dim() else t, a)
-
-
-def shapes(sd: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
-    return {k: tuple(v.shape) for k, v in sd.items()}
 
 
 def saved_config(folder: Any) -> dict[str, Any]:
