@@ -160,10 +160,11 @@ def _install(module: nn.Module) -> _Slot:
         if not slot.active:
             return base_forward(x, *args, **kwargs)
 
-        def call(inp: Any) -> Any:
-            return base_forward(inp, *args, **kwargs)
-
-        f = call
+        if args or kwargs:
+            def f(inp: Any) -> Any:
+                return base_forward(inp, *args, **kwargs)
+        else:
+            f = base_forward  # the bound forward itself: lets a method recognise a plain base layer
         for method, entry, leaves, on, gen, route in slot.active:
             if route is None:
                 f = functools.partial(method.forward, entry, leaves, on, gen, f, module)

@@ -16,10 +16,11 @@ Two kernels, chosen per call from the sizes (see bench/README.md for the measure
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .errors import ConfigError, IncompatibleAdapterError
@@ -68,6 +69,59 @@ def in_place_ok(out: torch.Tensor, *others: torch.Tensor) -> bool:
     if out._base is not None or not out.is_contiguous():
         return False
     return not (torch.is_grad_enabled() and (out.requires_grad or any(t.requires_grad for t in others)))
+
+
+class BaseGemm(NamedTuple):
+    """The GEMM of a plain ``nn.Linear`` / transformers ``Conv1D`` base layer: ``x @ w^T + bias``
+    (``w`` stored [in, out] when ``transposed``)."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    transposed: bool
+
+
+def base_gemm(call_base: Any, module: nn.Module, x: Any, *others: torch.Tensor) -> BaseGemm | None:
+    """The base layer's GEMM when an adapter may run it itself, accumulating into a buffer that already
+    holds the adapter's low-rank part (see :func:`accumulate_base`); None when it may not.
+
+    It may when ``call_base`` is the class's own forward of this exact ``nn.Linear`` (or transformers
+    ``Conv1D``), nothing needs autograd, no torch.func transform, torch.compile or autocast is active,
+    and every tensor has one dtype and device. Otherwise the adapter calls ``call_base`` as usual."""
+    func = getattr(call_base, "__func__", None)
+    if getattr(call_base, "__self__", None) is not module:
+        return None
+    cls = type(module)
+    if cls is nn.Linear and func is nn.Linear.forward:
+        transposed = False
+    elif func is cls.forward and cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers"):
+        transposed = True
+    else:
+        return None
+    w, b = module.weight, module.bias
+    if not isinstance(x, torch.Tensor) or x.dim() < 1 or type(w) not in (torch.Tensor, nn.Parameter):
+        return None
+    ts = (x, w, *others) if b is None else (x, w, b, *others)
+    dt, dev = x.dtype, x.device
+    if any(t.dtype != dt or t.device != dev for t in ts) or torch.is_autocast_enabled(dev.type):
+        return None
+    if torch.compiler.is_compiling() or any(_wrapped(t) for t in ts):
+        return None
+    if torch.is_grad_enabled() and any(t.requires_grad for t in ts):
+        return None
+    return BaseGemm(w, b, transposed)
+
+
+def accumulate_base(z: torch.Tensor, x: torch.Tensor, gemm: BaseGemm) -> torch.Tensor:
+    """``z + x @ W^T`` computed in place in ``z`` ([M, out], fresh; bias and low-rank part already in it):
+    the base GEMM accumulates into the adapter's buffer, so the output is written once and read by no
+    extra pass. Returns it shaped [*x.shape[:-1], out]."""
+    w = gemm.weight
+    z.addmm_(x.reshape(-1, x.shape[-1]), w if gemm.transposed else w.T)
+    return z.view(*x.shape[:-1], z.shape[-1])
+
+
+def _wrapped(t: torch.Tensor) -> bool:
+    return torch._C._functorch.is_functorch_wrapped_tensor(t)
 
 
 _B_CAT: WeakIdKeyDictionary = WeakIdKeyDictionary()  # by tensor identity
@@ -119,32 +173,46 @@ def _dense_pick(scale: Any, idx: torch.Tensor, n: int, r: int, dtype: torch.dtyp
     return pick
 
 
-def lowrank_add(out: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: Any,
+def lowrank_add(out: torch.Tensor | None, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: Any,
                 idx: torch.Tensor, kernel: str | None = None,
-                sources: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+                sources: tuple[torch.Tensor, ...] | None = None, gemm: BaseGemm | None = None,
+                base_input: torch.Tensor | None = None) -> torch.Tensor:
     """``out + lowrank(x, ...)``, accumulated into ``out`` in place when that is safe (inference).
 
     ``scale`` may be a callable returning the [N] scales (only called when needed); ``sources`` are the
-    leaves the scales come from (scaling, gate), which lets the dense kernel reuse its row multipliers."""
+    leaves the scales come from (scaling, gate), which lets the dense kernel reuse its row multipliers.
+    With ``gemm`` (from :func:`base_gemm`; ``out`` is then None) the low-rank part is computed first, with
+    the bias, and the base GEMM accumulates into it, reading ``base_input`` (default ``x``; they differ
+    under LoRA dropout)."""
     bsz = idx.shape[0]
     xb = rows_view(x, bsz)
     n, r = A.shape[0], A.shape[1]
     if kernel is None:
         kernel = "dense" if xb.shape[1] * n <= DENSE_LIMIT else "gather"
-    if out.dtype != B.dtype or out.shape[:-1] != x.shape[:-1] or not in_place_ok(out, x, A, B, *(sources or ())):
-        s_all = scale() if callable(scale) else scale
-        return (out + lowrank(x, A, B, s_all, idx, kernel)).to(out.dtype)
+    if gemm is None:
+        assert out is not None
+        if out.dtype != B.dtype or out.shape[:-1] != x.shape[:-1] or not in_place_ok(out, x, A, B, *(sources or ())):
+            s_all = scale() if callable(scale) else scale
+            return (out + lowrank(x, A, B, s_all, idx, kernel)).to(out.dtype)
+    o, bias = B.shape[1], (gemm.bias if gemm is not None else None)
     if kernel == "dense":
         h = F.linear(xb, A.reshape(n * r, A.shape[-1]))  # [bsz, L, N*r]
         h = h * _dense_pick(scale, idx, n, r, h.dtype, sources)[:, None, :]
-        out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, n * r), _b_cat(B).T)
-        return out
+        h2, bt = h.reshape(-1, n * r), _b_cat(B).T
+        if gemm is None:
+            out.view(-1, o).addmm_(h2, bt)  # type: ignore[union-attr]
+            return out  # type: ignore[return-value]
+        z = torch.mm(h2, bt) if bias is None else torch.addmm(bias, h2, bt)
+        return accumulate_base(z, x if base_input is None else base_input, gemm)
     s_all = scale() if callable(scale) else scale
     ic, s = row_scale(s_all.to(x.dtype), idx)
-    if kernel == "gather":
-        h = torch.bmm(xb, A[ic].transpose(1, 2)) * s[:, None, None]  # [bsz, L, r]
-        out.view(bsz, -1, out.shape[-1]).baddbmm_(h, B[ic].transpose(1, 2))
-    return out
+    h = torch.bmm(xb, A[ic].transpose(1, 2)) * s[:, None, None]  # [bsz, L, r]
+    bt = B[ic].transpose(1, 2)  # [bsz, r, out]
+    if gemm is None:
+        out.view(bsz, -1, o).baddbmm_(h, bt)  # type: ignore[union-attr]
+        return out  # type: ignore[return-value]
+    z = torch.bmm(h, bt) if bias is None else torch.baddbmm(bias.expand(bsz, h.shape[1], o), h, bt)
+    return accumulate_base(z.view(-1, o), x if base_input is None else base_input, gemm)
 
 
 def lowrank(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: torch.Tensor, idx: torch.Tensor,

@@ -151,3 +151,65 @@ def test_bf16_base_gets_float32_adapter() -> None:
     assert a.tensors["model.layers.0.self_attn.q_proj"]["lora_A"].dtype == torch.float32
     out = af.inject(fn, a)(params, input_ids=ids_for(model)).logits
     assert out.dtype == torch.bfloat16
+
+
+LINEAR_TARGETS = {"opt": ["q_proj", "v_proj", "fc1", "fc2"], "llama": ["q_proj", "o_proj", "down_proj"],
+                  "gpt2": ["c_attn", "c_fc", "c_proj"]}
+
+
+@pytest.mark.parametrize("name", sorted(LINEAR_TARGETS))
+@pytest.mark.parametrize("grad", ["no_grad", "inference_mode"])
+def test_base_gemm_accumulating_into_lowrank_equals_adding_after(name: str, grad: str,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """In inference adaptfn computes bias + s (x A^T) B^T first and lets the base GEMM accumulate into it
+    (OPT: Linear with bias, Llama: without, GPT-2: Conv1D). Same result as base(x) + delta, and the path
+    is really taken for every targeted module call."""
+    from adaptfn import routing
+
+    builder = {"opt": tiny_opt, "llama": tiny_llama, "gpt2": tiny_gpt2}[name]
+    model = builder()
+    fn, params = af.functional(model)
+    a = af.init(fn, af.LoraConfig(r=3, lora_alpha=5, target_modules=LINEAR_TARGETS[name], init_lora_weights=False),
+                generator=gen(0))
+    ids = ids_for(model, batch=3, seq=5)
+    g = af.inject(fn, a)
+    ctx = torch.no_grad if grad == "no_grad" else torch.inference_mode
+    calls = []
+    real = routing.accumulate_base
+    monkeypatch.setattr(routing, "accumulate_base", lambda *args: calls.append(1) or real(*args))
+    with ctx():
+        fused = g(params, input_ids=ids).logits
+    assert len(calls) == len([p for p, e in a.entry_items if e.kind]) >= 2 * len(LINEAR_TARGETS[name])
+    calls.clear()
+    monkeypatch.setattr(routing, "base_gemm", lambda *args: None)
+    with ctx():
+        added = g(params, input_ids=ids).logits
+    assert not calls
+    base = fn(params, input_ids=ids).logits
+    assert float((fused - added).abs().max()) <= 1e-5 * float(added.abs().max())
+    assert float((fused - base).abs().max()) > 1e-3  # the adapter really changes the output
+
+
+def test_base_gemm_is_not_used_where_it_could_be_wrong() -> None:
+    """Autograd through the adapter, a subclass with its own forward, a dtype mix: the base forward runs."""
+    from adaptfn import routing
+
+    lin = nn.Linear(7, 5)
+    x = torch.randn(2, 7)
+    A, B = torch.randn(3, 7), torch.randn(5, 3)
+    with torch.no_grad():
+        assert routing.base_gemm(lin.forward, lin, x, A, B) is not None
+        assert routing.base_gemm(lin.forward, nn.Linear(7, 5), x, A, B) is None  # another module's forward
+        assert routing.base_gemm(lambda t: lin(t), lin, x, A, B) is None  # not the plain forward
+        assert routing.base_gemm(lin.forward, lin, x.double(), A, B) is None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert routing.base_gemm(lin.forward, lin, x, A, B) is None
+
+    class Mine(nn.Linear):
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            return super().forward(t) * 2
+
+    mine = Mine(7, 5)
+    with torch.no_grad():
+        assert routing.base_gemm(mine.forward, mine, x, A, B) is None
+    assert routing.base_gemm(lin.forward, lin, x, A.requires_grad_(), B) is None

@@ -186,3 +186,30 @@ def test_route_cached_row_multipliers_follow_masks_and_routes() -> None:
     for i, j in enumerate([2, -1, 0]):
         alone = (af.inject(fn, ads[j]) if j >= 0 else fn)(params, input_ids=ids[i:i + 1]).logits[0]
         assert _rel(other[i], alone) <= 1e-5
+
+
+@pytest.mark.parametrize("name", sorted(TARGETS))
+@pytest.mark.parametrize("kernel", ["dense", "gather"])
+def test_route_base_gemm_accumulating_equals_adding_after(name: str, kernel: str,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The routed kernels also let the base GEMM accumulate into the low-rank buffer in inference; with
+    LoRA dropout (a generator) the base still reads the undropped input."""
+    model, fn, params, ads, st = _stack(name)
+    ads = [af.init(fn, af.LoraConfig(r=2 + i, lora_alpha=3, lora_dropout=0.3, target_modules=TARGETS[name],
+                                     init_lora_weights=False), generator=gen(i)) for i in range(3)]
+    st = af.stack(ads)
+    ids = ids_for(model, batch=4, seq=5)
+    idx = torch.tensor([1, -1, 2, 0])
+    real = routing.lowrank_add
+    seen = []
+    monkeypatch.setattr(routing, "lowrank_add",
+                        lambda *a, **k: seen.append(k["gemm"] is not None) or real(*a, **{**k, "kernel": kernel}))
+    outs = []
+    for fused in (True, False):
+        if not fused:
+            monkeypatch.setattr(routing, "base_gemm", lambda *a: None)
+        seen.clear()
+        with torch.no_grad():
+            outs.append(af.inject(fn, st, route=idx, generator=gen(7))(params, input_ids=ids).logits)
+        assert seen and all(s is fused for s in seen)
+    assert _rel(outs[0], outs[1]) <= 1e-5

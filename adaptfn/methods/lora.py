@@ -195,14 +195,24 @@ class Lora:
     def forward(self, entry: Entry, leaves: Mapping[str, torch.Tensor], on: Any, generator: Any,
                 call_base: CallBase, module: nn.Module, x: torch.Tensor,
                 route: torch.Tensor | None = None) -> torch.Tensor:
-        out = call_base(x)
         A, B = leaves["lora_A"], leaves["lora_B"]
         if route is not None:
-            return self._routed(entry, leaves, on, generator, module, x, out, route)
+            return self._routed(entry, leaves, on, generator, call_base, module, x, route)
         if A.dim() != 2:
             raise IncompatibleAdapterError(
                 "a stacked adapter was called directly; map it with torch.func.vmap or pass route=")
         s = self._scale(entry, leaves, on)
+        gemm = routing.base_gemm(call_base, module, x, A, B) if entry.kind == "linear" else None
+        if gemm is not None:
+            # inference on a plain Linear / Conv1D: bias + s * (x A^T) B^T first, then the base GEMM
+            # accumulates into that buffer (one pass over [..., out] fewer than adding afterwards)
+            h2 = F.linear(_dropout(entry, generator, x), A).reshape(-1, A.shape[0])  # [M, r]
+            if not (isinstance(s, float) and s == 1.0):
+                h2 = h2 * s
+            bias = gemm.bias
+            z = torch.mm(h2, B.T) if bias is None else torch.addmm(bias, h2, B.T)
+            return routing.accumulate_base(z, x, gemm)
+        out = call_base(x)
         if entry.kind == "embedding":
             m: Any = module
             h = F.embedding(x, A.T, m.padding_idx, m.max_norm, m.norm_type, m.scale_grad_by_freq, m.sparse)
@@ -223,7 +233,7 @@ class Lora:
         return (out + delta * s).to(out.dtype)
 
     def _routed(self, entry: Entry, leaves: Mapping[str, torch.Tensor], on: Any, generator: Any,
-                module: nn.Module, x: torch.Tensor, out: torch.Tensor, route: torch.Tensor) -> torch.Tensor:
+                call_base: CallBase, module: nn.Module, x: torch.Tensor, route: torch.Tensor) -> torch.Tensor:
         """Row i of the batch uses adapter ``route[i]`` of the stack (-1: the base alone)."""
         A, B = leaves["lora_A"], leaves["lora_B"]
         if A.dim() != 3:
@@ -234,10 +244,13 @@ class Lora:
             return s if on is True else s * on
 
         if entry.kind == "embedding":
+            out = call_base(x)
             return (out + routing.embedding_lowrank(x, A, B, scale(), route)).to(out.dtype)
-        h = _dropout(entry, generator, x if x.dtype == A.dtype else x.to(A.dtype))
         sources = (leaves[SCALING], leaves[GATE]) if SCALING in leaves else None
-        return routing.lowrank_add(out, h, A, B, scale, route, sources=sources)
+        gemm = routing.base_gemm(call_base, module, x, A, B, *(sources or ()))
+        out = None if gemm is not None else call_base(x)
+        h = _dropout(entry, generator, x if x.dtype == A.dtype else x.to(A.dtype))
+        return routing.lowrank_add(out, h, A, B, scale, route, sources=sources, gemm=gemm, base_input=x)
 
     def merge(self, entry: Entry, leaves: Mapping[str, torch.Tensor], on: Any, weight: torch.Tensor) -> torch.Tensor:
         A, B = leaves["lora_A"], leaves["lora_B"]
