@@ -274,7 +274,7 @@ def gate_on(t: torch.Tensor) -> bool | torch.Tensor:
         and not torch._C._functorch.is_functorch_wrapped_tensor(t)
         and t.device.type == "cpu"
     ):
-        return bool(t != 0)
+        return t.item() != 0
     return t != 0
 
 

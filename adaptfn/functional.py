@@ -165,6 +165,11 @@ def _install(module: nn.Module) -> _Slot:
                 return base_forward(inp, *args, **kwargs)
         else:
             f = base_forward  # the bound forward itself: lets a method recognise a plain base layer
+        if len(slot.active) == 1:  # the common case, without building partials
+            method, entry, leaves, on, gen, route = slot.active[0]
+            if route is None:
+                return method.forward(entry, leaves, on, gen, f, module, x)
+            return method.forward(entry, leaves, on, gen, f, module, x, route=route)
         for method, entry, leaves, on, gen, route in slot.active:
             if route is None:
                 f = functools.partial(method.forward, entry, leaves, on, gen, f, module)
@@ -192,6 +197,7 @@ class FunctionalModel:
         self._routes = routes if routes is not None else (None,) * len(adapters)
         self._all = next((i for i, r in enumerate(self._routes) if isinstance(r, str)), None)
         self._key = tuple(a.structure_id for a in adapters)
+        self._all_routes: dict[tuple, torch.Tensor] = {}
         compiling = torch.compiler.is_compiling()
         hit = None if compiling else base.plans.get(self._key)
         if hit is not None and hit[0] == tuple(a.structure_key for a in adapters):
@@ -275,7 +281,7 @@ class FunctionalModel:
         args2 = tuple(rep(a) for a in args)
         kwargs2 = {k: rep(v) for k, v in kwargs.items()}
         dev = next((t.device for t in list(args2) + list(kwargs2.values()) if isinstance(t, torch.Tensor)), None)
-        route = torch.arange(n, device=dev).repeat_interleave(bsz)
+        route = self._all_route(n, bsz, dev)
         routes = tuple(route if j == i else r for j, r in enumerate(self._routes))
         out = self._run(params, attr, args2, kwargs2, routes)
 
@@ -285,6 +291,18 @@ class FunctionalModel:
             return t
 
         return _pytree.tree_map(split, out)
+
+    def _all_route(self, n: int, bsz: int, dev: Any) -> torch.Tensor:
+        """[0]*bsz + [1]*bsz + ...: made once per (n, bsz, device) outside inference mode, so kernels can
+        cache what they derive from it (an inference tensor has no version counter to validate a cache)."""
+        if torch.compiler.is_compiling():
+            return torch.arange(n, device=dev).repeat_interleave(bsz)
+        key = (n, bsz, str(dev))
+        hit = self._all_routes.get(key)
+        if hit is None:
+            with torch.inference_mode(False):
+                hit = self._all_routes[key] = torch.arange(n, device=dev).repeat_interleave(bsz)
+        return hit
 
     def __repr__(self) -> str:
         inner = ", ".join(repr(a) for a in self._adapters)

@@ -5,28 +5,35 @@ batch reshaped: OPT's MLP gets ``[batch * seq, d]`` rows and ``generate`` repeat
 (``repeat_interleave``); in both cases the rows of one batch row are contiguous, so the leading dimension
 is ``batch * k`` and the input is viewed as ``[batch, k * ..., d]``.
 
-Two kernels, chosen per call from the sizes (see bench/README.md for the measurements):
+Three kernels, chosen per call from the sizes (see bench/README.md for the measurements):
 
+* ``grouped``: the rows sorted by adapter into ``[G, k, ...]`` groups (G adapters that have rows, k slots
+  each, zero-weighted padding), two batched matmuls over the groups, and the result gathered back to row
+  order. Each used adapter's weights are read once and the FLOPs are the exact low-rank ones (plus the
+  padding): the choice for short rows (decode, short prompts) in inference. The grouping depends only on
+  the route, so it is computed once per route and cached.
 * ``dense``: one GEMM with every adapter's A for every row (``[M, N * r]``), a per-row mask, one GEMM
-  with every adapter's B. Wastes ``N`` x the A/B FLOPs but reads each adapter once and has no gathers:
-  the fast choice when rows are few (decode, short prompts).
+  with every adapter's B. Wastes ``N`` x the A/B FLOPs but has no gathers: for very few rows or
+  adapters, and under torch.func transforms (no data-dependent shapes).
 * ``gather``: ``A[idx]``, ``B[idx]`` per row and two batched matmuls: exact FLOPs, weights gathered
   per row; the choice for long rows.
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.weak import WeakIdKeyDictionary
 
 from .errors import ConfigError, IncompatibleAdapterError
 
-# use the dense kernel while (rows * tokens-per-row * adapters) <= DENSE_LIMIT * rows
+# use the dense kernel while (rows * tokens-per-row * adapters) <= DENSE_LIMIT * rows (transforms, autograd)
 DENSE_LIMIT = 64
+# inference: grouped while tokens-per-row <= GROUPED_TOKENS and the groups' padding at most doubles the rows
+GROUPED_TOKENS = 16
 
 
 def check_route(route: torch.Tensor, n: int) -> torch.Tensor:
@@ -80,35 +87,62 @@ class BaseGemm(NamedTuple):
     transposed: bool
 
 
+_LINEAR_FORWARD = nn.Linear.forward
+_transform_active = torch._C._functorch.peek_interpreter_stack  # not None inside vmap / grad / jvp
+
+
 def base_gemm(call_base: Any, module: nn.Module, x: Any, *others: torch.Tensor) -> BaseGemm | None:
     """The base layer's GEMM when an adapter may run it itself, accumulating into a buffer that already
     holds the adapter's low-rank part (see :func:`accumulate_base`); None when it may not.
 
     It may when ``call_base`` is the class's own forward of this exact ``nn.Linear`` (or transformers
     ``Conv1D``), nothing needs autograd, no torch.func transform, torch.compile or autocast is active,
-    and every tensor has one dtype and device. Otherwise the adapter calls ``call_base`` as usual."""
-    func = getattr(call_base, "__func__", None)
+    and every tensor has one dtype. Otherwise the adapter calls ``call_base`` as usual. (Runs once per
+    adapted module and call, so it is kept to cheap checks.)"""
     if getattr(call_base, "__self__", None) is not module:
         return None
     cls = type(module)
-    if cls is nn.Linear and func is nn.Linear.forward:
+    if cls is nn.Linear:
+        if call_base.__func__ is not _LINEAR_FORWARD:
+            return None
         transposed = False
-    elif func is cls.forward and cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers"):
+    elif call_base.__func__ is cls.forward and cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers"):
         transposed = True
     else:
         return None
+    if _transform_active() is not None or torch.compiler.is_compiling() or type(x) is not torch.Tensor:
+        return None
     w, b = module.weight, module.bias
-    if not isinstance(x, torch.Tensor) or x.dim() < 1 or type(w) not in (torch.Tensor, nn.Parameter):
+    if type(w) is not torch.Tensor and type(w) is not nn.Parameter:
         return None
-    ts = (x, w, *others) if b is None else (x, w, b, *others)
-    dt, dev = x.dtype, x.device
-    if any(t.dtype != dt or t.device != dev for t in ts) or torch.is_autocast_enabled(dev.type):
+    dt = x.dtype
+    if w.dtype != dt or (b is not None and b.dtype != dt) or x.dim() < 1:
         return None
-    if torch.compiler.is_compiling() or any(_wrapped(t) for t in ts):
+    for t in others:
+        if t.dtype != dt:
+            return None
+    if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or (b is not None and b.requires_grad)
+                                    or any(t.requires_grad for t in others)):
         return None
-    if torch.is_grad_enabled() and any(t.requires_grad for t in ts):
+    if torch.is_autocast_enabled(x.device.type):
         return None
     return BaseGemm(w, b, transposed)
+
+
+def lowrank_then_base(h: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: Any,
+                      gemm: BaseGemm) -> torch.Tensor:
+    """One LoRA module in inference: ``bias + s * (h A^T) B^T`` into a fresh buffer, then the base GEMM
+    ``x W^T`` accumulates into it. h, x: [..., in] (h is x after dropout). A: [r, in]. B: [out, r].
+    s: float or 0-d tensor. Returns [..., out]."""
+    h2 = F.linear(h, A).view(-1, A.shape[0])  # [M, r], fresh
+    bias = gemm.bias
+    if type(s) is float and bias is not None:
+        z = torch.addmm(bias, h2, B.T, alpha=s)
+    else:
+        if type(s) is not float or s != 1.0:
+            h2.mul_(s)
+        z = torch.mm(h2, B.T) if bias is None else torch.addmm(bias, h2, B.T)
+    return accumulate_base(z, x, gemm)
 
 
 def accumulate_base(z: torch.Tensor, x: torch.Tensor, gemm: BaseGemm) -> torch.Tensor:
@@ -120,57 +154,153 @@ def accumulate_base(z: torch.Tensor, x: torch.Tensor, gemm: BaseGemm) -> torch.T
     return z.view(*x.shape[:-1], z.shape[-1])
 
 
-def _wrapped(t: torch.Tensor) -> bool:
-    return torch._C._functorch.is_functorch_wrapped_tensor(t)
+class _DerivedCache:
+    """Tensors derived from other tensors (a re-laid-out B, row multipliers), keyed by those tensors'
+    identities and version counters: an in-place change misses, and an entry is dropped when one of its
+    tensors dies. A hit is one dict lookup; nothing is cached for inference tensors (no version counter),
+    tensors that need gradients, or under torch.func transforms / torch.compile."""
+
+    def __init__(self) -> None:
+        self._d: dict[tuple, tuple] = {}
+
+    @staticmethod
+    def usable(tensors: tuple[torch.Tensor, ...]) -> bool:
+        if _transform_active() is not None or torch.compiler.is_compiling():
+            return False
+        return not any(t.requires_grad or t.is_inference() for t in tensors)
+
+    def get(self, tensors: tuple[torch.Tensor, ...], extra: tuple = ()) -> torch.Tensor | None:
+        hit = self._d.get((*map(id, tensors), *extra))
+        if hit is None:
+            return None
+        refs, versions, value = hit
+        if _transform_active() is not None or torch.compiler.is_compiling():
+            return None
+        for ref, t, v in zip(refs, tensors, versions):
+            if ref() is not t or t._version != v or t.requires_grad:
+                return None
+        return value
+
+    def put(self, tensors: tuple[torch.Tensor, ...], extra: tuple, value: torch.Tensor) -> None:
+        if not self.usable(tensors):
+            return
+        key = (*map(id, tensors), *extra)
+        d = self._d
+
+        def drop(_: Any, key: tuple = key) -> None:
+            d.pop(key, None)
+
+        d[key] = (tuple(weakref.ref(t, drop) for t in tensors), tuple(t._version for t in tensors), value)
 
 
-_B_CAT: WeakIdKeyDictionary = WeakIdKeyDictionary()  # by tensor identity
+_B_CAT = _DerivedCache()
 
 
 def _b_cat(B: torch.Tensor) -> torch.Tensor:
-    """Stacked B [N, out, r] laid out as [out, N * r] for one GEMM. Cached per (tensor, version) when no
+    """Stacked B [N, out, r] as the [N * r, out] operand of one GEMM (a transposed view of an [out, N * r]
+    layout). Cached per (tensor, version) when no
     gradient flows through it (inference), so a fixed stack is re-laid out once, not at every call."""
+    hit = _B_CAT.get((B,))
+    if hit is not None:
+        return hit
     n, o, r = B.shape
-    cacheable = not B.requires_grad and not torch._C._functorch.is_functorch_wrapped_tensor(B) \
-        and not torch.compiler.is_compiling() and not torch.is_inference(B)
-    if cacheable:
-        hit = _B_CAT.get(B)
-        if hit is not None and hit[0] == B._version:
-            return hit[1]
     cat = B.permute(1, 0, 2).reshape(o, n * r)
-    if cacheable:
+    if _B_CAT.usable((B,)):
         if cat._base is not None:  # a view would keep B alive through the cache
             cat = cat.clone()
-        _B_CAT[B] = (B._version, cat)
-    return cat
+        _B_CAT.put((B,), (), cat.T)
+    return cat.T
 
 
-_PICK: WeakIdKeyDictionary = WeakIdKeyDictionary()  # route tensor -> {(sources, r, dtype): row multipliers}
+_PICK = _DerivedCache()
 
 
 def _dense_pick(scale: Any, idx: torch.Tensor, n: int, r: int, dtype: torch.dtype,
                 sources: tuple[torch.Tensor, ...] | None) -> torch.Tensor:
-    """Row multipliers [bsz, N*r] of the dense kernel: the row's own adapter's scale on its r columns, 0
+    """Row multipliers [bsz, 1, N*r] of the dense kernel: the row's own adapter's scale on its r columns, 0
     elsewhere. They depend only on the route and the scaling/gate leaves, so in inference they are
     cached per (route, leaves, versions) and the per-module work is one GEMM, one multiply, one GEMM."""
-    key = None
-    if sources is not None and not any(torch.is_inference(t) for t in (idx, *sources)):  # those have no version
-        key = (tuple((id(t), t._version) for t in sources), idx._version, r, dtype)
-        hit = _PICK.get(idx, {}).get(key)
-        if hit is not None and all(ref() is t for ref, t in zip(hit[0], sources)):
-            return hit[1]
+    keys = (idx, *sources) if sources is not None else None
+    if keys is not None:
+        hit = _PICK.get(keys, (r, dtype))
+        if hit is not None:
+            return hit
     s_all = scale() if callable(scale) else scale
     ic, s = row_scale(s_all.to(dtype), idx)
     pick = (ic[:, None] == torch.arange(n, device=ic.device)[None, :]).to(dtype) * s[:, None]
-    pick = pick.repeat_interleave(r, dim=1)
-    if key is not None:
-        import weakref
-
-        entry = _PICK.get(idx)
-        if entry is None or len(entry) > 256:
-            entry = _PICK[idx] = {}
-        entry[key] = (tuple(weakref.ref(t) for t in sources), pick)  # type: ignore[union-attr]
+    pick = pick.repeat_interleave(r, dim=1)[:, None, :]
+    if keys is not None:
+        _PICK.put(keys, (r, dtype), pick)
     return pick
+
+
+class _Groups:
+    """The rows of a route grouped by adapter (see the ``grouped`` kernel). Row-level and cached per route
+    tensor; token-level indices are derived per tokens-per-row ``L`` and kept here."""
+
+    __slots__ = ("used", "g", "k", "rows", "slot", "valid", "_tokens")
+
+    def __init__(self, idx: torch.Tensor, n: int) -> None:
+        bsz, dev = idx.shape[0], idx.device
+        ic = idx.clamp(min=0)  # rows routed to -1 ride along in adapter 0's group with weight 0
+        counts = torch.bincount(ic, minlength=n)
+        has = counts > 0
+        self.g, self.k = int(has.sum()), int(counts.max())
+        self.used = None if self.g == n else has.nonzero().squeeze(1)  # adapters with rows
+        gid = ic if self.used is None else (torch.cumsum(has, 0) - 1)[ic]  # group of each row
+        order = torch.argsort(gid, stable=True)
+        cnt = counts[has]
+        gs = gid[order]
+        sorted_slot = gs * self.k + torch.arange(bsz, device=dev) - (torch.cumsum(cnt, 0) - cnt)[gs]
+        self.slot = torch.empty_like(sorted_slot).index_copy_(0, order, sorted_slot)  # [bsz] slot of each row
+        self.rows = torch.zeros(self.g * self.k, dtype=torch.long, device=dev).index_copy_(
+            0, self.slot, torch.arange(bsz, device=dev))  # [G*k] row held by each slot (0: padding)
+        self.valid = torch.zeros(self.g * self.k, device=dev).index_copy_(
+            0, self.slot, (idx >= 0).float()).view(self.g, self.k)  # [G, k] 1: a routed row, 0: padding / -1
+        self._tokens: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def tokens(self, L: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(token row held by each slot [G*k*L], slot of each token row [bsz*L]) for L tokens per row."""
+        hit = self._tokens.get(L)
+        if hit is None:
+            ar = torch.arange(L, device=self.rows.device)
+            hit = self._tokens[L] = ((self.rows[:, None] * L + ar).view(-1), (self.slot[:, None] * L + ar).view(-1))
+        return hit
+
+
+_GROUPS = _DerivedCache()
+
+
+def _groups(idx: torch.Tensor, n: int) -> _Groups:
+    hit = _GROUPS.get((idx,), (n,))
+    if hit is None:
+        hit = _Groups(idx, n)
+        _GROUPS.put((idx,), (n,), hit)  # type: ignore[arg-type]
+    return hit  # type: ignore[return-value]
+
+
+def _grouped(xb: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s_all: torch.Tensor, grp: _Groups,
+             bias: torch.Tensor | None) -> torch.Tensor:
+    """The grouped kernel: ``bias + lowrank`` for xb [bsz, L, in] -> [bsz * L, out] (a fresh tensor)."""
+    L, d, o, r = xb.shape[1], xb.shape[2], B.shape[1], A.shape[1]
+    g, k = grp.g, grp.k
+    take, back = grp.tokens(L)
+    xs = xb.reshape(-1, d).index_select(0, take).view(g, k * L, d)
+    if grp.used is not None:
+        A, B, s_all = A.index_select(0, grp.used), B.index_select(0, grp.used), s_all.index_select(0, grp.used)
+    h = torch.bmm(xs, A.transpose(1, 2))  # [G, k*L, r]
+    h.view(g, k, L, r).mul_((grp.valid.to(h.dtype) * s_all.to(h.dtype)[:, None])[:, :, None, None])
+    bt = B.transpose(1, 2)
+    zs = torch.bmm(h, bt) if bias is None else torch.baddbmm(bias.expand(g, k * L, o), h, bt)
+    return zs.view(-1, o).index_select(0, back)
+
+
+def _grouped_ok(idx: torch.Tensor, n: int, L: int) -> _Groups | None:
+    """The grouping when the grouped kernel suits this call (short rows, little padding), else None."""
+    if L > GROUPED_TOKENS or _transform_active() is not None or torch.compiler.is_compiling():
+        return None
+    grp = _groups(idx, n)
+    return grp if grp.g * grp.k <= 2 * idx.shape[0] else None
 
 
 def lowrank_add(out: torch.Tensor | None, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: Any,
@@ -187,18 +317,28 @@ def lowrank_add(out: torch.Tensor | None, x: torch.Tensor, A: torch.Tensor, B: t
     bsz = idx.shape[0]
     xb = rows_view(x, bsz)
     n, r = A.shape[0], A.shape[1]
-    if kernel is None:
-        kernel = "dense" if xb.shape[1] * n <= DENSE_LIMIT else "gather"
     if gemm is None:
         assert out is not None
         if out.dtype != B.dtype or out.shape[:-1] != x.shape[:-1] or not in_place_ok(out, x, A, B, *(sources or ())):
             s_all = scale() if callable(scale) else scale
             return (out + lowrank(x, A, B, s_all, idx, kernel)).to(out.dtype)
     o, bias = B.shape[1], (gemm.bias if gemm is not None else None)
+    if kernel == "grouped":
+        grp: _Groups | None = _groups(idx, n)
+    else:
+        grp = _grouped_ok(idx, n, xb.shape[1]) if kernel is None and n * xb.shape[1] > 4 else None
+    if grp is not None:
+        s_all = scale() if callable(scale) else scale
+        z = _grouped(xb, A, B, s_all, grp, bias)
+        if gemm is None:
+            out.view(-1, o).add_(z)  # type: ignore[union-attr]
+            return out  # type: ignore[return-value]
+        return accumulate_base(z, x if base_input is None else base_input, gemm)
+    if kernel in (None, "grouped"):
+        kernel = "dense" if xb.shape[1] * n <= DENSE_LIMIT else "gather"
     if kernel == "dense":
-        h = F.linear(xb, A.reshape(n * r, A.shape[-1]))  # [bsz, L, N*r]
-        h = h * _dense_pick(scale, idx, n, r, h.dtype, sources)[:, None, :]
-        h2, bt = h.reshape(-1, n * r), _b_cat(B).T
+        h = F.linear(xb, A.view(n * r, A.shape[-1]))  # [bsz, L, N*r], fresh: scaled in place
+        h2, bt = h.mul_(_dense_pick(scale, idx, n, r, h.dtype, sources)).view(-1, n * r), _b_cat(B)
         if gemm is None:
             out.view(-1, o).addmm_(h2, bt)  # type: ignore[union-attr]
             return out  # type: ignore[return-value]
@@ -236,7 +376,7 @@ def lowrank(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: torch.Tens
         h = F.linear(xb, A.reshape(n * r, A.shape[-1]))  # [bsz, L, N*r]
         pick = (ic[:, None] == torch.arange(n, device=ic.device)[None, :]).to(h.dtype) * s[:, None]  # [bsz, N]
         h = h * pick.repeat_interleave(r, dim=1)[:, None, :]
-        delta = F.linear(h, _b_cat(B))
+        delta = h @ _b_cat(B)
     else:
         h = torch.bmm(xb, A[ic].transpose(1, 2)) * s[:, None, None]  # [bsz, L, r]
         delta = torch.bmm(h, B[ic].transpose(1, 2))  # [bsz, L, out]

@@ -5,6 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import BUILDERS, gen, ids_for
+from hypothesis import given, settings
+from hypothesis import strategies as hst
+from torch import nn
 
 import adaptfn as af
 from adaptfn import routing
@@ -189,7 +192,7 @@ def test_route_cached_row_multipliers_follow_masks_and_routes() -> None:
 
 
 @pytest.mark.parametrize("name", sorted(TARGETS))
-@pytest.mark.parametrize("kernel", ["dense", "gather"])
+@pytest.mark.parametrize("kernel", ["dense", "gather", "grouped"])
 def test_route_base_gemm_accumulating_equals_adding_after(name: str, kernel: str,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """The routed kernels also let the base GEMM accumulate into the low-rank buffer in inference; with
@@ -213,3 +216,64 @@ def test_route_base_gemm_accumulating_equals_adding_after(name: str, kernel: str
             outs.append(af.inject(fn, st, route=idx, generator=gen(7))(params, input_ids=ids).logits)
         assert seen and all(s is fused for s in seen)
     assert _rel(outs[0], outs[1]) <= 1e-5
+
+
+def _reference(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: torch.Tensor,
+               idx: torch.Tensor) -> torch.Tensor:
+    bsz = idx.shape[0]
+    xb = x.reshape(bsz, -1, x.shape[-1])
+    want = torch.zeros(*xb.shape[:2], B.shape[1], dtype=torch.float64)
+    for i, j in enumerate(idx.tolist()):
+        if j >= 0:
+            want[i] = scale[j].double() * xb[i].double() @ A[j].double().T @ B[j].double().T
+    return want.reshape(*x.shape[:-1], B.shape[1])
+
+
+@given(bsz=hst.integers(1, 9), tokens=hst.integers(1, 5), n=hst.integers(1, 6), r=hst.integers(1, 4),
+       seed=hst.integers(0, 2**16), kernel=hst.sampled_from([None, "dense", "gather", "grouped"]),
+       fused=hst.booleans())
+@settings(max_examples=60, deadline=None)
+def test_inference_kernels_equal_the_per_row_reference(bsz: int, tokens: int, n: int, r: int, seed: int,
+                                                       kernel: str | None, fused: bool) -> None:
+    """Every kernel, adding into the base output or with the base GEMM accumulating into it, on random
+    routes (-1 rows, adapters with no rows, skewed groups) equals the per-row float64 reference."""
+    g = gen(seed)
+    d_in, d_out = 11, 7
+    x = torch.randn(bsz * tokens, d_in, generator=g)  # [bsz * k, in], like OPT's flattened MLP input
+    A, B = torch.randn(n, r, d_in, generator=g), torch.randn(n, d_out, r, generator=g)
+    scale = torch.rand(n, generator=g) + 0.5
+    idx = torch.randint(-1, n, (bsz,), generator=g)
+    lin = nn.Linear(d_in, d_out)
+    want = _reference(x, A, B, scale, idx) + (x @ lin.weight.T + lin.bias).double().detach()
+    with torch.no_grad():
+        if fused:
+            gemm = routing.base_gemm(lin.forward, lin, x, A, B)
+            assert gemm is not None
+            got = routing.lowrank_add(None, x, A, B, scale, idx, kernel=kernel, gemm=gemm)
+        else:
+            got = routing.lowrank_add(lin(x), x, A, B, scale, idx, kernel=kernel)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_grouping_cache_follows_the_route_and_its_changes() -> None:
+    """The grouped kernel's row grouping is cached per route tensor; an in-place change to the route is a
+    new grouping, and an inference-mode route (no version counter) is grouped afresh every call."""
+    g = gen(9)
+    x = torch.randn(6, 2, 11, generator=g)
+    A, B = torch.randn(3, 2, 11, generator=g), torch.randn(3, 5, 2, generator=g)
+    scale = torch.tensor([1.0, 2.0, 3.0])
+    idx = torch.tensor([0, 2, 2, -1, 1, 0])
+    with torch.no_grad():
+        first = routing.lowrank_add(torch.zeros(6, 2, 5), x, A, B, scale, idx, kernel="grouped")
+        idx[1] = 0  # same tensor, new version
+        second = routing.lowrank_add(torch.zeros(6, 2, 5), x, A, B, scale, idx, kernel="grouped")
+    old = torch.tensor([0, 2, 2, -1, 1, 0])
+    torch.testing.assert_close(first.double(), _reference(x, A, B, scale, old), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(second.double(), _reference(x, A, B, scale, idx), rtol=1e-5, atol=1e-5)
+    with torch.inference_mode():
+        frozen = torch.tensor([1, 1, 1, 1, 1, 1])
+        third = routing.lowrank_add(torch.zeros(6, 2, 5), x, A, B, scale, frozen, kernel="grouped")
+        frozen[0] = 2
+        fourth = routing.lowrank_add(torch.zeros(6, 2, 5), x, A, B, scale, frozen, kernel="grouped")
+    torch.testing.assert_close(third.double(), _reference(x, A, B, scale, torch.tensor([1] * 6)), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fourth.double(), _reference(x, A, B, scale, frozen.clone()), rtol=1e-5, atol=1e-5)

@@ -206,12 +206,8 @@ class Lora:
         if gemm is not None:
             # inference on a plain Linear / Conv1D: bias + s * (x A^T) B^T first, then the base GEMM
             # accumulates into that buffer (one pass over [..., out] fewer than adding afterwards)
-            h2 = F.linear(_dropout(entry, generator, x), A).reshape(-1, A.shape[0])  # [M, r]
-            if not (isinstance(s, float) and s == 1.0):
-                h2 = h2 * s
-            bias = gemm.bias
-            z = torch.mm(h2, B.T) if bias is None else torch.addmm(bias, h2, B.T)
-            return routing.accumulate_base(z, x, gemm)
+            h = x if generator is None else _dropout(entry, generator, x)
+            return routing.lowrank_then_base(h, x, A, B, s, gemm)
         out = call_base(x)
         if entry.kind == "embedding":
             m: Any = module
