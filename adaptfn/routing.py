@@ -10,8 +10,9 @@ Three kernels, chosen per call from the sizes (see bench/README.md for the measu
 * ``grouped``: the rows sorted by adapter into ``[G, k, ...]`` groups (G adapters that have rows, k slots
   each, zero-weighted padding), two batched matmuls over the groups, and the result gathered back to row
   order. Each used adapter's weights are read once and the FLOPs are the exact low-rank ones (plus the
-  padding): the choice for short rows (decode, short prompts) in inference. The grouping depends only on
-  the route, so it is computed once per route and cached.
+  padding): the choice for short rows (decode, short prompts) in inference, and for any row length when
+  the route is already sorted into equal groups (``route="all"``): then nothing is gathered at all. The
+  grouping depends only on the route, so it is computed once per route and cached.
 * ``dense``: one GEMM with every adapter's A for every row (``[M, N * r]``), a per-row mask, one GEMM
   with every adapter's B. Wastes ``N`` x the A/B FLOPs but has no gathers: for very few rows or
   adapters, and under torch.func transforms (no data-dependent shapes).
@@ -32,7 +33,8 @@ from .errors import ConfigError, IncompatibleAdapterError
 
 # use the dense kernel while (rows * tokens-per-row * adapters) <= DENSE_LIMIT * rows (transforms, autograd)
 DENSE_LIMIT = 64
-# inference: grouped while tokens-per-row <= GROUPED_TOKENS and the groups' padding at most doubles the rows
+# inference: grouped when the rows are already grouped by adapter, or while tokens-per-row <= GROUPED_TOKENS
+# and the groups' padding at most doubles the rows
 GROUPED_TOKENS = 16
 
 
@@ -238,7 +240,7 @@ class _Groups:
     """The rows of a route grouped by adapter (see the ``grouped`` kernel). Row-level and cached per route
     tensor; token-level indices are derived per tokens-per-row ``L`` and kept here."""
 
-    __slots__ = ("used", "g", "k", "rows", "slot", "valid", "_tokens")
+    __slots__ = ("used", "g", "k", "rows", "slot", "valid", "identity", "_tokens")
 
     def __init__(self, idx: torch.Tensor, n: int) -> None:
         bsz, dev = idx.shape[0], idx.device
@@ -257,6 +259,8 @@ class _Groups:
             0, self.slot, torch.arange(bsz, device=dev))  # [G*k] row held by each slot (0: padding)
         self.valid = torch.zeros(self.g * self.k, device=dev).index_copy_(
             0, self.slot, (idx >= 0).float()).view(self.g, self.k)  # [G, k] 1: a routed row, 0: padding / -1
+        # rows already sorted by adapter in equal groups (route="all", sorted routes): no gathers at all
+        self.identity = self.g * self.k == bsz and bool((self.slot == torch.arange(bsz, device=dev)).all())
         self._tokens: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def tokens(self, L: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -284,23 +288,29 @@ def _grouped(xb: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s_all: torch.Te
     """The grouped kernel: ``bias + lowrank`` for xb [bsz, L, in] -> [bsz * L, out] (a fresh tensor)."""
     L, d, o, r = xb.shape[1], xb.shape[2], B.shape[1], A.shape[1]
     g, k = grp.g, grp.k
-    take, back = grp.tokens(L)
-    xs = xb.reshape(-1, d).index_select(0, take).view(g, k * L, d)
+    if grp.identity:
+        xs = xb.reshape(g, k * L, d)
+    else:
+        take, back = grp.tokens(L)
+        xs = xb.reshape(-1, d).index_select(0, take).view(g, k * L, d)
     if grp.used is not None:
         A, B, s_all = A.index_select(0, grp.used), B.index_select(0, grp.used), s_all.index_select(0, grp.used)
     h = torch.bmm(xs, A.transpose(1, 2))  # [G, k*L, r]
     h.view(g, k, L, r).mul_((grp.valid.to(h.dtype) * s_all.to(h.dtype)[:, None])[:, :, None, None])
     bt = B.transpose(1, 2)
     zs = torch.bmm(h, bt) if bias is None else torch.baddbmm(bias.expand(g, k * L, o), h, bt)
-    return zs.view(-1, o).index_select(0, back)
+    return zs.view(-1, o) if grp.identity else zs.view(-1, o).index_select(0, back)
 
 
 def _grouped_ok(idx: torch.Tensor, n: int, L: int) -> _Groups | None:
-    """The grouping when the grouped kernel suits this call (short rows, little padding), else None."""
-    if L > GROUPED_TOKENS or _transform_active() is not None or torch.compiler.is_compiling():
+    """The grouping when the grouped kernel suits this call, else None: rows already grouped (any length),
+    or short rows with little padding."""
+    if _transform_active() is not None or torch.compiler.is_compiling():
         return None
     grp = _groups(idx, n)
-    return grp if grp.g * grp.k <= 2 * idx.shape[0] else None
+    if grp.identity or (L <= GROUPED_TOKENS and grp.g * grp.k <= 2 * idx.shape[0]):
+        return grp
+    return None
 
 
 def lowrank_add(out: torch.Tensor | None, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: Any,

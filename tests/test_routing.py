@@ -277,3 +277,26 @@ def test_grouping_cache_follows_the_route_and_its_changes() -> None:
         fourth = routing.lowrank_add(torch.zeros(6, 2, 5), x, A, B, scale, frozen, kernel="grouped")
     torch.testing.assert_close(third.double(), _reference(x, A, B, scale, torch.tensor([1] * 6)), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(fourth.double(), _reference(x, A, B, scale, frozen.clone()), rtol=1e-5, atol=1e-5)
+
+
+def test_sorted_equal_groups_need_no_gathers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A route already sorted into equal groups (what route="all" builds) takes the grouped kernel at any
+    row length, with no index_select at all, and equals the per-row reference."""
+    g = gen(11)
+    x = torch.randn(6 * 40, 11, generator=g)  # 40 tokens per row: longer than GROUPED_TOKENS
+    A, B = torch.randn(3, 4, 11, generator=g), torch.randn(3, 7, 4, generator=g)
+    scale = torch.tensor([0.5, 2.0, 1.5])
+    idx = torch.tensor([0, 0, 1, 1, 2, 2])
+    lin = nn.Linear(11, 7)
+    calls = []
+    real = torch.Tensor.index_select
+    monkeypatch.setattr(torch.Tensor, "index_select", lambda *a, **k: calls.append(1) or real(*a, **k))
+    grouped = routing._grouped
+    used = []
+    monkeypatch.setattr(routing, "_grouped", lambda *a: used.append(1) or grouped(*a))
+    with torch.no_grad():
+        gemm = routing.base_gemm(lin.forward, lin, x, A, B)
+        got = routing.lowrank_add(None, x, A, B, scale, idx, gemm=gemm)
+        want = _reference(x, A, B, scale, idx) + (x @ lin.weight.T + lin.bias).double()
+    assert routing._groups(idx, 3).identity and used and not calls
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
