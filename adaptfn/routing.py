@@ -283,9 +283,28 @@ def _groups(idx: torch.Tensor, n: int) -> _Groups:
     return hit  # type: ignore[return-value]
 
 
-def _grouped(xb: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s_all: torch.Tensor, grp: _Groups,
+def _group_scale(scale: Any, idx: torch.Tensor, grp: _Groups, dtype: torch.dtype,
+                 sources: tuple[torch.Tensor, ...] | None) -> torch.Tensor:
+    """Slot multipliers [G, k, 1, 1] of the grouped kernel: the slot's adapter's scale, 0 for padding and
+    rows routed to -1. Cached like the dense kernel's row multipliers (per route and scaling/gate leaves)."""
+    keys = (idx, *sources) if sources is not None else None
+    if keys is not None:
+        hit = _PICK.get(keys, ("grouped", dtype))
+        if hit is not None:
+            return hit
+    s_all = scale() if callable(scale) else scale
+    if grp.used is not None:
+        s_all = s_all.index_select(0, grp.used)
+    ss = (grp.valid.to(dtype) * s_all.to(dtype)[:, None])[:, :, None, None]
+    if keys is not None:
+        _PICK.put(keys, ("grouped", dtype), ss)
+    return ss
+
+
+def _grouped(xb: torch.Tensor, A: torch.Tensor, B: torch.Tensor, ss: torch.Tensor, grp: _Groups,
              bias: torch.Tensor | None) -> torch.Tensor:
-    """The grouped kernel: ``bias + lowrank`` for xb [bsz, L, in] -> [bsz * L, out] (a fresh tensor)."""
+    """The grouped kernel: ``bias + lowrank`` for xb [bsz, L, in] -> [bsz * L, out] (a fresh tensor); ss:
+    the slot multipliers from :func:`_group_scale`."""
     L, d, o, r = xb.shape[1], xb.shape[2], B.shape[1], A.shape[1]
     g, k = grp.g, grp.k
     if grp.identity:
@@ -294,9 +313,9 @@ def _grouped(xb: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s_all: torch.Te
         take, back = grp.tokens(L)
         xs = xb.reshape(-1, d).index_select(0, take).view(g, k * L, d)
     if grp.used is not None:
-        A, B, s_all = A.index_select(0, grp.used), B.index_select(0, grp.used), s_all.index_select(0, grp.used)
+        A, B = A.index_select(0, grp.used), B.index_select(0, grp.used)
     h = torch.bmm(xs, A.transpose(1, 2))  # [G, k*L, r]
-    h.view(g, k, L, r).mul_((grp.valid.to(h.dtype) * s_all.to(h.dtype)[:, None])[:, :, None, None])
+    h.view(g, k, L, r).mul_(ss)
     bt = B.transpose(1, 2)
     zs = torch.bmm(h, bt) if bias is None else torch.baddbmm(bias.expand(g, k * L, o), h, bt)
     return zs.view(-1, o) if grp.identity else zs.view(-1, o).index_select(0, back)
@@ -338,8 +357,7 @@ def lowrank_add(out: torch.Tensor | None, x: torch.Tensor, A: torch.Tensor, B: t
     else:
         grp = _grouped_ok(idx, n, xb.shape[1]) if kernel is None and n * xb.shape[1] > 4 else None
     if grp is not None:
-        s_all = scale() if callable(scale) else scale
-        z = _grouped(xb, A, B, s_all, grp, bias)
+        z = _grouped(xb, A, B, _group_scale(scale, idx, grp, x.dtype, sources), grp, bias)
         if gemm is None:
             out.view(-1, o).add_(z)  # type: ignore[union-attr]
             return out  # type: ignore[return-value]
