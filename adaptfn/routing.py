@@ -158,9 +158,11 @@ def accumulate_base(z: torch.Tensor, x: torch.Tensor, gemm: BaseGemm) -> torch.T
 
 class _DerivedCache:
     """Tensors derived from other tensors (a re-laid-out B, row multipliers), keyed by those tensors'
-    identities and version counters: an in-place change misses, and an entry is dropped when one of its
-    tensors dies. A hit is one dict lookup; nothing is cached for inference tensors (no version counter),
-    tensors that need gradients, or under torch.func transforms / torch.compile."""
+    identities and version counters: an in-place change misses (writes through ``.data`` bypass version
+    counters and are not seen, as with autograd), and an entry is dropped when one of its tensors dies.
+    A hit is one dict lookup; nothing is cached for inference tensors (no version counter), tensors that
+    need gradients, or under torch.func transforms / torch.compile; a value made under inference_mode is
+    not returned to a call that records autograd."""
 
     def __init__(self) -> None:
         self._d: dict[tuple, tuple] = {}
@@ -181,6 +183,9 @@ class _DerivedCache:
         for ref, t, v in zip(refs, tensors, versions):
             if ref() is not t or t._version != v or t.requires_grad:
                 return None
+        if (isinstance(value, torch.Tensor) and value.is_inference() and torch.is_grad_enabled()
+                and not torch.is_inference_mode_enabled()):
+            return None  # made under inference_mode: autograd may not save it (recomputed, not cached)
         return value
 
     def put(self, tensors: tuple[torch.Tensor, ...], extra: tuple, value: torch.Tensor) -> None:
@@ -365,7 +370,7 @@ def lowrank_add(out: torch.Tensor | None, x: torch.Tensor, A: torch.Tensor, B: t
     if kernel in (None, "grouped"):
         kernel = "dense" if xb.shape[1] * n <= DENSE_LIMIT else "gather"
     if kernel == "dense":
-        h = F.linear(xb, A.view(n * r, A.shape[-1]))  # [bsz, L, N*r], fresh: scaled in place
+        h = F.linear(xb, A.reshape(n * r, A.shape[-1]))  # [bsz, L, N*r], fresh: scaled in place
         h2, bt = h.mul_(_dense_pick(scale, idx, n, r, h.dtype, sources)).view(-1, n * r), _b_cat(B)
         if gemm is None:
             out.view(-1, o).addmm_(h2, bt)  # type: ignore[union-attr]

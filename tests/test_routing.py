@@ -300,3 +300,28 @@ def test_sorted_equal_groups_need_no_gathers(monkeypatch: pytest.MonkeyPatch) ->
         want = _reference(x, A, B, scale, idx) + (x @ lin.weight.T + lin.bias).double()
     assert routing._groups(idx, 3).identity and used and not calls
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_non_contiguous_stack_and_inference_made_caches() -> None:
+    """A strided sub-stack (non-contiguous leaves) routes correctly in inference; caches filled under
+    inference_mode are not handed to a later autograd call (it trains and gets gradients)."""
+    import optree
+
+    model, fn, params, ads, st = _stack("llama", n=4)
+    sub = optree.tree_map(lambda t: t[::2], st, namespace="adaptfn")  # adapters 0 and 2
+    ids = ids_for(model, batch=3, seq=2)
+    route = torch.tensor([1, 0, -1])
+    with torch.no_grad():
+        out = af.inject(fn, sub, route=route)(params, input_ids=ids).logits
+        for i, j in enumerate([2, 0, -1]):
+            alone = (af.inject(fn, ads[j]) if j >= 0 else fn)(params, input_ids=ids[i:i + 1]).logits[0]
+            assert _rel(out[i], alone) <= 1e-5
+    g = af.inject(fn, st, route=torch.tensor([0, 3, 1]))
+    ids1 = ids_for(model, batch=3, seq=1)
+    emb = model.get_input_embeddings().weight[ids1].detach()
+    with torch.inference_mode():
+        first = g(params, inputs_embeds=emb).logits
+    emb = emb.clone().requires_grad_()
+    out = g(params, inputs_embeds=emb).logits
+    out.sum().backward()
+    assert emb.grad is not None and _rel(out.detach(), first) <= 1e-5

@@ -243,7 +243,7 @@ class Lora:
             out = call_base(x)
             return (out + routing.embedding_lowrank(x, A, B, scale(), route)).to(out.dtype)
         sources = (leaves[SCALING], leaves[GATE]) if SCALING in leaves else None
-        gemm = routing.base_gemm(call_base, module, x, A, B, *(sources or ()))
+        gemm = routing.base_gemm(call_base, module, x, A, B)  # scaling / gate enter detached: not checked
         out = None if gemm is not None else call_base(x)
         h = _dropout(entry, generator, x if x.dtype == A.dtype else x.to(A.dtype))
         return routing.lowrank_add(out, h, A, B, scale, route, sources=sources, gemm=gemm, base_input=x)
