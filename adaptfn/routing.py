@@ -199,6 +199,16 @@ class _DerivedCache:
 
         d[key] = (tuple(weakref.ref(t, drop) for t in tensors), tuple(t._version for t in tensors), value)
 
+    def memo(self, tensors: tuple[torch.Tensor, ...] | None, extra: tuple, make: Any) -> Any:
+        """``make()``, cached under ``tensors`` (None: not cached)."""
+        if tensors is None:
+            return make()
+        hit = self.get(tensors, extra)
+        if hit is None:
+            hit = make()
+            self.put(tensors, extra, hit)
+        return hit
+
 
 _B_CAT = _DerivedCache()
 
@@ -227,18 +237,13 @@ def _dense_pick(scale: Any, idx: torch.Tensor, n: int, r: int, dtype: torch.dtyp
     """Row multipliers [bsz, 1, N*r] of the dense kernel: the row's own adapter's scale on its r columns, 0
     elsewhere. They depend only on the route and the scaling/gate leaves, so in inference they are
     cached per (route, leaves, versions) and the per-module work is one GEMM, one multiply, one GEMM."""
-    keys = (idx, *sources) if sources is not None else None
-    if keys is not None:
-        hit = _PICK.get(keys, (r, dtype))
-        if hit is not None:
-            return hit
-    s_all = scale() if callable(scale) else scale
-    ic, s = row_scale(s_all.to(dtype), idx)
-    pick = (ic[:, None] == torch.arange(n, device=ic.device)[None, :]).to(dtype) * s[:, None]
-    pick = pick.repeat_interleave(r, dim=1)[:, None, :]
-    if keys is not None:
-        _PICK.put(keys, (r, dtype), pick)
-    return pick
+    def make() -> torch.Tensor:
+        s_all = scale() if callable(scale) else scale
+        ic, s = row_scale(s_all.to(dtype), idx)
+        pick = (ic[:, None] == torch.arange(n, device=ic.device)[None, :]).to(dtype) * s[:, None]
+        return pick.repeat_interleave(r, dim=1)[:, None, :]
+
+    return _PICK.memo((idx, *sources) if sources is not None else None, (r, dtype), make)
 
 
 class _Groups:
@@ -281,29 +286,20 @@ _GROUPS = _DerivedCache()
 
 
 def _groups(idx: torch.Tensor, n: int) -> _Groups:
-    hit = _GROUPS.get((idx,), (n,))
-    if hit is None:
-        hit = _Groups(idx, n)
-        _GROUPS.put((idx,), (n,), hit)  # type: ignore[arg-type]
-    return hit  # type: ignore[return-value]
+    return _GROUPS.memo((idx,), (n,), lambda: _Groups(idx, n))
 
 
 def _group_scale(scale: Any, idx: torch.Tensor, grp: _Groups, dtype: torch.dtype,
                  sources: tuple[torch.Tensor, ...] | None) -> torch.Tensor:
     """Slot multipliers [G, k, 1, 1] of the grouped kernel: the slot's adapter's scale, 0 for padding and
     rows routed to -1. Cached like the dense kernel's row multipliers (per route and scaling/gate leaves)."""
-    keys = (idx, *sources) if sources is not None else None
-    if keys is not None:
-        hit = _PICK.get(keys, ("grouped", dtype))
-        if hit is not None:
-            return hit
-    s_all = scale() if callable(scale) else scale
-    if grp.used is not None:
-        s_all = s_all.index_select(0, grp.used)
-    ss = (grp.valid.to(dtype) * s_all.to(dtype)[:, None])[:, :, None, None]
-    if keys is not None:
-        _PICK.put(keys, ("grouped", dtype), ss)
-    return ss
+    def make() -> torch.Tensor:
+        s_all = scale() if callable(scale) else scale
+        if grp.used is not None:
+            s_all = s_all.index_select(0, grp.used)
+        return (grp.valid.to(dtype) * s_all.to(dtype)[:, None])[:, :, None, None]
+
+    return _PICK.memo((idx, *sources) if sources is not None else None, ("grouped", dtype), make)
 
 
 def _grouped(xb: torch.Tensor, A: torch.Tensor, B: torch.Tensor, ss: torch.Tensor, grp: _Groups,
@@ -357,6 +353,7 @@ def lowrank_add(out: torch.Tensor | None, x: torch.Tensor, A: torch.Tensor, B: t
             s_all = scale() if callable(scale) else scale
             return (out + lowrank(x, A, B, s_all, idx, kernel)).to(out.dtype)
     o, bias = B.shape[1], (gemm.bias if gemm is not None else None)
+    base_x = x if base_input is None else base_input
     if kernel == "grouped":
         grp: _Groups | None = _groups(idx, n)
     else:
@@ -366,8 +363,8 @@ def lowrank_add(out: torch.Tensor | None, x: torch.Tensor, A: torch.Tensor, B: t
         if gemm is None:
             out.view(-1, o).add_(z)  # type: ignore[union-attr]
             return out  # type: ignore[return-value]
-        return accumulate_base(z, x if base_input is None else base_input, gemm)
-    if kernel in (None, "grouped"):
+        return accumulate_base(z, base_x, gemm)
+    if kernel is None:
         kernel = "dense" if xb.shape[1] * n <= DENSE_LIMIT else "gather"
     if kernel == "dense":
         h = F.linear(xb, A.reshape(n * r, A.shape[-1]))  # [bsz, L, N*r], fresh: scaled in place
@@ -376,7 +373,7 @@ def lowrank_add(out: torch.Tensor | None, x: torch.Tensor, A: torch.Tensor, B: t
             out.view(-1, o).addmm_(h2, bt)  # type: ignore[union-attr]
             return out  # type: ignore[return-value]
         z = torch.mm(h2, bt) if bias is None else torch.addmm(bias, h2, bt)
-        return accumulate_base(z, x if base_input is None else base_input, gemm)
+        return accumulate_base(z, base_x, gemm)
     s_all = scale() if callable(scale) else scale
     ic, s = row_scale(s_all.to(x.dtype), idx)
     h = torch.bmm(xb, A[ic].transpose(1, 2)) * s[:, None, None]  # [bsz, L, r]
@@ -385,7 +382,7 @@ def lowrank_add(out: torch.Tensor | None, x: torch.Tensor, A: torch.Tensor, B: t
         out.view(bsz, -1, o).baddbmm_(h, bt)  # type: ignore[union-attr]
         return out  # type: ignore[return-value]
     z = torch.bmm(h, bt) if bias is None else torch.baddbmm(bias.expand(bsz, h.shape[1], o), h, bt)
-    return accumulate_base(z.view(-1, o), x if base_input is None else base_input, gemm)
+    return accumulate_base(z.view(-1, o), base_x, gemm)
 
 
 def lowrank(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: torch.Tensor, idx: torch.Tensor,
@@ -402,15 +399,13 @@ def lowrank(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: torch.Tens
     bsz = idx.shape[0]
     xb = rows_view(x, bsz)
     n, r = A.shape[0], A.shape[1]
-    ic, s = row_scale(scale.to(x.dtype), idx)
     if kernel is None:
         kernel = "dense" if xb.shape[1] * n <= DENSE_LIMIT else "gather"
     if kernel == "dense":
         h = F.linear(xb, A.reshape(n * r, A.shape[-1]))  # [bsz, L, N*r]
-        pick = (ic[:, None] == torch.arange(n, device=ic.device)[None, :]).to(h.dtype) * s[:, None]  # [bsz, N]
-        h = h * pick.repeat_interleave(r, dim=1)[:, None, :]
-        delta = h @ _b_cat(B)
+        delta = (h * _dense_pick(scale, idx, n, r, h.dtype, None)) @ _b_cat(B)
     else:
+        ic, s = row_scale(scale.to(x.dtype), idx)
         h = torch.bmm(xb, A[ic].transpose(1, 2)) * s[:, None, None]  # [bsz, L, r]
         delta = torch.bmm(h, B[ic].transpose(1, 2))  # [bsz, L, out]
     return delta.reshape(*x.shape[:-1], B.shape[1])
