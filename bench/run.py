@@ -87,15 +87,18 @@ def _inference(dev: torch.device):
     return wrap
 
 
-def scenario_unmerged(w: Workload) -> Result:
-    args, ids, dev = w.args, w.ids, w.device
-    run = _inference(dev)
-
-    med = interleaved({
+def _base_peft_adaptfn(w: Workload, ids: torch.Tensor, repeats: int, warmup: int) -> dict[str, float]:
+    """Medians of the base model, PEFT unmerged and adaptfn ``inject`` on ``ids``, interleaved."""
+    run = _inference(w.device)
+    return interleaved({
         "base": run(lambda: w.base(input_ids=ids, use_cache=False)),
         "peft": run(lambda: w.peft_model(input_ids=ids, use_cache=False)),
         "adaptfn": run(lambda: w.g(w.params, input_ids=ids, use_cache=False)),
-    }, args.repeats, args.warmup)
+    }, repeats, warmup)
+
+
+def scenario_unmerged(w: Workload) -> Result:
+    med = _base_peft_adaptfn(w, w.ids, w.args.repeats, w.args.warmup)
     return Result("1 unmerged forward", med,
                   {"adaptfn/peft": med["adaptfn"] / med["peft"], "adaptfn/base": med["adaptfn"] / med["base"]},
                   {"adaptfn/peft": 0.97, "adaptfn/base": 1.08}, extra={"rel_err_vs_peft": w.check_same()})
@@ -117,14 +120,7 @@ def scenario_merged(w: Workload) -> Result:
 
 
 def scenario_decode(w: Workload) -> Result:
-    args, ids, dev = w.args, w.ids1, w.device
-    run = _inference(dev)
-
-    med = interleaved({
-        "base": run(lambda: w.base(input_ids=ids, use_cache=False)),
-        "peft": run(lambda: w.peft_model(input_ids=ids, use_cache=False)),
-        "adaptfn": run(lambda: w.g(w.params, input_ids=ids, use_cache=False)),
-    }, args.repeats * 4, args.warmup * 4)
+    med = _base_peft_adaptfn(w, w.ids1, w.args.repeats * 4, w.args.warmup * 4)
     return Result("3 decode call (1x1)", med,
                   {"adaptfn/peft": med["adaptfn"] / med["peft"], "adaptfn/base": med["adaptfn"] / med["base"]},
                   {"adaptfn/peft": 1.0})
