@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.nn.utils.stateless import _reparametrize_module
 
-from . import quant
+from . import quant, routing
 from .adapter import GATE, Adapter, gate_on
 from .errors import ConfigError, IncompatibleAdapterError, shape_str
 from .methods import get_method
@@ -283,7 +283,8 @@ class FunctionalModel:
         dev = next((t.device for t in list(args2) + list(kwargs2.values()) if isinstance(t, torch.Tensor)), None)
         route = self._all_route(n, bsz, dev)
         routes = tuple(route if j == i else r for j, r in enumerate(self._routes))
-        out = self._run(params, attr, args2, kwargs2, routes)
+        with routing.same_inputs(route):
+            out = self._run(params, attr, args2, kwargs2, routes)
 
         def split(t: Any) -> Any:
             if isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] % n == 0 and t.shape[0] >= n * bsz:

@@ -13,6 +13,9 @@ Three kernels, chosen per call from the sizes (see bench/README.md for the measu
   padding): the choice for short rows (decode, short prompts) in inference, and for any row length when
   the route is already sorted into equal groups (``route="all"``): then nothing is gathered at all. The
   grouping depends only on the route, so it is computed once per route and cached.
+* ``shared`` (``route="all"`` only, see :func:`same_inputs`): while the adapters' copies of the batch are
+  still equal at an adapted module (every module before the first adapted one's output), its base GEMM
+  and the A side run once on one copy; only the B side is per adapter.
 * ``dense``: one GEMM with every adapter's A for every row (``[M, N * r]``), a per-row mask, one GEMM
   with every adapter's B. Wastes ``N`` x the A/B FLOPs but has no gathers: for very few rows or
   adapters, and under torch.func transforms (no data-dependent shapes).
@@ -22,7 +25,10 @@ Three kernels, chosen per call from the sizes (see bench/README.md for the measu
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import weakref
+from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import torch
@@ -333,6 +339,55 @@ def _grouped_ok(idx: torch.Tensor, n: int, L: int) -> _Groups | None:
     return None
 
 
+class _AllCall:
+    """A ``route="all"`` call in progress on this thread: its route, and whether the adapters' copies of the
+    batch may still be equal (False from the first adapted module whose input differs between them)."""
+
+    __slots__ = ("route", "open")
+
+    def __init__(self, route: torch.Tensor) -> None:
+        self.route, self.open = route, True
+
+
+_ALL = threading.local()
+
+
+@contextlib.contextmanager
+def same_inputs(route: torch.Tensor) -> Iterator[None]:
+    """Within this block ``route`` routes a batch that repeats the same inputs once per adapter (``route="all"``
+    builds it so). Until the first adapted module whose input differs between the copies, adapted plain
+    Linear / Conv1D modules check (exactly, ``torch.equal``) that their input's copies are equal and then
+    run the base GEMM and the A side on one copy (layer 0's q/k/v of a transformer: 1/N of their base
+    FLOPs). A failed check ends the checks for the call; the output is the same either way."""
+    prev = getattr(_ALL, "call", None)
+    _ALL.call = _AllCall(route)
+    try:
+        yield
+    finally:
+        _ALL.call = prev
+
+
+def _shared(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: Any, gemm: BaseGemm,
+            call: _AllCall) -> torch.Tensor | None:
+    """The ``shared`` kernel: x [N * T..., in] holds N equal copies of [T, in] (checked here; None and the
+    call's checks end if not). Returns ``bias + x0 W^T + s_n (x0 A_n^T) B_n^T`` as [*x.shape[:-1], out]."""
+    n, r, o = A.shape[0], A.shape[1], B.shape[1]
+    xg = x.reshape(n, -1, x.shape[-1])
+    x0 = xg[0]  # [T, in]
+    # torch.equal stops at the first difference: a call whose copies differ pays for little of one read
+    if not (torch.equal(xg[1], x0) and (n == 2 or torch.equal(xg[2:], x0.expand(n - 2, *x0.shape)))):
+        call.open = False
+        return None
+    w = gemm.weight
+    wt = w if gemm.transposed else w.T
+    base0 = torch.mm(x0, wt) if gemm.bias is None else torch.addmm(gemm.bias, x0, wt)  # [T, out], once
+    s_all = (scale() if callable(scale) else scale).to(x.dtype)
+    h = torch.mm(x0, A.reshape(n * r, A.shape[-1]).T)  # [T, N*r]: every adapter's A in one GEMM
+    hg = h.view(-1, n, r).transpose(0, 1) * s_all[:, None, None]  # [N, T, r]
+    z = torch.baddbmm(base0.expand(n, *base0.shape), hg, B.transpose(1, 2))  # [N, T, out]
+    return z.view(*x.shape[:-1], o)
+
+
 def lowrank_add(out: torch.Tensor | None, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: Any,
                 idx: torch.Tensor, kernel: str | None = None,
                 sources: tuple[torch.Tensor, ...] | None = None, gemm: BaseGemm | None = None,
@@ -359,6 +414,12 @@ def lowrank_add(out: torch.Tensor | None, x: torch.Tensor, A: torch.Tensor, B: t
     else:
         grp = _grouped_ok(idx, n, xb.shape[1]) if kernel is None and n * xb.shape[1] > 4 else None
     if grp is not None:
+        call = getattr(_ALL, "call", None)
+        if (call is not None and call.open and call.route is idx and gemm is not None and n > 1
+                and grp.identity and grp.used is None and (base_input is None or base_input is x)):
+            shared = _shared(x, A, B, scale, gemm, call)
+            if shared is not None:
+                return shared
         z = _grouped(xb, A, B, _group_scale(scale, idx, grp, x.dtype, sources), grp, bias)
         if gemm is None:
             out.view(-1, o).add_(z)  # type: ignore[union-attr]

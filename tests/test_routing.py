@@ -325,3 +325,70 @@ def test_non_contiguous_stack_and_inference_made_caches() -> None:
     out = g(params, inputs_embeds=emb).logits
     out.sum().backward()
     assert emb.grad is not None and _rel(out.detach(), first) <= 1e-5
+
+
+SHARED_TARGETS = {  # no embedding LoRA: the adapters' copies of the batch stay equal up to layer 0's attention
+    "opt": (["q_proj", "k_proj", "v_proj", "out_proj", "fc1"], 3),  # q, k, v of layer 0 share
+    "llama": (["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"], 3),
+    "gpt2": (["c_attn", "c_fc"], 1),  # one fused Conv1D q/k/v
+}
+
+
+@pytest.mark.parametrize("name", sorted(SHARED_TARGETS))
+def test_route_all_runs_the_shared_prefix_once(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """route="all" in inference: the adapted modules that see equal copies of the batch (layer 0's q/k/v)
+    run their base GEMM and A side once; the first module whose copies differ ends the checks; the
+    outputs equal each adapter alone. With LoRA dropout the copies are not shared."""
+    targets, n_shared = SHARED_TARGETS[name]
+    model = BUILDERS[name]()
+    fn, params = af.functional(model)
+    ads = [af.init(fn, af.LoraConfig(r=2 + i, lora_alpha=3 + 2 * i, target_modules=targets, lora_dropout=0.2,
+                                     init_lora_weights=False), generator=gen(i)) for i in range(3)]
+    st = af.stack(ads)
+    ids = ids_for(model, batch=2, seq=5)
+    real = routing._shared
+    seen: list[bool] = []
+    monkeypatch.setattr(routing, "_shared", lambda *a: seen.append((res := real(*a)) is not None) or res)
+    with torch.inference_mode():
+        out = af.inject(fn, st, route="all")(params, input_ids=ids).logits
+    assert seen == [True] * n_shared + [False]
+    for k, a in enumerate(ads):
+        assert _rel(out[k], af.inject(fn, a)(params, input_ids=ids).logits) <= 1e-5
+    seen.clear()
+    with torch.no_grad():
+        af.inject(fn, st, route="all", generator=gen(5))(params, input_ids=ids)
+    assert not seen  # dropout: each copy's low-rank input differs
+
+
+def test_shared_kernel_checks_the_copies_exactly(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inside same_inputs, equal copies take the shared kernel; copies differing in one element (the last
+    one) do not, end the checks for the call, and every result equals the per-row reference."""
+    g = gen(13)
+    n, bsz, tokens = 3, 2, 4
+    x0 = torch.randn(bsz * tokens, 11, generator=g)
+    A, B = torch.randn(n, 5, 11, generator=g), torch.randn(n, 7, 5, generator=g)
+    scale = torch.tensor([0.5, 2.0, 1.5])
+    idx = torch.arange(n).repeat_interleave(bsz)
+    lin = nn.Linear(11, 7)
+    diff = x0.repeat(n, 1)
+    diff[-1, -1] += 1.0
+    real = routing._shared
+    seen: list[bool] = []
+    monkeypatch.setattr(routing, "_shared", lambda *a: seen.append((res := real(*a)) is not None) or res)
+    with torch.no_grad():
+        def run(x: torch.Tensor) -> torch.Tensor:
+            got = routing.lowrank_add(None, x, A, B, scale, idx, gemm=routing.base_gemm(lin.forward, lin, x, A, B))
+            want = _reference(x, A, B, scale, idx) + (x @ lin.weight.T + lin.bias).double()
+            torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+            return got
+
+        with routing.same_inputs(idx):
+            call = routing._ALL.call
+            run(x0.repeat(n, 1))
+            assert call.open
+            run(diff)
+            assert not call.open
+            run(x0.repeat(n, 1))  # checks ended: the grouped kernel
+        run(x0.repeat(n, 1))  # outside the block: never shared
+        assert getattr(routing._ALL, "call", None) is None
+    assert seen == [True, False]
