@@ -180,6 +180,25 @@ class Adapter:
     def is_stacked(self) -> bool:
         return self._stack is not None
 
+    @property
+    def stack_size(self) -> int:
+        """How many adapters a stacked adapter holds, read from its leaves' leading axis (so a stack whose
+        leaves were sliced, ``af.tree.map(lambda t: t[:4], stacked)``, reports 4). Raises
+        :class:`ConfigError` when the adapter is not stacked or its leaves disagree."""
+        if self._stack is None:
+            raise ConfigError("stack_size: the adapter is not stacked (make one with af.stack)")
+        sizes: dict[int, str] = {}
+        for p, d in self._tensors.items():
+            for name, t in d.items():
+                if isinstance(t, torch.Tensor):
+                    if t.dim() == 0:
+                        raise ConfigError(f"stacked adapter: leaf {p}.{name} is a scalar; it has no adapter axis")
+                    sizes.setdefault(int(t.shape[0]), f"{p}.{name} {shape_str(t.shape)}")
+        if len(sizes) != 1:
+            raise ConfigError("stacked adapter: the leaves' leading (adapter) axes differ: "
+                              + ", ".join(sizes.values()))
+        return next(iter(sizes))
+
     # -- summaries -------------------------------------------------------------------------------
     def num_parameters(self) -> int:
         """Number of trainable scalars (deltas and replacements; not gates or stacked scalings)."""
@@ -203,7 +222,9 @@ class Adapter:
         targets = ", ".join(f"{k}×{v}" if v > 1 else k for k, v in sorted(names.items()))
         off = sum(1 for d in self._tensors.values()
                   if isinstance(d.get(GATE), torch.Tensor) and d[GATE].dim() == 0 and not bool(d[GATE] != 0))
-        parts = [f"{self._method}" + (f" ×{self._stack.n} stacked" if self._stack else "")]
+        n_st = next((int(t.shape[0]) for d in self._tensors.values() for t in d.values()
+                     if isinstance(t, torch.Tensor) and t.dim()), 0) if self._stack else 0
+        parts = [f"{self._method}" + (f" ×{n_st} stacked" if self._stack else "")]
         parts.append(f"{len(deltas)} modules [{targets}]")
         if ranks:
             parts.append("r=" + (str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}..{ranks[-1]}"))
@@ -355,6 +376,11 @@ def unstack(stacked: Adapter) -> list[Adapter]:
     info = stacked.stack_info
     if info is None:
         raise ConfigError("unstack: the adapter is not stacked (make one with af.stack)")
+    if stacked.stack_size != info.n:
+        raise ConfigError(
+            f"unstack: the stack's leaves hold {stacked.stack_size} adapters but it was built from {info.n}; "
+            "slicing its leaves loses which adapters' configs remain: unstack the whole stack, then "
+            "af.stack the ones you want")
     method = _method_of(stacked)
     out = []
     for i, (config, entries) in enumerate(zip(info.configs, info.entries)):

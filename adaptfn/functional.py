@@ -196,6 +196,7 @@ class FunctionalModel:
         self._generator = generator
         self._routes = routes if routes is not None else (None,) * len(adapters)
         self._all = next((i for i, r in enumerate(self._routes) if isinstance(r, str)), None)
+        self._all_n = adapters[self._all].stack_size if self._all is not None else 0
         self._key = tuple(a.structure_id for a in adapters)
         self._all_routes: dict[tuple, torch.Tensor] = {}
         compiling = torch.compiler.is_compiling()
@@ -268,7 +269,7 @@ class FunctionalModel:
         from torch.utils import _pytree
 
         i = self._all
-        n = self._adapters[i].stack_info.n  # type: ignore[union-attr]
+        n = self._all_n
         bsz = _batch_size(args, kwargs)
         if bsz is None:
             raise ConfigError("route='all' needs a tensor input with a batch dimension")

@@ -82,7 +82,7 @@ def _check_route(parts: tuple[Adapter, ...], route: torch.Tensor | str, fn: Func
     if replaced:
         raise ConfigError(f"route= applies per-row deltas only; this stack replaces tensors ({replaced[:3]}); "
                           "af.select the delta modules first")
-    n = a.stack_info.n  # type: ignore[union-attr]
+    n = a.stack_size  # from the leaves: a sliced stack holds fewer adapters than it was built from
     if isinstance(route, str):
         if route != "all":
             raise ConfigError(f"route: expected a LongTensor[batch] or 'all', got {route!r}")

@@ -392,3 +392,27 @@ def test_shared_kernel_checks_the_copies_exactly(monkeypatch: pytest.MonkeyPatch
         run(x0.repeat(n, 1))  # outside the block: never shared
         assert getattr(routing._ALL, "call", None) is None
     assert seen == [True, False]
+
+
+def test_a_sliced_stack_routes_by_its_leaves() -> None:
+    """Slicing a stack's leaves (af.tree.map) gives a stack of fewer adapters: route="all" and route=
+    count them from the leaves; unstack, which needs each adapter's config, and leaves that disagree
+    raise typed errors naming what is wrong."""
+    model, fn, params, ads, st = _stack("opt", n=4)
+    sub = af.tree.map(lambda t: t[1:3], st)
+    assert sub.stack_size == 2 and "×2 stacked" in repr(sub)
+    ids = ids_for(model, batch=2, seq=3)
+    with torch.no_grad():
+        out = af.inject(fn, sub, route="all")(params, input_ids=ids).logits
+        assert out.shape[0] == 2
+        for k, j in enumerate((1, 2)):
+            assert _rel(out[k], af.inject(fn, ads[j])(params, input_ids=ids).logits) <= 1e-5
+    with pytest.raises(af.ConfigError, match=r"\[-1, 1\] for a stack of 2"):
+        af.inject(fn, sub, route=torch.tensor([0, 2]))
+    with pytest.raises(af.ConfigError, match="hold 2 adapters but it was built from 4"):
+        af.unstack(sub)
+    path = sub.paths[0]
+    bad = af.tree.map(lambda t: t, sub)
+    bad._tensors[path]["lora_A"] = bad._tensors[path]["lora_A"][:1]  # one leaf sliced differently
+    with pytest.raises(af.ConfigError, match=f"leading .adapter. axes differ: .*{path}"):
+        af.inject(fn, bad, route="all")
