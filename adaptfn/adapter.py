@@ -372,7 +372,12 @@ def stack(adapters: Sequence[Adapter]) -> Adapter:
 
 
 def unstack(stacked: Adapter) -> list[Adapter]:
-    """Split a stacked adapter back into its adapters (ranks un-padded, static scaling restored)."""
+    """Split a stacked adapter back into its adapters (ranks un-padded, static scaling restored).
+
+    Slice ``i`` of the leaves is paired with the ``i``-th adapter given to :func:`stack` (its config,
+    ranks, scaling). A stack whose leaves were sliced to another size raises; one reordered with
+    ``af.tree.map`` at the same size cannot be told apart and is unstacked in the original order, so
+    unstack first and stack the adapters in the order wanted."""
     info = stacked.stack_info
     if info is None:
         raise ConfigError("unstack: the adapter is not stacked (make one with af.stack)")

@@ -86,9 +86,13 @@ def _check_route(parts: tuple[Adapter, ...], route: torch.Tensor | str, fn: Func
     if isinstance(route, str):
         if route != "all":
             raise ConfigError(f"route: expected a LongTensor[batch] or 'all', got {route!r}")
-        if any(isinstance(r, str) for r in fn.routes):
-            raise ConfigError("route='all' can be used for one stacked adapter per function")
+        if any(r is not None for r in fn.routes):
+            raise ConfigError("route='all' repeats the batch once per adapter, so it cannot be combined with "
+                              "another routed stack in one function (its route would no longer match the rows)")
         return route
+    if any(isinstance(r, str) for r in fn.routes):
+        raise ConfigError("route=: this function already has a route='all' stack, which repeats the batch once "
+                          "per adapter; a second routed stack's route would not match the rows")
     return routing.check_route(route, n)
 
 

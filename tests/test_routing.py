@@ -127,6 +127,12 @@ def test_route_bad_input() -> None:
         af.inject(fn, ads[0], route=torch.tensor([0, 0, 0]))
     with pytest.raises(af.ConfigError, match="'all'"):
         af.inject(fn, st, route="some")
+    # route="all" repeats the batch: another routed stack's route would no longer match the rows
+    fc2 = af.stack([af.select(a, r".*fc2") for a in ads])
+    with pytest.raises(af.ConfigError, match="cannot be combined with another routed stack"):
+        af.inject(af.inject(fn, fc2, route=torch.tensor([0, 1, 2])), st, route="all")
+    with pytest.raises(af.ConfigError, match="already has a route='all' stack"):
+        af.inject(af.inject(fn, st, route="all"), fc2, route=torch.tensor([0, 1, 2]))
 
 
 @pytest.mark.parametrize("name", ["opt", "gpt2"])
