@@ -5,7 +5,7 @@ batch reshaped: OPT's MLP gets ``[batch * seq, d]`` rows and ``generate`` repeat
 (``repeat_interleave``); in both cases the rows of one batch row are contiguous, so the leading dimension
 is ``batch * k`` and the input is viewed as ``[batch, k * ..., d]``.
 
-Three kernels, chosen per call from the sizes (see bench/README.md for the measurements):
+Four kernels, chosen per call from the sizes (see bench/README.md for the measurements):
 
 * ``grouped``: the rows sorted by adapter into ``[G, k, ...]`` groups (G adapters that have rows, k slots
   each, zero-weighted padding), two batched matmuls over the groups, and the result gathered back to row
