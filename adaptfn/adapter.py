@@ -187,17 +187,23 @@ class Adapter:
         :class:`ConfigError` when the adapter is not stacked or its leaves disagree."""
         if self._stack is None:
             raise ConfigError("stack_size: the adapter is not stacked (make one with af.stack)")
-        sizes: dict[int, str] = {}
-        for p, d in self._tensors.items():
-            for name, t in d.items():
-                if isinstance(t, torch.Tensor):
-                    if t.dim() == 0:
-                        raise ConfigError(f"stacked adapter: leaf {p}.{name} is a scalar; it has no adapter axis")
-                    sizes.setdefault(int(t.shape[0]), f"{p}.{name} {shape_str(t.shape)}")
+        sizes = self._leading_sizes()
+        if None in sizes:
+            raise ConfigError(f"stacked adapter: leaf {sizes[None]} is a scalar; it has no adapter axis")
         if len(sizes) != 1:
             raise ConfigError("stacked adapter: the leaves' leading (adapter) axes differ: "
                               + ", ".join(sizes.values()))
-        return next(iter(sizes))
+        return next(iter(sizes))  # type: ignore[return-value]
+
+    def _leading_sizes(self) -> dict[int | None, str]:
+        """Each distinct leading-axis size of the tensor leaves (None: a scalar leaf) -> the first leaf with
+        it, as ``path.name [shape]``."""
+        sizes: dict[int | None, str] = {}
+        for p, d in self._tensors.items():
+            for name, t in d.items():
+                if isinstance(t, torch.Tensor):
+                    sizes.setdefault(int(t.shape[0]) if t.dim() else None, f"{p}.{name} {shape_str(t.shape)}")
+        return sizes
 
     # -- summaries -------------------------------------------------------------------------------
     def num_parameters(self) -> int:
@@ -222,8 +228,7 @@ class Adapter:
         targets = ", ".join(f"{k}×{v}" if v > 1 else k for k, v in sorted(names.items()))
         off = sum(1 for d in self._tensors.values()
                   if isinstance(d.get(GATE), torch.Tensor) and d[GATE].dim() == 0 and not bool(d[GATE] != 0))
-        n_st = next((int(t.shape[0]) for d in self._tensors.values() for t in d.values()
-                     if isinstance(t, torch.Tensor) and t.dim()), 0) if self._stack else 0
+        n_st = next((k for k in self._leading_sizes() if k is not None), 0) if self._stack else 0
         parts = [f"{self._method}" + (f" ×{n_st} stacked" if self._stack else "")]
         parts.append(f"{len(deltas)} modules [{targets}]")
         if ranks:

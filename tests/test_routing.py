@@ -340,6 +340,14 @@ SHARED_TARGETS = {  # no embedding LoRA: the adapters' copies of the batch stay 
 }
 
 
+def _spy_shared(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Record, per call of the shared kernel, whether it was taken (True) or its check declined (False)."""
+    real = routing._shared
+    seen: list[bool] = []
+    monkeypatch.setattr(routing, "_shared", lambda *a: seen.append((res := real(*a)) is not None) or res)
+    return seen
+
+
 @pytest.mark.parametrize("name", sorted(SHARED_TARGETS))
 def test_route_all_runs_the_shared_prefix_once(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """route="all" in inference: the adapted modules that see equal copies of the batch (layer 0's q/k/v)
@@ -352,9 +360,7 @@ def test_route_all_runs_the_shared_prefix_once(name: str, monkeypatch: pytest.Mo
                                      init_lora_weights=False), generator=gen(i)) for i in range(3)]
     st = af.stack(ads)
     ids = ids_for(model, batch=2, seq=5)
-    real = routing._shared
-    seen: list[bool] = []
-    monkeypatch.setattr(routing, "_shared", lambda *a: seen.append((res := real(*a)) is not None) or res)
+    seen = _spy_shared(monkeypatch)
     with torch.inference_mode():
         out = af.inject(fn, st, route="all")(params, input_ids=ids).logits
     assert seen == [True] * n_shared + [False]
@@ -378,9 +384,7 @@ def test_shared_kernel_checks_the_copies_exactly(monkeypatch: pytest.MonkeyPatch
     lin = nn.Linear(11, 7)
     diff = x0.repeat(n, 1)
     diff[-1, -1] += 1.0
-    real = routing._shared
-    seen: list[bool] = []
-    monkeypatch.setattr(routing, "_shared", lambda *a: seen.append((res := real(*a)) is not None) or res)
+    seen = _spy_shared(monkeypatch)
     with torch.no_grad():
         def run(x: torch.Tensor) -> torch.Tensor:
             got = routing.lowrank_add(None, x, A, B, scale, idx, gemm=routing.base_gemm(lin.forward, lin, x, A, B))
