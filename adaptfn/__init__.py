@@ -24,6 +24,7 @@ from .errors import IncompatibleAdapterError as IncompatibleAdapterError
 from .functional import FunctionalModel as FunctionalModel
 from .functional import functional as functional
 from .initialize import init as init
+from .io import from_state_dict as from_state_dict
 from .io import load as load
 from .io import save as save
 from .io import state_dict as state_dict

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from .adapter import GATE, Adapter, AdapterSum, Entry, gate_on, replace
-from .errors import AdapterFileError, AdaptfnError, ConfigError
+from .errors import AdapterFileError, ConfigError
 from .methods import get_method, method_for_peft_type
 
 CONFIG_NAME = "adapter_config.json"
@@ -322,7 +322,7 @@ def _saved_module(config: Any, rest: str) -> tuple[str, str] | None:
     return None
 
 
-def from_state_dict(method: Any, config: Any, sd: Mapping[str, torch.Tensor], source: str) -> Adapter:
+def _from_peft(method: Any, config: Any, sd: Mapping[str, torch.Tensor], source: str) -> Adapter:
     """Build an adapter from a PEFT state dict (keys with the ``base_model.model.`` prefix)."""
     suffixes = method.delta_suffixes()
     deltas: dict[str, dict[str, torch.Tensor]] = {}
@@ -411,7 +411,7 @@ def load(
                                 local_files_only, allow_pickle)
     method, config = read_config(cfg_path)
     sd = read_tensors(w_path, device)
-    adapter = from_state_dict(method, config, sd, w_path)
+    adapter = _from_peft(method, config, sd, w_path)
     if dtype is not None:
         adapter = replace(adapter, tensors={
             p: {n: (t.to(dtype) if t.is_floating_point() and n != GATE else t) for n, t in d.items()}
@@ -419,4 +419,82 @@ def load(
     return adapter
 
 
-__all__ = ["load", "save", "state_dict", "AdaptfnError"]
+def config_from(config: Any, where: str) -> tuple[Any, Any]:
+    """``(method, config)`` from an adaptfn config, a parsed adapter_config.json ``dict`` or a ``peft`` config
+    object (anything with ``to_dict()``; PEFT's enums, sets and runtime fields are normalised as its
+    ``save_pretrained`` does)."""
+    from .methods import method_for_config
+
+    if isinstance(config, Mapping):
+        raw = dict(config)
+    elif hasattr(config, "peft_type") and hasattr(type(config), "unsupported"):  # one of adaptfn's configs
+        return method_for_config(config), config
+    elif callable(getattr(config, "to_dict", None)):
+        raw = {k: _plain(v) for k, v in config.to_dict().items() if k != "runtime_config"}
+    else:
+        raise ConfigError(f"{where}: config must be an adaptfn config (e.g. af.LoraConfig), a dict with PEFT's "
+                          f"adapter_config.json fields or a peft config; got {type(config).__name__}")
+    if "peft_type" not in raw:
+        raise ConfigError(f"{where}: the config has no 'peft_type' field")
+    method = method_for_peft_type(_plain(raw["peft_type"]), where)
+    return method, method.config_cls.from_dict(raw, source=where)
+
+
+def _plain(v: Any) -> Any:
+    """PEFT config values as JSON would hold them: enums -> their value, sets -> sorted lists."""
+    import enum
+
+    if isinstance(v, enum.Enum):
+        return v.value
+    if isinstance(v, (set, frozenset)):
+        return sorted(_plain(x) for x in v)
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if isinstance(v, Mapping):
+        return {k: _plain(x) for k, x in v.items()}
+    return v
+
+
+def from_state_dict(state_dict: Mapping[str, torch.Tensor], config: Any) -> Adapter:
+    """An adapter from tensors held in memory: PEFT's key names plus a config.
+
+    The in-memory twin of :func:`load` (what ``PeftModel.load_adapter(adapter_state_dict=...)`` and
+    ``set_peft_model_state_dict`` take). Keys are PEFT's saved names, ``base_model.model.<module
+    path>.lora_A.weight`` etc. (what :func:`adaptfn.state_dict` and ``peft.get_peft_model_state_dict``
+    return), or the same without the ``base_model.model.`` prefix (what transformers'
+    ``get_adapter_state_dict`` returns); one form per dict.
+
+    Arguments:
+        state_dict: ``{key: Tensor}``; the tensors are used as they are (not copied).
+        config: an adaptfn config (:class:`adaptfn.LoraConfig`, ...), a ``dict`` with PEFT's
+            ``adapter_config.json`` fields (``peft_type`` included), or a ``peft`` config object.
+
+    Returns:
+        An :class:`Adapter`, checked as :func:`load` checks a file.
+
+    Example:
+        >>> a = af.from_state_dict(af.state_dict(adapter), adapter.config)
+    """
+    where = "from_state_dict"
+    method, cfg = config_from(config, where)
+    if not isinstance(state_dict, Mapping):
+        raise ConfigError(f"{where}: state_dict must be a mapping of PEFT key names to tensors, got "
+                          f"{type(state_dict).__name__}")
+    bad = [k for k, v in state_dict.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        raise ConfigError(f"{where}: state_dict entries must be str -> Tensor; not so for {bad[:3]!r}")
+    if not state_dict:
+        raise ConfigError(f"{where}: state_dict is empty")
+    prefixed = [k.startswith(PREFIX) for k in state_dict]
+    if not all(prefixed):
+        if any(prefixed):
+            raise ConfigError(f"{where}: some keys start with {PREFIX!r} and some do not (e.g. "
+                              f"{next(k for k in state_dict if not k.startswith(PREFIX))!r}); use one form")
+        state_dict = {PREFIX + k: v for k, v in state_dict.items()}
+    try:
+        return _from_peft(method, cfg, state_dict, where)
+    except AdapterFileError as e:  # the same checks as a file, reported as bad arguments
+        raise ConfigError(str(e)) from None
+
+
+__all__ = ["load", "save", "state_dict", "from_state_dict", "read_config", "read_tensors"]
