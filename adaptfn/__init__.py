@@ -15,8 +15,6 @@ from .adapter import NAMESPACE as _NAMESPACE
 from .adapter import Adapter as Adapter
 from .adapter import AdapterSum as AdapterSum
 from .adapter import Entry as Entry
-from .adapter import stack as stack
-from .adapter import unstack as unstack
 from .errors import AdapterFileError as AdapterFileError
 from .errors import AdaptfnError as AdaptfnError
 from .errors import ConfigError as ConfigError
@@ -33,6 +31,8 @@ from .methods import IA3Config as IA3Config
 from .methods import LoraConfig as LoraConfig
 from .shell import AdapterModel as AdapterModel
 from .shell import from_pretrained as from_pretrained
+from .stacking import stack as stack
+from .stacking import unstack as unstack
 from .transforms import inject as inject
 from .transforms import mask as mask
 from .transforms import merge as merge

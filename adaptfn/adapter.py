@@ -10,16 +10,19 @@ An adapter holds, for each module path it touches, a small dict of tensors:
   Only ``gate != 0`` is ever read, so the gate has zero gradient and multiplicative weight decay can
   never switch an entry on or off.
 
-Stacked adapters (:func:`stack`) carry a leading axis ``N`` on every leaf, ranks zero-padded to the
-largest, plus a ``scaling`` leaf [N] per delta entry (the per-adapter LoRA scale; read detached, so
-its gradient is zero). Whether an adapter is stacked is read from leaf shapes against the static
-ranks, so under ``torch.func.vmap`` a stacked adapter's leaves look, and run, like a single one.
+Stacked adapters (:func:`adaptfn.stack`, in :mod:`adaptfn.stacking`) carry a leading axis ``N`` on every
+leaf, ranks zero-padded to the largest, plus a ``scaling`` leaf [N] per delta entry (the per-adapter
+LoRA scale; read detached, so its gradient is zero). Whether an adapter is stacked is read from leaf
+shapes against the static ranks, so under ``torch.func.vmap`` a stacked adapter's leaves look, and run,
+like a single one.
+
+This is a data module: it knows nothing of the methods (``adaptfn.methods``), which build on it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from types import MappingProxyType
 from typing import Any
 
@@ -28,6 +31,9 @@ import torch
 import torch.utils._pytree as torch_pytree
 
 from .errors import ConfigError, IncompatibleAdapterError, shape_str
+
+__all__ = ["NAMESPACE", "GATE", "SCALING", "Entry", "StackInfo", "Adapter", "AdapterSum", "components", "gate_on",
+           "replace"]
 
 NAMESPACE = "adaptfn"
 GATE = "gate"
@@ -100,7 +106,7 @@ class Adapter:
         stack_info: set on stacked adapters.
     """
 
-    __slots__ = ("_method", "_config", "_entries", "_tensors", "_stack", "_key", "_key_id", "__weakref__")
+    __slots__ = ("_method", "_config", "_entries", "_tensors", "_view", "_stack", "_key", "_key_id", "__weakref__")
 
     def __init__(
         self,
@@ -119,6 +125,8 @@ class Adapter:
         object.__setattr__(self, "_config", config)
         object.__setattr__(self, "_entries", tuple((p, entries[p]) for p in paths))
         object.__setattr__(self, "_tensors", {p: dict(tensors[p]) for p in paths})
+        # read-only views of _tensors for readers outside this module (made once: never mutated later)
+        object.__setattr__(self, "_view", MappingProxyType({p: MappingProxyType(d) for p, d in self._tensors.items()}))
         object.__setattr__(self, "_stack", stack_info)
         object.__setattr__(self, "_key", (method, self._entries, tuple(
             (p, tuple(sorted(d))) for p, d in self._tensors.items())))
@@ -161,10 +169,11 @@ class Adapter:
     @property
     def tensors(self) -> Mapping[str, Mapping[str, torch.Tensor]]:
         """module path -> {leaf name -> tensor} (read-only views)."""
-        return MappingProxyType({p: MappingProxyType(d) for p, d in self._tensors.items()})
+        return self._view
 
     def leaves(self, path: str) -> Mapping[str, torch.Tensor]:
-        return MappingProxyType(self._tensors[path])
+        """{leaf name -> tensor} of the module at ``path`` (a read-only view)."""
+        return self.tensors[path]
 
     @property
     def structure_key(self) -> tuple:
@@ -302,105 +311,6 @@ def gate_on(t: torch.Tensor) -> bool | torch.Tensor:
     ):
         return t.item() != 0
     return t != 0
-
-
-def _method_of(a: Adapter) -> Any:
-    from .methods import get_method
-
-    return get_method(a.method)
-
-
-def stack(adapters: Sequence[Adapter]) -> Adapter:
-    """Stack adapters of the same method and targets into one with a leading axis ``N`` on every leaf.
-
-    Ranks are zero-padded to the largest (the padding contributes exactly nothing); each delta entry
-    gets a ``scaling`` leaf [N], so adapters with different ranks and alphas stack.
-
-    Arguments:
-        adapters: a non-empty sequence of single (unstacked) adapters.
-
-    Returns:
-        A stacked :class:`Adapter`; ``af.unstack`` gives the originals back.
-
-    Example:
-        >>> stacked = af.stack([a1, a2, a3])
-        >>> outs = torch.func.vmap(lambda a: af.inject(fn, a)(params, x))(stacked)
-    """
-    adapters = list(adapters)
-    if not adapters:
-        raise ConfigError("stack: needs at least one adapter")
-    first = adapters[0]
-    for i, a in enumerate(adapters):
-        if not isinstance(a, Adapter):
-            raise ConfigError(f"stack: item {i} is a {type(a).__name__}, not an Adapter")
-        if a.is_stacked:
-            raise ConfigError(f"stack: item {i} is already stacked; unstack it first")
-        if a.method != first.method:
-            raise IncompatibleAdapterError(f"stack: item {i} is {a.method}, item 0 is {first.method}")
-        if a.paths != first.paths:
-            diff = sorted(set(a.paths) ^ set(first.paths))
-            raise IncompatibleAdapterError(f"stack: item {i} targets other modules than item 0: {diff[:8]}")
-        for p in a.paths:
-            e0, e = first.entries[p], a.entries[p]
-            if (e.kind, e.replaced, e.tied, e.frozen) != (e0.kind, e0.replaced, e0.tied, e0.frozen):
-                raise IncompatibleAdapterError(
-                    f"stack: module {p!r} differs between item 0 ({e0.kind or 'replacement'} {e0.replaced}) "
-                    f"and item {i} ({e.kind or 'replacement'} {e.replaced})")
-    method = _method_of(first)
-    entries: dict[str, Entry] = {}
-    tensors: dict[str, dict[str, torch.Tensor]] = {}
-    for p in first.paths:
-        e0 = first.entries[p]
-        r = max(a.entries[p].r for a in adapters)
-        fif = {a.entries[p].fan_in_fan_out for a in adapters} - {None}
-        if len(fif) > 1:
-            raise IncompatibleAdapterError(f"stack: module {p!r} has mixed fan_in_fan_out across adapters")
-        entries[p] = dataclasses.replace(e0, r=r, fan_in_fan_out=next(iter(fif), None))
-        padded = [method.pad(a.entries[p], a._tensors[p], r) if e0.kind else a._tensors[p] for a in adapters]
-        leaf: dict[str, torch.Tensor] = {}
-        for name in padded[0]:
-            parts = [d[name] for d in padded]
-            shapes = {tuple(t.shape) for t in parts}
-            if len(shapes) > 1:
-                raise IncompatibleAdapterError(
-                    f"stack: leaf {p}.{name} has different shapes: "
-                    + ", ".join(f"item {i}: {shape_str(t.shape)}" for i, t in enumerate(parts)))
-            leaf[name] = torch.stack(parts)
-        if e0.kind:
-            g = leaf[GATE]
-            ref = leaf.get("lora_A", g)
-            sdt = torch.float64 if ref.dtype == torch.float64 else torch.float32
-            leaf[SCALING] = torch.tensor([a.entries[p].scaling for a in adapters], dtype=sdt, device=g.device)
-        tensors[p] = leaf
-    info = StackInfo(tuple(a.config for a in adapters), tuple(tuple(a.entries.items()) for a in adapters))
-    return Adapter(first.method, first.config, entries, tensors, info)
-
-
-def unstack(stacked: Adapter) -> list[Adapter]:
-    """Split a stacked adapter back into its adapters (ranks un-padded, static scaling restored).
-
-    Slice ``i`` of the leaves is paired with the ``i``-th adapter given to :func:`stack` (its config,
-    ranks, scaling). A stack whose leaves were sliced to another size raises; one reordered with
-    ``af.tree.map`` at the same size cannot be told apart and is unstacked in the original order, so
-    unstack first and stack the adapters in the order wanted."""
-    info = stacked.stack_info
-    if info is None:
-        raise ConfigError("unstack: the adapter is not stacked (make one with af.stack)")
-    if stacked.stack_size != info.n:
-        raise ConfigError(
-            f"unstack: the stack's leaves hold {stacked.stack_size} adapters but it was built from {info.n}; "
-            "slicing its leaves loses which adapters' configs remain: unstack the whole stack, then "
-            "af.stack the ones you want")
-    method = _method_of(stacked)
-    out = []
-    for i, (config, entries) in enumerate(zip(info.configs, info.entries)):
-        ent = dict(entries)
-        tensors = {}
-        for p, e in ent.items():
-            d = {n: t[i] for n, t in stacked._tensors[p].items() if n != SCALING}
-            tensors[p] = method.unpad(e, d, e.r) if e.kind else d
-        out.append(Adapter(stacked.method, config, ent, tensors))
-    return out
 
 
 class AdapterSum:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+__all__ = ["AdaptfnError", "ConfigError", "IncompatibleAdapterError", "AdapterFileError", "stacked_called_directly",
+           "single_for_route", "shape_str"]
+
 
 class AdaptfnError(Exception):
     """Base class of every error adaptfn raises on bad input."""
@@ -18,6 +21,17 @@ class IncompatibleAdapterError(AdaptfnError, ValueError):
 
 class AdapterFileError(AdaptfnError, OSError):
     """An adapter file is missing, corrupt, truncated or unsafe. The message names the file."""
+
+
+def stacked_called_directly() -> IncompatibleAdapterError:
+    """The error for a stacked adapter's leaves reaching a computation that needs one adapter's."""
+    return IncompatibleAdapterError(
+        "a stacked adapter was called directly; map it with torch.func.vmap or pass route=")
+
+
+def single_for_route() -> IncompatibleAdapterError:
+    """The error for ``route=`` with an adapter that is not stacked."""
+    return IncompatibleAdapterError("route= needs a stacked adapter (af.stack); this one is single")
 
 
 def shape_str(shape: object) -> str:

@@ -22,14 +22,17 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+import torch.utils._pytree as torch_pytree
 from torch import nn
 from torch.nn.utils.stateless import _reparametrize_module
 
 from . import quant, routing
 from .adapter import GATE, Adapter, gate_on
-from .errors import ConfigError, IncompatibleAdapterError, shape_str
-from .methods import get_method
+from .errors import ConfigError, IncompatibleAdapterError, shape_str, stacked_called_directly
+from .methods import Method, get_method
 from .methods.common import is_conv1d
+
+__all__ = ["FunctionalModel", "functional", "structural_copy"]
 
 
 class _Slot:
@@ -167,18 +170,19 @@ def _install(module: nn.Module) -> _Slot:
             f = base_forward  # the bound forward itself: lets a method recognise a plain base layer
         if len(slot.active) == 1:  # the common case, without building partials
             method, entry, leaves, on, gen, route = slot.active[0]
-            if route is None:
-                return method.forward(entry, leaves, on, gen, f, module, x)
-            return method.forward(entry, leaves, on, gen, f, module, x, route=route)
+            return method.forward(entry, leaves, on, gen, f, module, x, route)
         for method, entry, leaves, on, gen, route in slot.active:
-            if route is None:
-                f = functools.partial(method.forward, entry, leaves, on, gen, f, module)
-            else:
-                f = functools.partial(method.forward, entry, leaves, on, gen, f, module, route=route)
+            f = functools.partial(_forward_with, method, entry, leaves, on, gen, f, module, route)
         return f(x)
 
     module.__dict__["forward"] = forward
     return slot
+
+
+def _forward_with(method: Method, entry: Any, leaves: Any, on: Any, gen: Any, call_base: Any, module: nn.Module,
+                  route: Any, x: Any) -> Any:
+    """One method composed over ``call_base`` (several adapters on one module: each wraps the previous)."""
+    return method.forward(entry, leaves, on, gen, call_base, module, x, route)
 
 
 class FunctionalModel:
@@ -235,7 +239,13 @@ class FunctionalModel:
 
     @property
     def routes(self) -> tuple[Any, ...]:
+        """Per injected adapter: its route (a LongTensor [batch], ``"all"``) or None."""
         return self._routes
+
+    @property
+    def generator(self) -> torch.Generator | None:
+        """The generator LoRA dropout draws from (None: no dropout)."""
+        return self._generator
 
     def with_adapters(self, adapters: tuple[Adapter, ...], generator: torch.Generator | None,
                       routes: tuple[Any, ...] | None = None) -> FunctionalModel:
@@ -266,8 +276,6 @@ class FunctionalModel:
 
     def _run_all(self, params: Mapping[str, torch.Tensor], attr: str | None, args: tuple, kwargs: dict) -> Any:
         """Every adapter of the stack on the same inputs: the batch is repeated per adapter and routed."""
-        from torch.utils import _pytree
-
         i = self._all
         n = self._all_n
         bsz = _batch_size(args, kwargs)
@@ -292,7 +300,7 @@ class FunctionalModel:
                 return t.reshape(n, t.shape[0] // n, *t.shape[1:])
             return t
 
-        return _pytree.tree_map(split, out)
+        return torch_pytree.tree_map(split, out)
 
     def _all_route(self, n: int, bsz: int, dev: Any) -> torch.Tensor:
         """[0]*bsz + [1]*bsz + ...: made once per (n, bsz, device) outside inference mode, so kernels can
@@ -320,7 +328,7 @@ class FunctionalModel:
             v = params[k]
             if held.get(k) is not v:
                 swaps[k] = v
-        tensors = [a._tensors for a in self._adapters]
+        tensors = [a.tensors for a in self._adapters]
         for i, path, name, targets, frozen in self._repl:
             if routes[i] is not None:  # routed stacks carry only frozen copies of base tensors: not applied
                 continue
@@ -332,8 +340,7 @@ class FunctionalModel:
             for t in targets:
                 cur = swaps[t] if t in swaps else held[t]
                 if v.dim() != cur.dim():
-                    raise IncompatibleAdapterError(
-                        f"{t}: a stacked adapter was called directly; map it with torch.func.vmap or pass route=")
+                    raise stacked_called_directly()
                 vt = v if v.dtype == cur.dtype else v.to(cur.dtype)
                 swaps[t] = vt if on is True else torch.where(on, vt, cur)
         used: list[_Slot] = []
@@ -360,11 +367,24 @@ class FunctionalModel:
                 slot.active = []
 
     # -- used by inject/init ---------------------------------------------------------------------
+    @property
+    def params(self) -> dict[str, torch.Tensor]:
+        """A new dict of the model's parameters and buffers (what :func:`functional` returned)."""
+        return dict(self._base.params)
+
     def check(self, adapter: Adapter) -> None:
-        """Raise :class:`IncompatibleAdapterError` unless ``adapter`` fits this model."""
+        """Raise :class:`IncompatibleAdapterError` unless ``adapter`` fits this model (and
+        :class:`ConfigError` for a delta adapter on a model with gradient checkpointing on)."""
         compiling = torch.compiler.is_compiling()
         if not compiling and adapter in self._base.checked:
             return
+        checkpointing = self._base.checkpointing
+        if checkpointing and any(e.kind for _, e in adapter.entry_items):
+            raise ConfigError(
+                f"{type(self.model).__name__} has gradient checkpointing on (e.g. {checkpointing[0]!r}); its "
+                "backward recomputes layers after the call has unbound the adapter, so the adapter's gradients "
+                "would be wrong. Call model.gradient_checkpointing_disable() (or model.eval()) before "
+                "af.functional.")
         method = get_method(adapter.method)
         mods = self._base.modules
         if not compiling:  # static checks; already done eagerly for this structure
@@ -376,7 +396,7 @@ class FunctionalModel:
                 raise IncompatibleAdapterError(
                     f"adapter targets module {path!r}, which {type(self._base.model).__name__} does not have"
                     + (f" (similar: {near})" if near else ""))
-            leaves = adapter._tensors[path]
+            leaves = adapter.leaves(path)
             if e.kind:
                 method.check(path, e, leaves, mod)
             stacked = adapter.is_stacked

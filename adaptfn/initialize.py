@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -10,6 +11,8 @@ from .adapter import GATE, Adapter
 from .errors import ConfigError
 from .functional import FunctionalModel
 from .methods import method_for_config
+
+__all__ = ["init"]
 
 
 def init(
@@ -44,11 +47,9 @@ def init(
     if config.base_model_name_or_path is None:
         name = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
         if name:
-            import dataclasses
-
             config = dataclasses.replace(config, base_model_name_or_path=str(name))
     modules = dict(model.named_modules(remove_duplicate=False))
-    params = fn._base.params
+    params = fn.params
     tensors: dict[str, dict[str, torch.Tensor]] = {}
     for path, e in entries.items():
         leaves: dict[str, torch.Tensor] = {}

@@ -9,6 +9,7 @@ before the tensor name when PEFT loads it into the (possibly tied) base tensor.
 from __future__ import annotations
 
 import contextlib
+import enum
 import json
 import os
 import re
@@ -20,7 +21,8 @@ import torch
 
 from .adapter import GATE, Adapter, AdapterSum, Entry, gate_on, replace
 from .errors import AdapterFileError, ConfigError
-from .methods import get_method, method_for_peft_type
+from .methods import get_method, method_for_config, method_for_peft_type
+from .methods.base import PeftConfigBase
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -47,7 +49,7 @@ def state_dict(adapter: Adapter) -> dict[str, torch.Tensor]:
     method = get_method(adapter.method)
     out: dict[str, torch.Tensor] = {}
     for path, e in adapter.entry_items:
-        leaves = dict(adapter._tensors[path])
+        leaves = dict(adapter.leaves(path))
         on = gate_on(leaves[GATE])
         if not isinstance(on, bool):
             raise ConfigError("state_dict: cannot read gates under a transform (vmap/grad/compile)")
@@ -415,7 +417,7 @@ def load(
     if dtype is not None:
         adapter = replace(adapter, tensors={
             p: {n: (t.to(dtype) if t.is_floating_point() and n != GATE else t) for n, t in d.items()}
-            for p, d in adapter._tensors.items()})
+            for p, d in adapter.tensors.items()})
     return adapter
 
 
@@ -423,11 +425,9 @@ def config_from(config: Any, where: str) -> tuple[Any, Any]:
     """``(method, config)`` from an adaptfn config, a parsed adapter_config.json ``dict`` or a ``peft`` config
     object (anything with ``to_dict()``; PEFT's enums, sets and runtime fields are normalised as its
     ``save_pretrained`` does)."""
-    from .methods import method_for_config
-
     if isinstance(config, Mapping):
         raw = dict(config)
-    elif hasattr(config, "peft_type") and hasattr(type(config), "unsupported"):  # one of adaptfn's configs
+    elif isinstance(config, PeftConfigBase):  # one of adaptfn's configs
         return method_for_config(config), config
     elif callable(getattr(config, "to_dict", None)):
         raw = {k: _plain(v) for k, v in config.to_dict().items() if k != "runtime_config"}
@@ -442,8 +442,6 @@ def config_from(config: Any, where: str) -> tuple[Any, Any]:
 
 def _plain(v: Any) -> Any:
     """PEFT config values as JSON would hold them: enums -> their value, sets -> sorted lists."""
-    import enum
-
     if isinstance(v, enum.Enum):
         return v.value
     if isinstance(v, (set, frozenset)):

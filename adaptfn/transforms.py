@@ -7,12 +7,15 @@ from typing import Any
 
 import torch
 
-from . import quant
+from . import quant, routing
 from ._where import Where, matcher
 from .adapter import GATE, Adapter, AdapterSum, components, gate_on, replace
 from .errors import ConfigError, IncompatibleAdapterError
 from .functional import FunctionalModel
-from .methods import get_method
+from .methods import get_method, require
+from .methods.base import ROUTE
+
+__all__ = ["inject", "merge", "select", "mask", "AdapterLike"]
 
 AdapterLike = Adapter | AdapterSum
 
@@ -46,11 +49,6 @@ def inject(fn: FunctionalModel, adapter: AdapterLike, *, generator: torch.Genera
     if not isinstance(fn, FunctionalModel):
         raise ConfigError(f"inject: expected a FunctionalModel from af.functional, got {type(fn).__name__}")
     parts = components(adapter)
-    if fn._base.checkpointing and any(e.kind for a in parts for _, e in a.entry_items):
-        raise ConfigError(
-            f"inject: {type(fn.model).__name__} has gradient checkpointing on (e.g. {fn._base.checkpointing[0]!r}); "
-            "its backward recomputes layers after the call has unbound the adapter, so the adapter's gradients "
-            "would be wrong. Call model.gradient_checkpointing_disable() (or model.eval()) before af.functional.")
     replaced: dict[str, int] = {}
     for a in fn.adapters + parts:
         for path, e in a.entry_items:
@@ -64,20 +62,16 @@ def inject(fn: FunctionalModel, adapter: AdapterLike, *, generator: torch.Genera
     routes = (None,) * len(parts)
     if route is not None:
         routes = (_check_route(parts, route, fn),)
-    return fn.with_adapters(fn.adapters + parts, generator if generator is not None else fn._generator,
+    return fn.with_adapters(fn.adapters + parts, generator if generator is not None else fn.generator,
                             fn.routes + routes)
 
 
 def _check_route(parts: tuple[Adapter, ...], route: torch.Tensor | str, fn: FunctionalModel) -> Any:
-    from . import routing
-
     if len(parts) != 1 or not parts[0].is_stacked:
         raise ConfigError("route= needs one stacked adapter (af.stack([...])); got "
                           + ("an AdapterSum" if len(parts) != 1 else "an unstacked adapter"))
     a = parts[0]
-    method = get_method(a.method)
-    if not getattr(method, "supports_route", False):
-        raise ConfigError(f"route= is not supported for {a.method} adapters")
+    require(get_method(a.method), ROUTE, "route=")
     replaced = [f"{p}.{n}" for p, e in a.entry_items for n in e.replaced if n not in e.frozen]
     if replaced:
         raise ConfigError(f"route= applies per-row deltas only; this stack replaces tensors ({replaced[:3]}); "
@@ -119,13 +113,23 @@ def merge(params: Mapping[str, torch.Tensor], adapter: AdapterLike, *,
         >>> out = fn(merged, input_ids=ids)
     """
     parts = components(adapter)
-    out = dict(params)
-    qplan = quant.prepare_merge(out, parts, dequantize)  # quantized weights -> float stand-ins
     for a in parts:
         if a.is_stacked:
             raise ConfigError("merge: the adapter is stacked; merge each of af.unstack(...) or vmap over it")
+    out = dict(params)
+    qplan = quant.prepare_merge(out, parts, dequantize)  # quantized weights -> float stand-ins
+    _merge_replacements(out, params, parts)
+    _merge_deltas(out, parts)
+    return quant.finish_merge(out, qplan)
+
+
+def _merge_replacements(out: dict[str, torch.Tensor], params: Mapping[str, torch.Tensor],
+                        parts: tuple[Adapter, ...]) -> None:
+    """Write each replaced tensor into ``out``: under every name sharing the base tensor when the entry
+    replaces it tied (PEFT's ``base_layer.*``), else under its own name only (the copy unties)."""
+    for a in parts:
         for path, e in a.entry_items:
-            leaves = a._tensors[path]
+            leaves = a.leaves(path)
             on = gate_on(leaves[GATE])
             if on is False:
                 continue
@@ -140,32 +144,31 @@ def merge(params: Mapping[str, torch.Tensor], adapter: AdapterLike, *,
                     v = v.detach()
                 for t in targets:
                     out[t] = v if on is True else torch.where(on, v, out[t])
-    own: dict[str, list[str]] | None = None  # module path -> its tensor names, built when a method needs it
+
+
+def _merge_deltas(out: dict[str, torch.Tensor], parts: tuple[Adapter, ...]) -> None:
+    """Fold each delta entry into its module's tensors in ``out`` (the method's ``merge``), in order."""
+    own: dict[str, list[str]] | None = None  # module path -> its tensor names, built on first use
     for a in parts:
         method = get_method(a.method)
-        merge_tensors = getattr(method, "merge_tensors", None)  # optional hook: methods that touch more than W
         for path, e in a.entry_items:
             if not e.kind:
                 continue
-            leaves = a._tensors[path]
+            leaves = a.leaves(path)
             on = gate_on(leaves[GATE])
             if on is False:
                 continue
             key = f"{path}.weight"
             if key not in out:
                 raise IncompatibleAdapterError(f"merge: adapter targets {path!r} but params has no {key!r}")
-            if merge_tensors is None:
-                out[key] = method.merge(e, leaves, on, out[key])
-                continue
             if own is None:
                 own = {}
                 for k in out:
                     mod, _, name = k.rpartition(".")
                     own.setdefault(mod, []).append(name)
             mine = {n: out[f"{path}.{n}"] for n in own.get(path, ())}
-            for n, t in merge_tensors(e, leaves, on, mine).items():
+            for n, t in method.merge(e, leaves, on, mine).items():
                 out[f"{path}.{n}"] = t
-    return quant.finish_merge(out, qplan)
 
 
 def select(adapters: Any, where: Any) -> Any:
@@ -201,7 +204,7 @@ def select(adapters: Any, where: Any) -> Any:
     return replace(
         adapters,
         entries={p: adapters.entries[p] for p in paths},
-        tensors={p: adapters._tensors[p] for p in paths},
+        tensors={p: adapters.leaves(p) for p in paths},
     )
 
 
@@ -221,7 +224,7 @@ def mask(adapter: AdapterLike, where: Where) -> Any:
         raise ConfigError(f"mask: expected an Adapter or AdapterSum, got {type(adapter).__name__}")
     keep = matcher(where)
     tensors = {}
-    for p, leaves in adapter._tensors.items():
+    for p, leaves in adapter.tensors.items():
         if keep(p):
             tensors[p] = leaves
         else:

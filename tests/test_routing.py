@@ -422,7 +422,7 @@ def test_a_sliced_stack_routes_by_its_leaves() -> None:
     with pytest.raises(af.ConfigError, match="hold 2 adapters but it was built from 4"):
         af.unstack(sub)
     path = sub.paths[0]
-    bad = af.tree.map(lambda t: t, sub)
-    bad._tensors[path]["lora_A"] = bad._tensors[path]["lora_A"][:1]  # one leaf sliced differently
+    tensors = {p: ({**d, "lora_A": d["lora_A"][:1]} if p == path else dict(d)) for p, d in sub.tensors.items()}
+    bad = af.Adapter(sub.method, sub.config, sub.entries, tensors, sub.stack_info)  # one leaf sliced differently
     with pytest.raises(af.ConfigError, match=f"leading .adapter. axes differ: .*{path}"):
         af.inject(fn, bad, route="all")

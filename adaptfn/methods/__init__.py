@@ -1,4 +1,8 @@
-"""Adapter methods, one file each, behind the small protocol in :mod:`adaptfn.methods.base`."""
+"""Adapter methods, one file each, behind the protocol in :mod:`adaptfn.methods.base`.
+
+The registry maps a method's name to its :class:`~adaptfn.methods.base.Method` object. Adding a method is
+one file in this folder plus one :func:`register` call below.
+"""
 
 from __future__ import annotations
 
@@ -6,33 +10,63 @@ from typing import Any
 
 from ..errors import ConfigError
 from .adalora import AdaLora, AdaLoraConfig
+from .base import CAPABILITIES, Method, PeftConfigBase, require
 from .ia3 import IA3, IA3Config
 from .lora import Lora, LoraConfig
 
-_METHODS: dict[str, Any] = {}
+__all__ = ["LoraConfig", "IA3Config", "AdaLoraConfig", "Method", "register", "get_method", "method_for_config",
+           "method_for_peft_type", "known_configs", "require"]
+
+_METHODS: dict[str, Method] = {}
 
 
-def register(method: Any) -> Any:
-    """Register a method object (``name``, ``peft_type``, ``config_cls`` and the protocol functions)."""
+def register(method: Method) -> Method:
+    """Add a method to the registry (by its ``name``); returns it.
+
+    Arguments:
+        method: an object satisfying :class:`~adaptfn.methods.base.Method`: ``name``, ``peft_type``,
+            ``config_cls`` (a :class:`~adaptfn.methods.base.PeftConfigBase` subclass), ``capabilities`` and
+            the protocol's functions.
+
+    Raises:
+        ConfigError: the object lacks part of the protocol, declares an unknown capability, or its name or
+            PEFT type is taken.
+    """
+    if not isinstance(method, Method):
+        missing = [n for n in dir(Method) if not n.startswith("_") and not hasattr(method, n)]
+        raise ConfigError(f"register: {type(method).__name__} is not an adaptfn Method (missing: {missing})")
+    if not (isinstance(method.config_cls, type) and issubclass(method.config_cls, PeftConfigBase)):
+        raise ConfigError(f"register: {method.name}.config_cls must be a PeftConfigBase subclass")
+    unknown = set(method.capabilities) - CAPABILITIES
+    if unknown:
+        raise ConfigError(f"register: {method.name} declares unknown capabilities {sorted(unknown)}; known: "
+                          f"{sorted(CAPABILITIES)}")
+    for m in _METHODS.values():
+        if m.name == method.name or m.peft_type == method.peft_type or m.config_cls is method.config_cls:
+            raise ConfigError(f"register: {method.name!r} ({method.peft_type}) clashes with the registered "
+                              f"{m.name!r} ({m.peft_type})")
     _METHODS[method.name] = method
     return method
 
 
-def get_method(name: str) -> Any:
+def get_method(name: str) -> Method:
+    """The registered method called ``name`` (``Adapter.method``)."""
     try:
         return _METHODS[name]
     except KeyError:
         raise ConfigError(f"unknown adapter method {name!r}; known: {sorted(_METHODS)}") from None
 
 
-def method_for_config(config: Any) -> Any:
+def method_for_config(config: Any) -> Method:
+    """The method whose ``config_cls`` is exactly ``type(config)``."""
     for m in _METHODS.values():
-        if isinstance(config, m.config_cls):
+        if type(config) is m.config_cls:
             return m
     raise ConfigError(f"{type(config).__name__} is not an adapter config adaptfn knows ({known_configs()})")
 
 
-def method_for_peft_type(peft_type: Any, source: str) -> Any:
+def method_for_peft_type(peft_type: Any, source: str) -> Method:
+    """The method of PEFT's ``peft_type`` (from an adapter_config.json at ``source``)."""
     for m in _METHODS.values():
         if m.peft_type == peft_type:
             return m
@@ -42,12 +76,10 @@ def method_for_peft_type(peft_type: Any, source: str) -> Any:
 
 
 def known_configs() -> list[str]:
+    """The config class names of the registered methods."""
     return sorted(m.config_cls.__name__ for m in _METHODS.values())
 
 
 register(Lora())
 register(IA3())
 register(AdaLora())
-
-__all__ = ["LoraConfig", "IA3Config", "AdaLoraConfig", "register", "get_method", "method_for_config",
-           "method_for_peft_type"]

@@ -23,13 +23,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import routing
 from .._where import is_target
 from ..adapter import SCALING, Entry
-from ..errors import AdapterFileError, IncompatibleAdapterError, shape_str
-from .base import CallBase, PeftConfigBase, need
+from ..errors import AdapterFileError, IncompatibleAdapterError, shape_str, single_for_route, stacked_called_directly
+from .base import ROUTE, CallBase, check_int, is_int, is_real, need
 from .common import (
-    PEFT_UNSUPPORTED,
+    LoraFamilyConfig,
     adapter_dtype,
+    dropout,
+    dropout_options,
     is_conv1d,
     linear_dims,
     linear_targets,
@@ -37,21 +40,14 @@ from .common import (
     weight_needs_transpose,
 )
 
+__all__ = ["AdaLoraConfig", "AdaLora", "make_entry", "KIND", "EPS"]
+
 KIND = "svd"
 EPS = 1e-5  # PEFT: ranknum + 1e-5
 
 
-def _int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _names_ok(v: Any) -> bool:
-    return v is None or isinstance(v, str) or (isinstance(v, (list, tuple, set, frozenset))
-                                                and all(isinstance(t, str) for t in v))
-
-
 @dataclasses.dataclass(frozen=True)
-class AdaLoraConfig(PeftConfigBase):
+class AdaLoraConfig(LoraFamilyConfig):
     """AdaLoRA config with PEFT's field names and defaults (``peft.AdaLoraConfig``, a LoraConfig subclass).
 
     Arguments:
@@ -75,25 +71,8 @@ class AdaLoraConfig(PeftConfigBase):
     """
 
     peft_type: ClassVar[str] = "ADALORA"
-    unsupported: ClassVar[dict[str, Any]] = PEFT_UNSUPPORTED
 
-    # LoRA fields (PEFT's AdaLoraConfig inherits them)
-    r: int = 8
-    target_modules: list[str] | str | None = None
-    exclude_modules: list[str] | str | None = None
-    lora_alpha: float = 8
-    lora_dropout: float = 0.0
-    fan_in_fan_out: bool = False
-    bias: str = "none"
-    use_rslora: bool = False
-    modules_to_save: list[str] | None = None
-    init_lora_weights: bool | str = True
-    layers_to_transform: list[int] | int | None = None
-    layers_pattern: list[str] | str | None = None
     rank_pattern: dict[str, list[bool]] | None = None
-    alpha_pattern: dict[str, float] = dataclasses.field(default_factory=dict)
-    use_dora: bool = False
-    lora_bias: bool = False
     # AdaLoRA's own
     target_r: int = 8
     init_r: int = 12
@@ -106,52 +85,40 @@ class AdaLoraConfig(PeftConfigBase):
     total_step: int | None = None
 
     def validate(self) -> None:
+        """The LoRA-family checks plus AdaLoRA's schedule fields (each raises naming the field)."""
+        super().validate()
         cls = type(self)
-        for name in ("use_dora", "lora_bias"):
-            need(getattr(self, name) is False, cls, name,
-                 f"{getattr(self, name)!r} is not supported by AdaLoRA; use False")
-        need(_int(self.total_step) and self.total_step > 0, cls, "total_step",  # type: ignore[operator]
+        need(is_int(self.total_step) and self.total_step > 0, cls, "total_step",  # type: ignore[operator]
              f"AdaLoRA needs the total number of training steps, a positive int; got {self.total_step!r}")
-        need(_int(self.init_r) and self.init_r > 0, cls, "init_r", f"must be a positive int, got {self.init_r!r}")
-        need(_int(self.target_r) and self.target_r >= 0, cls, "target_r",
-             f"must be an int >= 0, got {self.target_r!r}")
+        check_int(cls, "init_r", self.init_r, 1)
+        check_int(cls, "target_r", self.target_r, 0)
         need(self.init_r >= self.target_r, cls, "init_r",
              f"({self.init_r}) must be >= target_r ({self.target_r}): pruning only lowers ranks")
-        need(_int(self.r) and self.r > 0, cls, "r", f"must be a positive int (unused by AdaLoRA), got {self.r!r}")
         for name in ("tinit", "tfinal"):
-            v = getattr(self, name)
-            need(_int(v) and v >= 0, cls, name, f"must be an int >= 0, got {v!r}")
+            check_int(cls, name, getattr(self, name), 0)
         need(self.tinit < self.total_step - self.tfinal, cls, "tinit",  # type: ignore[operator]
              f"tinit={self.tinit}, tfinal={self.tfinal} and total_step={self.total_step} leave no pruning phase "
              "(need tinit < total_step - tfinal)")
-        need(_int(self.deltaT) and self.deltaT > 0, cls, "deltaT", f"must be a positive int, got {self.deltaT!r}")
+        check_int(cls, "deltaT", self.deltaT, 1)
         for name in ("beta1", "beta2"):
             v = getattr(self, name)
-            need(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < 1, cls, name,
-                 f"must be in (0, 1), got {v!r}")
-        need(isinstance(self.orth_reg_weight, (int, float)) and not isinstance(self.orth_reg_weight, bool)
-             and self.orth_reg_weight >= 0, cls, "orth_reg_weight", f"must be >= 0, got {self.orth_reg_weight!r}")
-        need(isinstance(self.lora_alpha, (int, float)) and not isinstance(self.lora_alpha, bool), cls,
-             "lora_alpha", f"must be a number, got {self.lora_alpha!r}")
-        need(isinstance(self.lora_dropout, (int, float)) and 0 <= self.lora_dropout < 1, cls, "lora_dropout",
-             f"must be in [0, 1), got {self.lora_dropout!r}")
-        need(self.bias in ("none", "all", "lora_only"), cls, "bias",
-             f"must be 'none', 'all' or 'lora_only', got {self.bias!r}")
-        need(isinstance(self.init_lora_weights, bool) or self.init_lora_weights == "gaussian", cls,
-             "init_lora_weights", f"must be True or False, got {self.init_lora_weights!r}")
-        for name in ("target_modules", "exclude_modules"):
-            v = getattr(self, name)
-            need(_names_ok(v), cls, name, f"must be a list of str, a regex str or 'all-linear', got {v!r}")
-        need(not (isinstance(self.target_modules, str) and self.layers_to_transform is not None), cls,
-             "layers_to_transform", "cannot be used when target_modules is a regex str")
-        need(not (self.layers_pattern and self.layers_to_transform is None), cls, "layers_pattern",
-             "is only used together with layers_to_transform")
-        if self.rank_pattern is not None:
-            need(isinstance(self.rank_pattern, Mapping), cls, "rank_pattern",
-                 f"must be a dict '<path>.lora_E' -> list of bools, got {type(self.rank_pattern).__name__}")
-            for k, v in self.rank_pattern.items():
-                need(isinstance(v, (list, tuple)) and all(isinstance(b, bool) for b in v), cls, "rank_pattern",
-                     f"{k!r} must map to a list of bools (kept singular values), got {v!r}")
+            need(is_real(v) and 0 < v < 1, cls, name, f"must be a number in (0, 1), got {v!r}")
+        need(is_real(self.orth_reg_weight) and self.orth_reg_weight >= 0, cls, "orth_reg_weight",
+             f"must be a finite number >= 0, got {self.orth_reg_weight!r}")
+
+    def validate_rank_pattern(self) -> None:
+        """``rank_pattern``: None, or PEFT's pruning masks ``{"<path>.lora_E": [bool] * init_r}``."""
+        cls = type(self)
+        if self.rank_pattern is None:
+            return
+        need(isinstance(self.rank_pattern, Mapping), cls, "rank_pattern",
+             f"must be a dict '<path>.lora_E' -> list of bools, got {type(self.rank_pattern).__name__}")
+        for k, v in self.rank_pattern.items():
+            need(isinstance(k, str) and isinstance(v, (list, tuple)) and all(isinstance(b, bool) for b in v), cls,
+                 "rank_pattern", f"{k!r} must map to a list of bools (kept singular values), got {v!r}")
+            need(len(v) == self.init_r, cls, "rank_pattern",
+                 f"the mask of {k!r} has {len(v)} entries; a pruning mask has one per initial rank (init_r="
+                 f"{self.init_r})")
 
     # -- per-module static facts -----------------------------------------------------------------
     def mask_for(self, path: str) -> list[bool] | None:
@@ -178,9 +145,7 @@ def make_entry(config: AdaLoraConfig, r: int, fan_in_fan_out: bool | None) -> En
     pruning); ``alpha`` is ``lora_alpha``, or the module's rank when ``lora_alpha <= 0`` (PEFT)."""
     alpha = float(config.lora_alpha) if config.lora_alpha > 0 else float(r)
     ranknum = float(config.init_r)
-    opts: tuple[tuple[str, Any], ...] = (("alpha", alpha), ("ranknum", ranknum))
-    if config.lora_dropout:
-        opts += (("dropout", float(config.lora_dropout)),)
+    opts: tuple[tuple[str, Any], ...] = (("alpha", alpha), ("ranknum", ranknum), *dropout_options(config))
     return Entry(kind=KIND, r=r, scaling=alpha / (ranknum + EPS), fan_in_fan_out=fan_in_fan_out, options=opts)
 
 
@@ -191,6 +156,7 @@ class AdaLora:
     name = "adalora"
     peft_type = "ADALORA"
     config_cls = AdaLoraConfig
+    capabilities = frozenset({ROUTE})
 
     # -- planning and init -------------------------------------------------------------------------
     def plan(self, config: AdaLoraConfig, model: nn.Module) -> tuple[AdaLoraConfig, dict[str, Entry]]:
@@ -237,7 +203,8 @@ class AdaLora:
         return t
 
     def forward(self, entry: Entry, leaves: Mapping[str, torch.Tensor], on: Any, generator: Any,
-                call_base: CallBase, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+                call_base: CallBase, module: nn.Module, x: torch.Tensor,
+                route: torch.Tensor | None = None) -> torch.Tensor:
         """``base(x) + (x @ (A * E).T @ B.T) * alpha / (ranknum + 1e-5)``.
 
         Arguments:
@@ -246,30 +213,47 @@ class AdaLora:
             on: ``True``, or a bool tensor (the gate under a transform).
             generator: dropout on the delta's input when the config has ``lora_dropout`` (else None: off).
             call_base, module: the base forward and module. x: the module input [..., in].
+            route: per-row adapter indices [batch] into a stacked adapter (see :func:`adaptfn.inject`):
+                row ``i`` gets adapter ``route[i]``'s delta (-1: none).
 
         Returns:
             The adapted output [..., out], in the base output's dtype.
         """
-        out = call_base(x)
         A, E, B = leaves["lora_A"], leaves["lora_E"], leaves["lora_B"]
+        if route is not None:
+            return self._routed(entry, leaves, on, generator, call_base, x, route)
         if A.dim() != 2:
-            raise IncompatibleAdapterError(
-                "a stacked adapter was called directly; map it with torch.func.vmap")
-        h = x if x.dtype == A.dtype else x.to(A.dtype)
-        p = entry.option("dropout", 0.0) if generator is not None else 0.0
-        if p > 0:
-            keep = torch.rand(h.shape, generator=generator, device=h.device, dtype=h.dtype) >= p
-            h = h * keep / (1 - p)
+            raise stacked_called_directly()
+        out = call_base(x)
+        h = dropout(entry, generator, x if x.dtype == A.dtype else x.to(A.dtype))
         delta = (h @ (A * E).T) @ B.T  # [..., out]
         return (out + self._scaled(entry, leaves, on, delta)).to(out.dtype)
 
-    def merge(self, entry: Entry, leaves: Mapping[str, torch.Tensor], on: Any, weight: torch.Tensor) -> torch.Tensor:
-        """``W + B @ (A * E) * alpha / (ranknum + 1e-5)`` ([out, in]; transposed for Conv1D's [in, out])."""
+    def _routed(self, entry: Entry, leaves: Mapping[str, torch.Tensor], on: Any, generator: Any,
+                call_base: CallBase, x: torch.Tensor, route: torch.Tensor) -> torch.Tensor:
+        """Row i of the batch gets adapter ``route[i]``'s delta: ``A * E`` [N, r, in] and ``B`` [N, out, r]
+        through the per-row low-rank kernels, scaled by the stack's ``scaling`` leaf [N] (0 where a gate is
+        off or ``route[i] == -1``)."""
+        A, E, B = leaves["lora_A"], leaves["lora_E"], leaves["lora_B"]
+        if A.dim() != 3:
+            raise single_for_route()
+        s = leaves[SCALING].detach()
+        if on is not True:
+            s = s * on
+        out = call_base(x)
+        h = dropout(entry, generator, x if x.dtype == A.dtype else x.to(A.dtype))
+        return (out + routing.lowrank(h, A * E, B, s, route)).to(out.dtype)
+
+    def merge(self, entry: Entry, leaves: Mapping[str, torch.Tensor], on: Any,
+              tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``{"weight": W + B @ (A * E) * alpha / (ranknum + 1e-5)}`` ([out, in]; transposed for Conv1D's
+        [in, out])."""
+        weight = tensors["weight"]
         A, E, B = leaves["lora_A"], leaves["lora_E"], leaves["lora_B"]
         delta = B @ (A * E)  # [out, in]
         if weight_needs_transpose(weight.shape, delta.shape, entry.fan_in_fan_out):
             delta = delta.T
-        return weight + self._scaled(entry, leaves, on, delta).to(weight.dtype)
+        return {"weight": weight + self._scaled(entry, leaves, on, delta).to(weight.dtype)}
 
     def off(self, entry: Entry, leaves: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``E`` zeros: no delta (how a masked-off entry is written to a file)."""
@@ -330,5 +314,3 @@ class AdaLora:
         return {**leaves, "lora_A": leaves["lora_A"][:r], "lora_E": leaves["lora_E"][:r],
                 "lora_B": leaves["lora_B"][:, :r]}
 
-
-__all__ = ["AdaLoraConfig", "AdaLora", "make_entry"]

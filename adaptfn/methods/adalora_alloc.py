@@ -75,7 +75,7 @@ def orth_reg(adapter: Adapter, weight: float | None = None) -> torch.Tensor:
     total: Any = 0
     n = 0
     for p in _svd_paths(a):
-        leaves = a._tensors[p]
+        leaves = a.leaves(p)
         A, B = leaves["lora_A"], leaves["lora_B"]
         for cov in (A @ A.T, B.T @ B):  # [r, r]
             eye = torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
@@ -119,13 +119,13 @@ class RankAllocator:
             A :class:`RankAllocatorState`.
         """
         a = _check(adapter, "rank_allocator.init")
-        zeros = {p: {n: torch.zeros_like(a._tensors[p][n]).detach() for n in _LEAVES} for p in _svd_paths(a)}
+        zeros = {p: {n: torch.zeros_like(a.leaves(p)[n]).detach() for n in _LEAVES} for p in _svd_paths(a)}
         return RankAllocatorState(zeros, {p: dict(d) for p, d in zeros.items()}, None)
 
     def budgets(self, adapter: Adapter) -> tuple[int, int]:
         """``(initial, target)`` total rank budgets: the sum of the module ranks, and ``target_r`` per module."""
         paths = _svd_paths(adapter)
-        return sum(int(adapter._tensors[p]["lora_A"].shape[0]) for p in paths), self.config.target_r * len(paths)
+        return sum(int(adapter.leaves(p)["lora_A"].shape[0]) for p in paths), self.config.target_r * len(paths)
 
     def budget_schedule(self, step: int, init_bgt: int, target_bgt: int) -> tuple[int, bool]:
         """PEFT's schedule: ``(budget, whether to re-allocate at this step)``.
@@ -198,7 +198,7 @@ class RankAllocator:
                     raise ConfigError(f"rank_allocator.update: grads have no entry for module {p!r}")
                 ipt_avg[p], unc_avg[p] = {}, {}
                 for n in _LEAVES:
-                    w = a._tensors[p][n].detach()
+                    w = a.leaves(p)[n].detach()
                     ipt = (w * g[n].detach()).abs()
                     old_ipt = state.exp_avg_ipt.get(p, {}).get(n)
                     old_unc = state.exp_avg_unc.get(p, {}).get(n)
@@ -228,7 +228,7 @@ class RankAllocator:
 
 def _tensors_of(grads: Any) -> Tensors:
     if isinstance(grads, Adapter):
-        return grads._tensors
+        return grads.tensors
     if isinstance(grads, Mapping):
         return {p: dict(d) for p, d in grads.items()}
     raise ConfigError(f"rank_allocator.update: grads must be an Adapter or a mapping, got {type(grads).__name__}")
@@ -236,7 +236,7 @@ def _tensors_of(grads: Any) -> Tensors:
 
 def _apply(a: Adapter, keep: Mapping[str, torch.Tensor]) -> Adapter:
     """Zero the singular values outside ``keep`` (E [r, 1]); other leaves are shared."""
-    tensors = dict(a._tensors)
+    tensors: dict[str, Any] = dict(a.tensors)
     for p, m in keep.items():
         leaves = dict(tensors[p])
         E = leaves["lora_E"]
@@ -302,7 +302,7 @@ def prune(adapter: Adapter, rank_pattern: Mapping[str, Any] | None) -> Adapter:
         masks[path] = m
     config: AdaLoraConfig = a.config
     entries: dict[str, Entry] = dict(a.entries)
-    tensors = dict(a._tensors)
+    tensors: dict[str, Any] = dict(a.tensors)
     for path, m in masks.items():
         leaves = dict(tensors[path])
         idx = torch.tensor([i for i, b in enumerate(m) if b], dtype=torch.long, device=leaves["lora_A"].device)

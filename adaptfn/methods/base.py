@@ -1,22 +1,29 @@
-"""The method protocol and the config base class shared by LoRA, IA3, AdaLoRA.
+"""The method protocol (:class:`Method`) and the config base class of every method.
 
 A method is one object with the static knowledge of one adapter kind:
 
 * ``plan`` -- which modules of a model a config targets, and each one's :class:`Entry`;
 * ``init_leaves`` -- fresh tensors for one entry (PEFT's initialisation);
-* ``forward`` -- the adapted forward of one module given the base forward;
-* ``merge`` -- the base weight with the delta folded in;
+* ``forward`` -- the adapted forward of one module given the base forward (and, for methods declaring
+  the :data:`ROUTE` capability, a per-row ``route``);
+* ``merge`` -- the module's tensors with the delta folded in;
 * ``off`` -- leaves that contribute nothing (how a masked entry is written to a file);
 * ``to_peft`` / ``from_peft`` -- PEFT's key names for one entry's delta leaves;
+* ``check`` -- whether an entry fits a module of a model;
 * ``pad`` / ``unpad`` -- rank padding for :func:`adaptfn.stack`.
+
+Optional capabilities are declared in ``capabilities``; :func:`require` refuses the rest with a typed
+error that names the method. Adding a method is one file in ``methods/`` plus one ``register`` call.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import re
 from collections.abc import Callable, Mapping
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 
@@ -42,8 +49,12 @@ class PeftConfigBase:
     extra: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=True, repr=False)
 
     def __post_init__(self) -> None:
+        cls = type(self)
         if not isinstance(self.extra, Mapping):
-            raise ConfigError(f"{type(self).__name__}.extra must be a mapping of unknown PEFT fields")
+            raise ConfigError(f"{cls.__name__}.extra must be a mapping of unknown PEFT fields")
+        for name in ("task_type", "base_model_name_or_path", "revision"):
+            check_optional_str(cls, name, getattr(self, name))
+        check_bool(cls, "inference_mode", self.inference_mode)
         for name, off in self.unsupported.items():
             if name in self.extra and not _is_off(self.extra[name], off):
                 raise ConfigError(
@@ -109,40 +120,136 @@ def need(cond: bool, cls: type, field: str, msg: str) -> None:
         raise ConfigError(f"{cls.__name__}.{field}: {msg}")
 
 
+# -- field checks shared by the configs (each raises ConfigError naming ``cls.field``) -------------------
+def is_int(v: Any) -> bool:
+    """An ``int`` that is not a ``bool``."""
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def is_real(v: Any) -> bool:
+    """A finite ``int``/``float`` that is not a ``bool`` (NaN and infinities are not)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def check_bool(cls: type, field: str, v: Any) -> None:
+    """``True`` or ``False`` only (the strings ``"false"`` / ``"true"`` and 0 / 1 are refused)."""
+    need(isinstance(v, bool), cls, field, f"must be True or False, got {v!r}")
+
+
+def check_optional_str(cls: type, field: str, v: Any) -> None:
+    need(v is None or isinstance(v, str), cls, field, f"must be a str or None, got {v!r}")
+
+
+def check_int(cls: type, field: str, v: Any, low: int) -> None:
+    """An int ``>= low``."""
+    need(is_int(v) and v >= low, cls, field, f"must be an int >= {low}, got {v!r}")
+
+
+def check_names(cls: type, field: str, v: Any, *, regex: bool = True) -> None:
+    """None, a list (tuple, set) of module names, or (``regex``) one str: a regular expression."""
+    ok = v is None or (regex and isinstance(v, str)) or (
+        isinstance(v, (list, tuple, set, frozenset)) and all(isinstance(t, str) for t in v))
+    need(ok, cls, field, ("must be a list of str, a regex str or None" if regex else "must be a list of str or None")
+         + f", got {v!r}")
+    if regex and isinstance(v, str):
+        try:
+            re.compile(v)
+        except re.error as e:
+            need(False, cls, field, f"{v!r} is not a valid regular expression ({e})")
+
+
 CallBase = Callable[[torch.Tensor], torch.Tensor]
+"""The base forward of a module (or of the methods composed under this one): ``x -> y``."""
+
+# Capabilities a method may declare (``Method.capabilities``); code that needs one calls :func:`require`.
+ROUTE = "route"
+"""Per-row routing of a stack (``af.inject(fn, stacked, route=idx)`` and ``route="all"``)."""
+CAPABILITIES = frozenset({ROUTE})
 
 
+@runtime_checkable
 class Method(Protocol):
-    """What adaptfn needs from an adapter method (see module docstring)."""
+    """What adaptfn needs from an adapter method: one object per method, holding only static knowledge.
+
+    Attributes:
+        name: adaptfn's name (``Adapter.method``), e.g. ``"lora"``.
+        peft_type: PEFT's ``peft_type`` in ``adapter_config.json``, e.g. ``"LORA"``.
+        config_cls: the config dataclass (a :class:`PeftConfigBase`).
+        capabilities: the optional capabilities it has (a subset of :data:`CAPABILITIES`); what is not
+            declared is refused by :func:`require` with an error naming the method.
+
+    Shapes below: ``leaves`` are one module's tensors (a single adapter's, or a stack's with a leading
+    ``N`` axis, see :mod:`adaptfn.stacking`); ``on`` is ``True`` or the bool tensor ``gate != 0``.
+    """
 
     name: str
     peft_type: str
-    config_cls: type
+    config_cls: type[PeftConfigBase]
+    capabilities: frozenset[str]
 
-    def plan(self, config: Any, model: torch.nn.Module) -> tuple[Any, dict[str, Entry]]: ...
+    def plan(self, config: Any, model: torch.nn.Module) -> tuple[Any, dict[str, Entry]]:
+        """``(config, {module path: Entry})``: which modules ``config`` targets in ``model`` (the config
+        comes back as PEFT saves it, e.g. ``all-linear`` expanded), replacements included."""
+        ...
 
     def init_leaves(self, config: Any, path: str, entry: Entry, module: torch.nn.Module,
                     generator: torch.Generator | None, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
         """Fresh delta leaves for one entry (PEFT's initialisation)."""
+        ...
 
     def forward(self, entry: Entry, leaves: Mapping[str, torch.Tensor], on: Any, generator: Any,
-                call_base: CallBase, module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor: ...
+                call_base: CallBase, module: torch.nn.Module, x: torch.Tensor,
+                route: torch.Tensor | None = None) -> torch.Tensor:
+        """The adapted module output for input ``x`` [..., in], given the base forward ``call_base``.
+        ``route`` (only when :data:`ROUTE` is declared): int64 [batch], row ``i`` uses adapter
+        ``route[i]`` of a stacked ``leaves`` (-1: none)."""
+        ...
 
     def merge(self, entry: Entry, leaves: Mapping[str, torch.Tensor], on: Any,
-              weight: torch.Tensor) -> torch.Tensor: ...
+              tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The module's tensors with the delta folded in: ``tensors`` is the module's own tensors by name
+        (``weight`` [out, in] or Conv1D [in, out], ``bias``, ...); returns the changed ones (new tensors)."""
+        ...
 
-    def delta_suffixes(self) -> tuple[str, ...]: ...
+    def delta_suffixes(self) -> tuple[str, ...]:
+        """PEFT's key suffixes of this method's delta tensors (``lora_A.weight``, ...)."""
+        ...
 
-    def off(self, entry: Entry, leaves: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
+    def off(self, entry: Entry, leaves: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Leaves of the same shapes that contribute nothing (how a masked entry is written to a file)."""
+        ...
 
-    def to_peft(self, entry: Entry, leaves: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
+    def to_peft(self, entry: Entry, leaves: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """PEFT's key suffix -> tensor for one entry's delta leaves."""
+        ...
 
     def from_peft(self, config: Any, path: str, found: Mapping[str, torch.Tensor],
-                  source: str) -> tuple[Entry, dict[str, torch.Tensor]]: ...
+                  source: str) -> tuple[Entry, dict[str, torch.Tensor]]:
+        """``(Entry, leaves)`` from one module's PEFT tensors (suffix -> tensor); bad files raise
+        :class:`adaptfn.AdapterFileError` naming ``source``."""
+        ...
 
-    def check(self, path: str, entry: Entry, leaves: Mapping[str, torch.Tensor],
-              module: torch.nn.Module) -> None: ...
+    def check(self, path: str, entry: Entry, leaves: Mapping[str, torch.Tensor], module: torch.nn.Module) -> None:
+        """Raise :class:`adaptfn.IncompatibleAdapterError` unless the entry fits ``module``."""
+        ...
 
-    def pad(self, entry: Entry, leaves: Mapping[str, torch.Tensor], r: int) -> dict[str, torch.Tensor]: ...
+    def pad(self, entry: Entry, leaves: Mapping[str, torch.Tensor], r: int) -> dict[str, torch.Tensor]:
+        """The leaves zero-padded to rank ``r`` (contributing exactly what they did)."""
+        ...
 
-    def unpad(self, entry: Entry, leaves: Mapping[str, torch.Tensor], r: int) -> dict[str, torch.Tensor]: ...
+    def unpad(self, entry: Entry, leaves: Mapping[str, torch.Tensor], r: int) -> dict[str, torch.Tensor]:
+        """The leaves cut back to rank ``r`` (the inverse of :meth:`pad`)."""
+        ...
+
+
+def require(method: Method, capability: str, what: str) -> None:
+    """Raise :class:`ConfigError` naming the method unless it declares ``capability``.
+
+    Arguments:
+        method: a registered method. capability: one of :data:`CAPABILITIES`.
+        what: the caller's name for the feature, e.g. ``"route="`` (starts the message).
+    """
+    if capability not in method.capabilities:
+        have = ", ".join(sorted(method.capabilities)) or "none"
+        raise ConfigError(f"{what} is not supported for {method.name} adapters (the {method.name} method declares "
+                          f"the capabilities: {have})")

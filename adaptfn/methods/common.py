@@ -1,18 +1,25 @@
-"""Helpers shared by the methods: module kinds, dtypes, ``all-linear``, replacements planning."""
+"""Helpers shared by the methods: the LoRA-family config base, module kinds, dtypes, ``all-linear``,
+replacements planning, LoRA dropout."""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from .._where import is_target
+from .._where import is_target, pattern_key
 from ..adapter import Entry
 from ..errors import IncompatibleAdapterError, shape_str
+from .base import PeftConfigBase, check_bool, check_int, check_names, is_int, is_real, need
+
+__all__ = ["LoraFamilyConfig", "PEFT_UNSUPPORTED", "SEQ_CLS_HEAD_NAMES", "EMBEDDING_LAYER_NAMES", "is_conv1d",
+           "linear_dims", "adapter_dtype", "weight_needs_transpose", "expand_all_linear", "linear_targets",
+           "plan_embedding_saves", "plan_replacements", "dropout_options", "dropout"]
 
 SEQ_CLS_HEAD_NAMES = ("score", "classifier")
 
@@ -91,6 +98,121 @@ PEFT_UNSUPPORTED = {
     "use_bdlora": None,
     "ensure_weight_tying": False,
 }
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraFamilyConfig(PeftConfigBase):
+    """The fields LoRA and its relatives share, with PEFT's names and defaults (PEFT's ``AdaLoraConfig``
+    inherits ``LoraConfig``; here both inherit this base, which holds the shared fields, their checks and
+    the per-module rank / alpha rules).
+
+    Arguments:
+        r: rank. lora_alpha: scale numerator (a finite number). lora_dropout: dropout on the delta's input,
+            in [0, 1) (only with an explicit generator, see :func:`adaptfn.inject`). target_modules: list of
+            names/suffixes, a regex (``re.fullmatch``) or ``"all-linear"``. exclude_modules: same rules,
+            wins over targets. fan_in_fan_out: base weight stored [in, out] (GPT-2 Conv1D; set from the
+            module type by :func:`adaptfn.init`). bias: "none", "all" (every ``*.bias`` is trained) or
+            "lora_only" (biases of targeted modules). use_rslora: scale by ``lora_alpha / sqrt(r)``.
+            modules_to_save: modules trained in full (replacements). init_lora_weights: True, False or
+            "gaussian" (each method documents its draws). layers_to_transform / layers_pattern: restrict
+            list targets to these block indices. rank_pattern / alpha_pattern: per-module overrides, keys
+            matched as ``(.*\\.)?(key)$``. use_dora / lora_bias: PEFT fields adaptfn does not implement yet
+            (only False).
+    """
+
+    unsupported: ClassVar[dict[str, Any]] = PEFT_UNSUPPORTED
+
+    r: int = 8
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    fan_in_fan_out: bool = False
+    bias: str = "none"
+    use_rslora: bool = False
+    modules_to_save: list[str] | None = None
+    init_lora_weights: bool | str = True
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+    rank_pattern: Any = dataclasses.field(default_factory=dict)
+    alpha_pattern: dict[str, float] = dataclasses.field(default_factory=dict)
+    use_dora: bool = False
+    lora_bias: bool = False
+
+    def validate(self) -> None:
+        """Type and range checks of the shared fields; subclasses add theirs (and ``rank_pattern``'s)."""
+        cls = type(self)
+        for name in ("use_dora", "lora_bias", "fan_in_fan_out", "use_rslora"):
+            check_bool(cls, name, getattr(self, name))
+        for name in ("use_dora", "lora_bias"):
+            need(getattr(self, name) is False, cls, name,
+                 f"{getattr(self, name)!r} is not supported by adaptfn yet (it changes the numerics); use False")
+        check_int(cls, "r", self.r, 1)
+        need(is_real(self.lora_alpha), cls, "lora_alpha", f"must be a finite number, got {self.lora_alpha!r}")
+        need(is_real(self.lora_dropout) and 0 <= self.lora_dropout < 1, cls, "lora_dropout",
+             f"must be a number in [0, 1), got {self.lora_dropout!r}")
+        need(self.bias in ("none", "all", "lora_only"), cls, "bias",
+             f"must be 'none', 'all' or 'lora_only', got {self.bias!r}")
+        mode = self.init_lora_weights
+        if isinstance(mode, str):
+            need(mode.lower() == "gaussian", cls, "init_lora_weights",
+                 f"{mode!r} is not supported by adaptfn yet; use True, False or 'gaussian'")
+        else:
+            need(isinstance(mode, bool), cls, "init_lora_weights", f"must be True, False or 'gaussian', got {mode!r}")
+        check_names(cls, "target_modules", self.target_modules)
+        check_names(cls, "exclude_modules", self.exclude_modules)
+        check_names(cls, "modules_to_save", self.modules_to_save, regex=False)
+        check_names(cls, "layers_pattern", self.layers_pattern)
+        layers = self.layers_to_transform
+        need(layers is None or (is_int(layers) and layers >= 0) or (
+            isinstance(layers, (list, tuple)) and all(is_int(i) and i >= 0 for i in layers)),
+            cls, "layers_to_transform", f"must be an int >= 0, a list of them or None, got {layers!r}")
+        need(not (isinstance(self.target_modules, str) and layers is not None), cls, "layers_to_transform",
+             "cannot be used when target_modules is a regex str")
+        need(not (self.layers_pattern and layers is None), cls, "layers_pattern",
+             "is only used together with layers_to_transform")
+        need(isinstance(self.alpha_pattern, Mapping), cls, "alpha_pattern",
+             f"must be a dict module name -> alpha, got {type(self.alpha_pattern).__name__}")
+        for k, v in self.alpha_pattern.items():
+            need(isinstance(k, str) and is_real(v), cls, "alpha_pattern",
+                 f"alpha for {k!r} must be a finite number, got {v!r}")
+        self.validate_rank_pattern()
+
+    def validate_rank_pattern(self) -> None:
+        """``rank_pattern``: a dict module name -> positive int rank (LoRA's meaning; AdaLoRA overrides)."""
+        cls = type(self)
+        need(isinstance(self.rank_pattern, Mapping), cls, "rank_pattern",
+             f"must be a dict module name -> rank, got {type(self.rank_pattern).__name__}")
+        for k, v in self.rank_pattern.items():
+            need(isinstance(k, str) and is_int(v) and v > 0, cls, "rank_pattern",
+                 f"rank for {k!r} must be a positive int, got {v!r}")
+
+    def rank_and_alpha(self, path: str) -> tuple[int, float]:
+        """The module's ``(r, lora_alpha)``: ``rank_pattern`` / ``alpha_pattern`` where a key matches."""
+        rk = pattern_key(list(self.rank_pattern), path)
+        ak = pattern_key(list(self.alpha_pattern), path)
+        r = self.rank_pattern[rk] if rk is not None else self.r
+        alpha = self.alpha_pattern[ak] if ak is not None else self.lora_alpha
+        return r, alpha
+
+    def scaling(self, r: int, alpha: float) -> float:
+        """``alpha / r`` (rsLoRA: ``alpha / sqrt(r)``)."""
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+
+def dropout_options(config: LoraFamilyConfig) -> tuple[tuple[str, Any], ...]:
+    """The static ``Entry.options`` of a LoRA-family entry: its dropout rate when there is one."""
+    return (("dropout", float(config.lora_dropout)),) if config.lora_dropout else ()
+
+
+def dropout(entry: Entry, generator: torch.Generator | None, h: torch.Tensor) -> torch.Tensor:
+    """LoRA-family dropout on the delta's input ``h``: drawn from ``generator`` when one is given (training),
+    else none (the deterministic forward). The rate is the entry's ``"dropout"`` option."""
+    p = entry.option("dropout", 0.0) if generator is not None else 0.0
+    if p <= 0:
+        return h
+    keep = torch.rand(h.shape, generator=generator, device=h.device, dtype=h.dtype) >= p
+    return h * keep / (1 - p)
 
 
 def linear_targets(config: Any, model: nn.Module, method: str) -> tuple[Any, list[tuple[str, bool]]]:

@@ -25,16 +25,13 @@ from torch import nn
 from .. import routing
 from .._where import is_target
 from ..adapter import Entry
-from ..errors import AdapterFileError, IncompatibleAdapterError, shape_str
-from .base import CallBase, PeftConfigBase, need
+from ..errors import AdapterFileError, IncompatibleAdapterError, shape_str, single_for_route, stacked_called_directly
+from .base import ROUTE, CallBase, PeftConfigBase, check_bool, check_names, need
 from .common import adapter_dtype, is_conv1d, linear_dims, linear_targets, plan_replacements
 
+__all__ = ["IA3Config", "IA3", "OUT", "IN"]
+
 OUT, IN = "ia3_out", "ia3_in"
-
-
-def _names_ok(v: Any) -> bool:
-    return v is None or isinstance(v, str) or (isinstance(v, (list, tuple, set, frozenset))
-                                                and all(isinstance(t, str) for t in v))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,15 +70,10 @@ class IA3Config(PeftConfigBase):
     def validate(self) -> None:
         cls = type(self)
         for name in ("target_modules", "exclude_modules", "feedforward_modules"):
-            v = getattr(self, name)
-            need(_names_ok(v), cls, name, f"must be a list of str or a regex str, got {v!r}")
-        need(self.modules_to_save is None or (isinstance(self.modules_to_save, (list, tuple))
-                                              and all(isinstance(m, str) for m in self.modules_to_save)),
-             cls, "modules_to_save", f"must be a list of module names, got {self.modules_to_save!r}")
-        need(isinstance(self.fan_in_fan_out, bool), cls, "fan_in_fan_out",
-             f"must be a bool, got {self.fan_in_fan_out!r}")
-        need(isinstance(self.init_ia3_weights, bool), cls, "init_ia3_weights",
-             f"must be a bool, got {self.init_ia3_weights!r}")
+            check_names(cls, name, getattr(self, name))
+        check_names(cls, "modules_to_save", self.modules_to_save, regex=False)
+        check_bool(cls, "fan_in_fan_out", self.fan_in_fan_out)
+        check_bool(cls, "init_ia3_weights", self.init_ia3_weights)
         ff, tm = self.feedforward_modules, self.target_modules
         if ff is not None and tm is not None and not isinstance(ff, str) and not isinstance(tm, str):
             # PEFT's check: a set inclusion. Entries that are a suffix of a (full-path) target also pass,
@@ -108,6 +100,7 @@ class IA3:
     name = "ia3"
     peft_type = "IA3"
     config_cls = IA3Config
+    capabilities = frozenset({ROUTE})
 
     # -- planning and init -------------------------------------------------------------------------
     def plan(self, config: IA3Config, model: nn.Module) -> tuple[IA3Config, dict[str, Entry]]:
@@ -152,21 +145,18 @@ class IA3:
         """The flat vector [n]; ones where the gate is off (under vmap/grad/compile)."""
         v = leaves["ia3_l"]
         if v.dim() != 2:
-            raise IncompatibleAdapterError(
-                "a stacked adapter was called directly; map it with torch.func.vmap or pass route=")
+            raise stacked_called_directly()
         v = v.flatten()
         if on is not True:
             v = torch.where(on, v, torch.ones_like(v))
         return v
-
-    supports_route = True
 
     def _routed(self, entry: Entry, leaves: Mapping[str, torch.Tensor], on: Any, call_base: CallBase,
                 x: torch.Tensor, route: torch.Tensor) -> torch.Tensor:
         """Row i of the batch is scaled by adapter ``route[i]``'s vector (-1: by ones, the base exactly)."""
         stack = leaves["ia3_l"]
         if stack.dim() != 3:
-            raise IncompatibleAdapterError("route= needs a stacked adapter (af.stack); this one is single")
+            raise single_for_route()
         vs = stack.flatten(1)  # [N, n]
         if on is not True:
             vs = torch.where(on[:, None], vs, torch.ones_like(vs))
@@ -218,17 +208,13 @@ class IA3:
         out_axis = 1 if fif else 0
         return out_axis if scales_out else 1 - out_axis
 
-    def merge(self, entry: Entry, leaves: Mapping[str, torch.Tensor], on: Any, weight: torch.Tensor) -> torch.Tensor:
-        """``W * l`` along the scaled axis (output rows, input columns; swapped for Conv1D)."""
-        return self.merge_tensors(entry, leaves, on, {"weight": weight})["weight"]
-
-    def merge_tensors(self, entry: Entry, leaves: Mapping[str, torch.Tensor], on: Any,
-                      params_for_module: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def merge(self, entry: Entry, leaves: Mapping[str, torch.Tensor], on: Any,
+              tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Fold the vector into the module's weight and, for an output vector, its bias (PEFT's IA3 merge).
 
         Arguments:
             entry, leaves, on: as in :meth:`forward`.
-            params_for_module: the module's tensors by name (``weight`` [out, in] or Conv1D [in, out],
+            tensors: the module's tensors by name (``weight`` [out, in] or Conv1D [in, out],
                 ``bias`` [out] when present).
 
         Returns:
@@ -238,11 +224,11 @@ class IA3:
             >>> merged = af.merge(params, ia3_adapter)   # calls this for every IA3 entry
         """
         v = self._vector(leaves, on)
-        w = params_for_module["weight"]
+        w = tensors["weight"]
         ax = self._axis(entry, tuple(w.shape), v.numel())
         vb = v.reshape(-1, 1) if ax == 0 else v.reshape(1, -1)
         out = {"weight": (w * vb).to(w.dtype)}
-        b = params_for_module.get("bias")
+        b = tensors.get("bias")
         if entry.kind == OUT and b is not None:
             out["bias"] = (b * v.reshape(b.shape)).to(b.dtype)
         return out
@@ -294,5 +280,3 @@ class IA3:
     def unpad(self, entry: Entry, leaves: Mapping[str, torch.Tensor], r: int) -> dict[str, torch.Tensor]:
         return dict(leaves)
 
-
-__all__ = ["IA3Config", "IA3"]

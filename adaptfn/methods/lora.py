@@ -18,13 +18,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import routing
-from .._where import is_target, pattern_key
+from .._where import is_target
 from ..adapter import GATE, SCALING, Entry
-from ..errors import AdapterFileError, ConfigError, IncompatibleAdapterError, shape_str
-from .base import CallBase, PeftConfigBase, need
+from ..errors import AdapterFileError, IncompatibleAdapterError, shape_str, single_for_route, stacked_called_directly
+from .base import ROUTE, CallBase
 from .common import (
-    PEFT_UNSUPPORTED,
+    LoraFamilyConfig,
     adapter_dtype,
+    dropout,
+    dropout_options,
     expand_all_linear,
     is_conv1d,
     linear_dims,
@@ -33,12 +35,13 @@ from .common import (
     weight_needs_transpose,
 )
 
-_INIT_MODES = (True, False, "gaussian")
+__all__ = ["LoraConfig", "Lora"]
 
 
 @dataclasses.dataclass(frozen=True)
-class LoraConfig(PeftConfigBase):
-    """LoRA config with PEFT's field names and defaults (``peft.LoraConfig``).
+class LoraConfig(LoraFamilyConfig):
+    """LoRA config with PEFT's field names and defaults (``peft.LoraConfig``); the fields and their checks
+    are :class:`adaptfn.methods.common.LoraFamilyConfig`'s.
 
     Arguments:
         r: rank. lora_alpha: scale numerator. lora_dropout: dropout on the LoRA input (only with an
@@ -54,66 +57,13 @@ class LoraConfig(PeftConfigBase):
 
     Example:
         >>> cfg = af.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
+        >>> cfg.scaling(*cfg.rank_and_alpha("model.decoder.layers.0.self_attn.q_proj"))
+        2.0
     """
 
     peft_type: ClassVar[str] = "LORA"
-    unsupported: ClassVar[dict[str, Any]] = PEFT_UNSUPPORTED
 
-    r: int = 8
-    lora_alpha: float = 8
-    lora_dropout: float = 0.0
-    target_modules: list[str] | str | None = None
-    exclude_modules: list[str] | str | None = None
-    fan_in_fan_out: bool = False
-    bias: str = "none"
-    use_rslora: bool = False
-    modules_to_save: list[str] | None = None
-    init_lora_weights: bool | str = True
-    layers_to_transform: list[int] | int | None = None
-    layers_pattern: list[str] | str | None = None
     rank_pattern: dict[str, int] = dataclasses.field(default_factory=dict)
-    alpha_pattern: dict[str, float] = dataclasses.field(default_factory=dict)
-    use_dora: bool = False
-    lora_bias: bool = False
-
-    def validate(self) -> None:
-        cls = type(self)
-        for name in ("use_dora", "lora_bias"):
-            need(getattr(self, name) is False, cls, name,
-                 f"{getattr(self, name)!r} is not supported by adaptfn yet (it changes the numerics); use False")
-        need(isinstance(self.r, int) and not isinstance(self.r, bool) and self.r > 0, cls, "r",
-             f"must be a positive int, got {self.r!r}")
-        need(isinstance(self.lora_alpha, (int, float)) and not isinstance(self.lora_alpha, bool), cls,
-             "lora_alpha", f"must be a number, got {self.lora_alpha!r}")
-        need(isinstance(self.lora_dropout, (int, float)) and 0 <= self.lora_dropout < 1, cls, "lora_dropout",
-             f"must be in [0, 1), got {self.lora_dropout!r}")
-        need(self.bias in ("none", "all", "lora_only"), cls, "bias",
-             f"must be 'none', 'all' or 'lora_only', got {self.bias!r}")
-        if isinstance(self.init_lora_weights, str):
-            need(self.init_lora_weights.lower() == "gaussian", cls, "init_lora_weights",
-                 f"{self.init_lora_weights!r} is not supported by adaptfn yet; use True, False or 'gaussian'")
-        else:
-            need(isinstance(self.init_lora_weights, bool), cls, "init_lora_weights",
-                 f"must be True, False or 'gaussian', got {self.init_lora_weights!r}")
-        tm = self.target_modules
-        need(tm is None or isinstance(tm, str) or all(isinstance(t, str) for t in tm), cls, "target_modules",
-             f"must be a list of str, a regex str or 'all-linear', got {tm!r}")
-        need(not (self.layers_pattern and self.layers_to_transform is None), cls, "layers_pattern",
-             "is only used together with layers_to_transform")
-        for k, v in self.rank_pattern.items():
-            need(isinstance(v, int) and v > 0, cls, "rank_pattern", f"rank for {k!r} must be a positive int, got {v!r}")
-        for k, v in self.alpha_pattern.items():
-            need(isinstance(v, (int, float)), cls, "alpha_pattern", f"alpha for {k!r} must be a number, got {v!r}")
-
-    def rank_and_alpha(self, path: str) -> tuple[int, float]:
-        rk = pattern_key(list(self.rank_pattern), path)
-        ak = pattern_key(list(self.alpha_pattern), path)
-        r = self.rank_pattern[rk] if rk is not None else self.r
-        alpha = self.alpha_pattern[ak] if ak is not None else self.lora_alpha
-        return r, alpha
-
-    def scaling(self, r: int, alpha: float) -> float:
-        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
 
 
 class Lora:
@@ -122,6 +72,7 @@ class Lora:
     name = "lora"
     peft_type = "LORA"
     config_cls = LoraConfig
+    capabilities = frozenset({ROUTE})
     _SUFFIX = {"linear": ("lora_A.weight", "lora_B.weight"), "embedding": ("lora_embedding_A", "lora_embedding_B")}
 
     # -- planning and init -------------------------------------------------------------------------
@@ -143,7 +94,7 @@ class Lora:
                     "transformers Conv1D and nn.Embedding (check target_modules / exclude_modules)")
             r, alpha = config.rank_and_alpha(path)
             entries[path] = Entry(kind=kind, r=r, scaling=config.scaling(r, alpha), fan_in_fan_out=fif,
-                                  options=_options(config))
+                                  options=dropout_options(config))
         if not entries:
             raise IncompatibleAdapterError(
                 f"LoraConfig.target_modules={config.target_modules!r} matches no module of "
@@ -190,8 +141,6 @@ class Lora:
             s = s * on
         return s
 
-    supports_route = True
-
     def forward(self, entry: Entry, leaves: Mapping[str, torch.Tensor], on: Any, generator: Any,
                 call_base: CallBase, module: nn.Module, x: torch.Tensor,
                 route: torch.Tensor | None = None) -> torch.Tensor:
@@ -199,14 +148,13 @@ class Lora:
         if route is not None:
             return self._routed(entry, leaves, on, generator, call_base, module, x, route)
         if A.dim() != 2:
-            raise IncompatibleAdapterError(
-                "a stacked adapter was called directly; map it with torch.func.vmap or pass route=")
+            raise stacked_called_directly()
         s = self._scale(entry, leaves, on)
         gemm = routing.base_gemm(call_base, module, x, A, B) if entry.kind == "linear" else None
         if gemm is not None:
             # inference on a plain Linear / Conv1D: bias + s * (x A^T) B^T first, then the base GEMM
             # accumulates into that buffer (one pass over [..., out] fewer than adding afterwards)
-            h = x if generator is None else _dropout(entry, generator, x)
+            h = x if generator is None else dropout(entry, generator, x)
             return routing.lowrank_then_base(h, x, A, B, s, gemm)
         out = call_base(x)
         if entry.kind == "embedding":
@@ -214,7 +162,7 @@ class Lora:
             h = F.embedding(x, A.T, m.padding_idx, m.max_norm, m.norm_type, m.scale_grad_by_freq, m.sparse)
             delta = h @ B.T
         else:
-            h = _dropout(entry, generator, x if x.dtype == A.dtype else x.to(A.dtype))
+            h = dropout(entry, generator, x if x.dtype == A.dtype else x.to(A.dtype))
             h = F.linear(h, A)  # [..., r]
             if out.dtype == B.dtype and out.dim() >= 2 and out.shape[:-1] == h.shape[:-1]:
                 # one fused GEMM: out + s * (h @ B^T), no separate scale and add passes over [..., out]
@@ -233,7 +181,8 @@ class Lora:
         """Row i of the batch uses adapter ``route[i]`` of the stack (-1: the base alone)."""
         A, B = leaves["lora_A"], leaves["lora_B"]
         if A.dim() != 3:
-            raise IncompatibleAdapterError("route= needs a stacked adapter (af.stack); this one is single")
+            raise single_for_route()
+
         def scale() -> torch.Tensor:  # [N]: per-adapter scale, 0 where the gate is off
             s = leaves[SCALING].detach() if SCALING in leaves else torch.full(
                 (A.shape[0],), entry.scaling, dtype=torch.float32, device=A.device)
@@ -245,15 +194,18 @@ class Lora:
         sources = (leaves[SCALING], leaves[GATE]) if SCALING in leaves else None
         gemm = routing.base_gemm(call_base, module, x, A, B)  # scaling / gate enter detached: not checked
         out = None if gemm is not None else call_base(x)
-        h = _dropout(entry, generator, x if x.dtype == A.dtype else x.to(A.dtype))
+        h = dropout(entry, generator, x if x.dtype == A.dtype else x.to(A.dtype))
         return routing.lowrank_add(out, h, A, B, scale, route, sources=sources, gemm=gemm, base_input=x)
 
-    def merge(self, entry: Entry, leaves: Mapping[str, torch.Tensor], on: Any, weight: torch.Tensor) -> torch.Tensor:
+    def merge(self, entry: Entry, leaves: Mapping[str, torch.Tensor], on: Any,
+              tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``{"weight": W + scaling * B @ A}`` (transposed for Conv1D's [in, out] and embeddings' [num, dim])."""
+        weight = tensors["weight"]
         A, B = leaves["lora_A"], leaves["lora_B"]
         delta = (B @ A) * self._scale(entry, leaves, on)  # [out, in]
         if entry.kind == "embedding" or weight_needs_transpose(weight.shape, delta.shape, entry.fan_in_fan_out):
             delta = delta.T
-        return weight + delta.to(weight.dtype)
+        return {"weight": weight + delta.to(weight.dtype)}
 
     def off(self, entry: Entry, leaves: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {**leaves, "lora_B": torch.zeros_like(leaves["lora_B"])}
@@ -311,7 +263,7 @@ class Lora:
                 f"gives r={r} for it (r / rank_pattern)")
         entry = Entry(kind=kind, r=r, scaling=config.scaling(r, alpha),
                       fan_in_fan_out=False if kind == "embedding" else bool(config.fan_in_fan_out),
-                      options=_options(config))
+                      options=dropout_options(config))
         return entry, {"lora_A": A, "lora_B": B}
 
     # -- stacking --------------------------------------------------------------------------------
@@ -326,22 +278,7 @@ class Lora:
         return {**leaves, "lora_A": leaves["lora_A"][:r], "lora_B": leaves["lora_B"][:, :r]}
 
 
-def _dropout(entry: Entry, generator: torch.Generator | None, h: torch.Tensor) -> torch.Tensor:
-    """LoRA dropout on the input, only with an explicit generator (else the deterministic forward)."""
-    p = entry.option("dropout", 0.0) if generator is not None else 0.0
-    if p <= 0:
-        return h
-    keep = torch.rand(h.shape, generator=generator, device=h.device, dtype=h.dtype) >= p
-    return h * keep / (1 - p)
-
-
-def _options(config: LoraConfig) -> tuple[tuple[str, Any], ...]:
-    return (("dropout", float(config.lora_dropout)),) if config.lora_dropout else ()
-
-
 def _sample_paths(model: nn.Module, n: int = 4) -> list[str]:
     paths = [p for p, m in model.named_modules() if p and not list(m.children())]
     return paths[:n]
 
-
-__all__ = ["LoraConfig", "Lora", "GATE", "ConfigError"]
