@@ -1,4 +1,4 @@
-"""adaptfn.io: PEFT's adapter folder format, both ways (DESIGN.md sections 1, 2 invariant 7 and 5).
+"""adaptfn.io: PEFT's adapter folder format, both ways (docs/design.md sections 1, 2 invariant 7 and 5).
 
 Round trips, the safetensors metadata, unknown / unsupported config fields, dtype and device, every
 kind of bad input (each a typed error naming the file / field / module / shapes, raised before any
