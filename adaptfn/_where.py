@@ -16,6 +16,8 @@ from collections.abc import Callable, Sequence
 
 from .errors import ConfigError
 
+__all__ = ["Where", "matcher", "suffix_match", "layer_index", "in_modules_to_save", "is_target", "pattern_key"]
+
 Where = bool | str | Sequence[str] | Callable[[str], bool]
 
 

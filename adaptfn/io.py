@@ -116,6 +116,9 @@ def save(adapter: Adapter | Mapping[str, Adapter], directory: str | os.PathLike[
 
     Example:
         >>> af.save(adapter, "out/my-lora")
+        'out/my-lora'
+        >>> import os; sorted(os.listdir("out/my-lora"))
+        ['adapter_config.json', 'adapter_model.safetensors']
     """
     items = adapter.items() if isinstance(adapter, Mapping) else [(adapter_name, adapter)]
     plans = []
@@ -411,8 +414,13 @@ def load(
         An :class:`Adapter`. The config keeps fields adaptfn does not know, and writes them back.
 
     Example:
+        >>> _ = af.save(adapter, "out/my-lora")
         >>> a = af.load("out/my-lora")
-        >>> a = af.load("user/repo", revision="v1")
+        >>> a.paths == adapter.paths and a.entries == adapter.entries
+        True
+
+        A Hub repo loads the same way, e.g. ``af.load("user/repo", revision="v1")`` (through the
+        huggingface_hub cache; ``HF_HUB_OFFLINE=1`` reads the cache only).
     """
     cfg_path, w_path = _resolve(source, adapter_name, revision, subfolder, token, cache_dir,
                                 local_files_only, allow_pickle)
@@ -476,7 +484,12 @@ def from_state_dict(state_dict: Mapping[str, torch.Tensor], config: Any) -> Adap
         An :class:`Adapter`, checked as :func:`load` checks a file.
 
     Example:
-        >>> a = af.from_state_dict(af.state_dict(adapter), adapter.config)
+        >>> sd = af.state_dict(adapter)
+        >>> next(iter(sd))
+        'base_model.model.model.decoder.layers.0.self_attn.q_proj.lora_A.weight'
+        >>> a = af.from_state_dict(sd, adapter.config)
+        >>> all(torch.equal(a.leaves(p)["lora_B"], adapter.leaves(p)["lora_B"]) for p in a.paths)
+        True
     """
     where = "from_state_dict"
     method, cfg = config_from(config, where)

@@ -1,7 +1,8 @@
 """``af.optim``: optimisers for adapters in optax's shape, pure functions on trees.
 
-An optimiser is a :class:`Optimizer` (a NamedTuple of two pure functions, hyper-parameters held in
-their closure)::
+An optimiser is a :class:`Optimizer` (a NamedTuple of two pure functions): the module-level step functions
+(:func:`adamw_init` / :func:`adamw_update`, :func:`sgd_init` / :func:`sgd_update`) with the hyper-parameters
+bound by ``functools.partial``, so each step is a named, testable function::
 
     opt = af.optim.adamw(lr=1e-3)
     state = opt.init(adapter)                              # an explicit pytree of tensors
@@ -44,6 +45,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
@@ -61,8 +63,9 @@ Tree = Any  # an Adapter, an AdapterSum, or the nested dict of their trainable l
 Key = tuple[str, ...]
 
 __all__ = [
-    "Optimizer", "AdamWState", "SGDState", "Schedule", "adamw", "sgd", "constant", "linear_warmup_decay",
-    "cosine", "trainable", "map_trainable",
+    "Optimizer", "AdamWState", "SGDState", "Schedule", "adamw", "adamw_init", "adamw_update", "sgd", "sgd_init",
+    "sgd_update", "constant", "constant_at", "linear_warmup_decay", "linear_warmup_decay_at", "cosine", "cosine_at",
+    "trainable", "map_trainable",
 ]
 
 
@@ -258,19 +261,19 @@ def constant(lr: float) -> Schedule:
         lr: the value, >= 0.
 
     Returns:
-        A schedule ``step -> lr``.
+        A schedule ``step -> lr`` (:func:`constant_at` with ``value`` bound).
 
     Example:
         >>> opt = af.optim.sgd(af.optim.constant(0.1))      # same as af.optim.sgd(0.1)
     """
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr < 0:
         raise ConfigError(f"constant: lr must be a non-negative float, got {lr!r}")
-    value = float(lr)
+    return functools.partial(constant_at, value=float(lr))
 
-    def schedule(step: Any) -> float:
-        return value
 
-    return schedule
+def constant_at(step: Any, *, value: float) -> float:
+    """The :func:`constant` schedule at ``step``: ``value``."""
+    return value
 
 
 def _check_steps(what: str, **steps: int) -> None:
@@ -305,19 +308,20 @@ def linear_warmup_decay(peak: float, warmup_steps: int, total_steps: int) -> Sch
     _check_steps("linear_warmup_decay", warmup_steps=warmup_steps, total_steps=total_steps)
     if total_steps < warmup_steps:
         raise ConfigError(f"linear_warmup_decay: total_steps ({total_steps}) < warmup_steps ({warmup_steps})")
-    peak = float(peak)
+    return functools.partial(linear_warmup_decay_at, peak=float(peak), warmup_steps=warmup_steps,
+                             total_steps=total_steps)
+
+
+def linear_warmup_decay_at(step: Any, *, peak: float, warmup_steps: int, total_steps: int) -> Any:
+    """The :func:`linear_warmup_decay` schedule at ``step`` (an int, or a 0-d tensor under transforms)."""
     up = max(1, warmup_steps)
     down = max(1, total_steps - warmup_steps)
-
-    def schedule(step: Any) -> Any:
-        if isinstance(step, torch.Tensor):
-            s = step.to(torch.float64)
-            return peak * torch.where(s < warmup_steps, s / up, ((total_steps - s) / down).clamp(min=0.0))
-        if step < warmup_steps:
-            return peak * step / up
-        return peak * max(0.0, (total_steps - step) / down)
-
-    return schedule
+    if isinstance(step, torch.Tensor):
+        s = step.to(torch.float64)
+        return peak * torch.where(s < warmup_steps, s / up, ((total_steps - s) / down).clamp(min=0.0))
+    if step < warmup_steps:
+        return peak * step / up
+    return peak * max(0.0, (total_steps - step) / down)
 
 
 def cosine(peak: float, total_steps: int, warmup_steps: int = 0, min_lr: float = 0.0) -> Schedule:
@@ -341,22 +345,23 @@ def cosine(peak: float, total_steps: int, warmup_steps: int = 0, min_lr: float =
     _check_steps("cosine", warmup_steps=warmup_steps, total_steps=total_steps)
     if total_steps < warmup_steps:
         raise ConfigError(f"cosine: total_steps ({total_steps}) < warmup_steps ({warmup_steps})")
-    peak, min_lr = float(peak), float(min_lr)
+    return functools.partial(cosine_at, peak=float(peak), total_steps=total_steps, warmup_steps=warmup_steps,
+                             min_lr=float(min_lr))
+
+
+def cosine_at(step: Any, *, peak: float, total_steps: int, warmup_steps: int, min_lr: float) -> Any:
+    """The :func:`cosine` schedule at ``step`` (an int, or a 0-d tensor under transforms)."""
     up = max(1, warmup_steps)
     down = max(1, total_steps - warmup_steps)
-
-    def schedule(step: Any) -> Any:
-        if isinstance(step, torch.Tensor):
-            s = step.to(torch.float64)
-            progress = ((s - warmup_steps) / down).clamp(0.0, 1.0)
-            decayed = min_lr + (peak - min_lr) * 0.5 * (1.0 + torch.cos(math.pi * progress))
-            return torch.where(s < warmup_steps, peak * s / up, decayed)
-        if step < warmup_steps:
-            return peak * step / up
-        progress = min(1.0, (step - warmup_steps) / down)
-        return min_lr + (peak - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return schedule
+    if isinstance(step, torch.Tensor):
+        s = step.to(torch.float64)
+        progress = ((s - warmup_steps) / down).clamp(0.0, 1.0)
+        decayed = min_lr + (peak - min_lr) * 0.5 * (1.0 + torch.cos(math.pi * progress))
+        return torch.where(s < warmup_steps, peak * s / up, decayed)
+    if step < warmup_steps:
+        return peak * step / up
+    progress = min(1.0, (step - warmup_steps) / down)
+    return min_lr + (peak - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 # -- optimisers -----------------------------------------------------------------------------------------
@@ -409,54 +414,66 @@ def adamw(
         raise ConfigError(f"adamw: eps must be a non-negative float, got {eps!r}")
     if not isinstance(weight_decay, (int, float)) or not weight_decay >= 0:
         raise ConfigError(f"adamw: weight_decay must be a non-negative float, got {weight_decay!r}")
-    beta1, beta2 = float(betas[0]), float(betas[1])
-    eps, weight_decay = float(eps), float(weight_decay)
+    return Optimizer(adamw_init, functools.partial(adamw_update, lr=schedule, beta1=float(betas[0]),
+                                                   beta2=float(betas[1]), eps=float(eps),
+                                                   weight_decay=float(weight_decay)))
 
-    def init(adapter: Tree) -> AdamWState:
-        """A fresh :class:`AdamWState` for ``adapter``: count 0, zero moments."""
-        items = _items(adapter, "adamw.init")
-        zeros = [(k, torch.zeros_like(t)) for k, t in items]
-        return AdamWState(_new_count(items), _nest(zeros), _nest([(k, torch.zeros_like(t)) for k, t in items]))
 
-    def update(grads: Tree, state: AdamWState, adapter: Tree) -> tuple[Tree, AdamWState]:
-        """One AdamW step: ``(new adapter, new state)``; ``grads``, ``state`` and ``adapter`` are untouched."""
-        count = _check_count(state, AdamWState, "adamw.update")
-        keys, params, gs = _leaves_and_grads(adapter, grads, "adamw.update")
-        mus = _pick(state.mu, keys, params, "adamw.update: state.mu")
-        nus = _pick(state.nu, keys, params, "adamw.update: state.nu")
-        traced = _is_traced([count, *params, *gs, *mus, *nus])
-        if traced:
-            # The step count (and a scheduled lr) may be batched tensors here, so use the kernel's tensor-step
-            # form. That form divides by lr, so run it with lr=1 from a zero start to get the Adam direction,
-            # then apply lr and the decoupled decay: p * (1 - lr * wd) + lr * direction (a zero lr is fine).
-            lr_now = _lr_at(schedule, count, True)
-            new_m = [m.clone() for m in mus]
-            new_v = [v.clone() for v in nus]
-            step = count.to(torch.float32)
-            steps = [step.clone() for _ in params]  # the kernel increments each one in place
-            dirs = [torch.zeros_like(p) for p in params]
-            _adamw_kernel(dirs, list(gs), new_m, new_v, [], steps, foreach=False, differentiable=True,
-                          amsgrad=False, beta1=beta1, beta2=beta2, lr=1.0, weight_decay=0.0,
-                          eps=eps, maximize=False)
-            lr_t = lr_now if isinstance(lr_now, torch.Tensor) else torch.tensor(lr_now, dtype=torch.float64)
-            new_p = [(p * (1 - lr_t.to(p.dtype) * weight_decay) if weight_decay else p) + lr_t.to(p.dtype) * d
-                     for p, d in zip(params, dirs)]
-            new_count = count + 1
-        else:
-            with torch.no_grad():
-                lr_now = _lr_at(schedule, count, False)
-                new_p = [p.detach().clone() for p in params]
-                new_m = [m.detach().clone() for m in mus]
-                new_v = [v.detach().clone() for v in nus]
-                steps = [torch.tensor(float(int(count))) for _ in params]
-                _adamw_kernel(new_p, [g.detach() for g in gs], new_m, new_v, [], steps, foreach=None,
-                              amsgrad=False, beta1=beta1, beta2=beta2, lr=lr_now, weight_decay=weight_decay,
-                              eps=eps, maximize=False)
-                new_count = count + 1
-        new_adapter = _with_leaves(adapter, dict(zip(keys, new_p)))
-        return new_adapter, AdamWState(new_count, _nest(list(zip(keys, new_m))), _nest(list(zip(keys, new_v))))
+def adamw_init(adapter: Tree) -> AdamWState:
+    """A fresh :class:`AdamWState` for ``adapter``: count 0, zero moments (:func:`adamw`'s ``init``)."""
+    items = _items(adapter, "adamw.init")
+    return AdamWState(_new_count(items), _nest([(k, torch.zeros_like(t)) for k, t in items]),
+                      _nest([(k, torch.zeros_like(t)) for k, t in items]))
 
-    return Optimizer(init, update)
+
+def adamw_update(grads: Tree, state: AdamWState, adapter: Tree, *, lr: Schedule, beta1: float, beta2: float,
+                 eps: float, weight_decay: float) -> tuple[Tree, AdamWState]:
+    """One AdamW step (:func:`adamw`'s ``update``, the hyper-parameters bound by it): ``(new adapter, new
+    state)``; ``grads``, ``state`` and ``adapter`` are untouched."""
+    count = _check_count(state, AdamWState, "adamw.update")
+    keys, params, gs = _leaves_and_grads(adapter, grads, "adamw.update")
+    mus = _pick(state.mu, keys, params, "adamw.update: state.mu")
+    nus = _pick(state.nu, keys, params, "adamw.update: state.nu")
+    hyper = dict(beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
+    step = _adamw_traced if _is_traced([count, *params, *gs, *mus, *nus]) else _adamw_eager
+    new_p, new_m, new_v = step(params, gs, mus, nus, count, lr, **hyper)
+    new_adapter = _with_leaves(adapter, dict(zip(keys, new_p)))
+    return new_adapter, AdamWState(count + 1, _nest(list(zip(keys, new_m))), _nest(list(zip(keys, new_v))))
+
+
+def _adamw_eager(params: list[torch.Tensor], gs: list[torch.Tensor], mus: list[torch.Tensor],
+                 nus: list[torch.Tensor], count: torch.Tensor, schedule: Schedule, *, beta1: float, beta2: float,
+                 eps: float, weight_decay: float) -> tuple[list[torch.Tensor], ...]:
+    """The call ``torch.optim.AdamW.step`` makes, on copies (bit for bit its result)."""
+    with torch.no_grad():
+        lr_now = _lr_at(schedule, count, False)
+        new_p = [p.detach().clone() for p in params]
+        new_m = [m.detach().clone() for m in mus]
+        new_v = [v.detach().clone() for v in nus]
+        steps = [torch.tensor(float(int(count))) for _ in params]
+        _adamw_kernel(new_p, [g.detach() for g in gs], new_m, new_v, [], steps, foreach=None, amsgrad=False,
+                      beta1=beta1, beta2=beta2, lr=lr_now, weight_decay=weight_decay, eps=eps, maximize=False)
+    return new_p, new_m, new_v
+
+
+def _adamw_traced(params: list[torch.Tensor], gs: list[torch.Tensor], mus: list[torch.Tensor],
+                  nus: list[torch.Tensor], count: torch.Tensor, schedule: Schedule, *, beta1: float, beta2: float,
+                  eps: float, weight_decay: float) -> tuple[list[torch.Tensor], ...]:
+    """Under vmap / grad / torch.compile: the step count (and a scheduled lr) may be batched tensors, so
+    the kernel's tensor-step form runs with lr=1 from a zero start to get the Adam direction; then
+    ``p * (1 - lr * wd) + lr * direction`` (a zero lr is fine)."""
+    lr_now = _lr_at(schedule, count, True)
+    new_m = [m.clone() for m in mus]
+    new_v = [v.clone() for v in nus]
+    step = count.to(torch.float32)
+    steps = [step.clone() for _ in params]  # the kernel increments each one in place
+    dirs = [torch.zeros_like(p) for p in params]
+    _adamw_kernel(dirs, list(gs), new_m, new_v, [], steps, foreach=False, differentiable=True, amsgrad=False,
+                  beta1=beta1, beta2=beta2, lr=1.0, weight_decay=0.0, eps=eps, maximize=False)
+    lr_t = lr_now if isinstance(lr_now, torch.Tensor) else torch.tensor(lr_now, dtype=torch.float64)
+    new_p = [(p * (1 - lr_t.to(p.dtype) * weight_decay) if weight_decay else p) + lr_t.to(p.dtype) * d
+             for p, d in zip(params, dirs)]
+    return new_p, new_m, new_v
 
 
 def sgd(lr: float | Schedule, momentum: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False) -> Optimizer:
@@ -488,49 +505,67 @@ def sgd(lr: float | Schedule, momentum: float = 0.0, weight_decay: float = 0.0, 
     if nesterov and momentum == 0:
         raise ConfigError("sgd: nesterov=True needs momentum > 0")
     momentum, weight_decay, nesterov = float(momentum), float(weight_decay), bool(nesterov)
+    return Optimizer(functools.partial(sgd_init, momentum=momentum),
+                     functools.partial(sgd_update, lr=schedule, momentum=momentum, weight_decay=weight_decay,
+                                       nesterov=nesterov))
 
-    def init(adapter: Tree) -> SGDState:
-        """A fresh :class:`SGDState` for ``adapter``: count 0, zero momentum buffers (None without momentum)."""
-        items = _items(adapter, "sgd.init")
-        bufs = _nest([(k, torch.zeros_like(t)) for k, t in items]) if momentum else None
-        return SGDState(_new_count(items), bufs)
 
-    def update(grads: Tree, state: SGDState, adapter: Tree) -> tuple[Tree, SGDState]:
-        """One SGD step: ``(new adapter, new state)``; ``grads``, ``state`` and ``adapter`` are untouched."""
-        count = _check_count(state, SGDState, "sgd.update")
-        keys, params, gs = _leaves_and_grads(adapter, grads, "sgd.update")
-        if momentum:
-            if state.momentum is None:
-                raise ConfigError("sgd.update: state has no momentum buffers; make it with this optimiser's init")
-            bufs_in = _pick(state.momentum, keys, params, "sgd.update: state.momentum")
-        else:
-            bufs_in = []
-        traced = _is_traced([count, *params, *gs, *bufs_in])
-        kw = dict(momentum=momentum, dampening=0.0, nesterov=nesterov, maximize=False)
-        if traced:
-            lr_now = _lr_at(schedule, count, True)
-            new_p = [p.clone() for p in params]
-            bufs: list[torch.Tensor | None] = [b.clone() for b in bufs_in] if momentum else [None] * len(params)
-            if isinstance(lr_now, torch.Tensor):
-                # The kernel scales by lr through `alpha=`, which takes a Python number, and a scheduled lr
-                # is a (possibly batched) tensor here: fold the L2 term into the gradient as the kernel
-                # does, let it compute the step with lr=1 from a zero start, and scale that step by lr.
-                gs = [g.add(p, alpha=weight_decay) if weight_decay else g for g, p in zip(gs, new_p)]
-                deltas = [torch.zeros_like(p) for p in new_p]
-                _sgd_kernel(deltas, list(gs), bufs, foreach=False, weight_decay=0.0, lr=1.0, **kw)
-                new_p = [p + lr_now.to(p.dtype) * d for p, d in zip(new_p, deltas)]
-            else:
-                _sgd_kernel(new_p, list(gs), bufs, foreach=False, weight_decay=weight_decay, lr=lr_now, **kw)
-            new_count = count + 1
-        else:
-            with torch.no_grad():
-                lr_now = _lr_at(schedule, count, False)
-                new_p = [p.detach().clone() for p in params]
-                bufs = [b.detach().clone() for b in bufs_in] if momentum else [None] * len(params)
-                _sgd_kernel(new_p, [g.detach() for g in gs], bufs, foreach=None, weight_decay=weight_decay,
-                            lr=lr_now, **kw)
-                new_count = count + 1
-        new_state = SGDState(new_count, _nest(list(zip(keys, bufs))) if momentum else None)  # type: ignore[arg-type]
-        return _with_leaves(adapter, dict(zip(keys, new_p))), new_state
+def sgd_init(adapter: Tree, *, momentum: float) -> SGDState:
+    """A fresh :class:`SGDState` for ``adapter`` (:func:`sgd`'s ``init``): count 0, zero momentum buffers
+    (None without momentum)."""
+    items = _items(adapter, "sgd.init")
+    bufs = _nest([(k, torch.zeros_like(t)) for k, t in items]) if momentum else None
+    return SGDState(_new_count(items), bufs)
 
-    return Optimizer(init, update)
+
+def sgd_update(grads: Tree, state: SGDState, adapter: Tree, *, lr: Schedule, momentum: float, weight_decay: float,
+               nesterov: bool) -> tuple[Tree, SGDState]:
+    """One SGD step (:func:`sgd`'s ``update``, the hyper-parameters bound by it): ``(new adapter, new
+    state)``; ``grads``, ``state`` and ``adapter`` are untouched."""
+    count = _check_count(state, SGDState, "sgd.update")
+    keys, params, gs = _leaves_and_grads(adapter, grads, "sgd.update")
+    if momentum:
+        if state.momentum is None:
+            raise ConfigError("sgd.update: state has no momentum buffers; make it with this optimiser's init")
+        bufs_in = _pick(state.momentum, keys, params, "sgd.update: state.momentum")
+    else:
+        bufs_in = []
+    traced = _is_traced([count, *params, *gs, *bufs_in])
+    step = _sgd_traced if traced else _sgd_eager
+    new_p, bufs = step(params, gs, bufs_in, count, lr, momentum=momentum, weight_decay=weight_decay,
+                       nesterov=nesterov)
+    new_state = SGDState(count + 1, _nest(list(zip(keys, bufs))) if momentum else None)  # type: ignore[arg-type]
+    return _with_leaves(adapter, dict(zip(keys, new_p))), new_state
+
+
+def _sgd_eager(params: list[torch.Tensor], gs: list[torch.Tensor], bufs_in: list[torch.Tensor], count: torch.Tensor,
+               schedule: Schedule, *, momentum: float, weight_decay: float,
+               nesterov: bool) -> tuple[list[torch.Tensor], list[Any]]:
+    """The call ``torch.optim.SGD.step`` makes, on copies."""
+    with torch.no_grad():
+        lr_now = _lr_at(schedule, count, False)
+        new_p = [p.detach().clone() for p in params]
+        bufs: list[Any] = [b.detach().clone() for b in bufs_in] if momentum else [None] * len(params)
+        _sgd_kernel(new_p, [g.detach() for g in gs], bufs, foreach=None, weight_decay=weight_decay, lr=lr_now,
+                    momentum=momentum, dampening=0.0, nesterov=nesterov, maximize=False)
+    return new_p, bufs
+
+
+def _sgd_traced(params: list[torch.Tensor], gs: list[torch.Tensor], bufs_in: list[torch.Tensor], count: torch.Tensor,
+                schedule: Schedule, *, momentum: float, weight_decay: float,
+                nesterov: bool) -> tuple[list[torch.Tensor], list[Any]]:
+    """Under vmap / grad / torch.compile. The kernel scales by lr through ``alpha=``, which takes a Python
+    number, and a scheduled lr is a (possibly batched) tensor here: fold the L2 term into the gradient as
+    the kernel does, let it compute the step with lr=1 from a zero start, and scale that step by lr."""
+    lr_now = _lr_at(schedule, count, True)
+    new_p = [p.clone() for p in params]
+    bufs: list[Any] = [b.clone() for b in bufs_in] if momentum else [None] * len(params)
+    kw = dict(momentum=momentum, dampening=0.0, nesterov=nesterov, maximize=False)
+    if isinstance(lr_now, torch.Tensor):
+        gs = [g.add(p, alpha=weight_decay) if weight_decay else g for g, p in zip(gs, new_p)]
+        deltas = [torch.zeros_like(p) for p in new_p]
+        _sgd_kernel(deltas, list(gs), bufs, foreach=False, weight_decay=0.0, lr=1.0, **kw)
+        new_p = [p + lr_now.to(p.dtype) * d for p, d in zip(new_p, deltas)]
+    else:
+        _sgd_kernel(new_p, list(gs), bufs, foreach=False, weight_decay=weight_decay, lr=lr_now, **kw)
+    return new_p, bufs

@@ -113,7 +113,8 @@ def is_quantized(t: Any) -> bool:
         [out * in / 2, 1] bytes); False otherwise (bitsandbytes not imported included).
 
     Example:
-        >>> [k for k, v in params.items() if af.quant.is_quantized(v)]
+        >>> [k for k, v in params.items() if af.quant.is_quantized(v)][:2]
+        ['model.layers.0.self_attn.q_proj.weight', 'model.layers.0.self_attn.k_proj.weight']
     """
     bnn = _bnb_nn()
     if bnn is None or not isinstance(t, torch.Tensor):
@@ -147,7 +148,9 @@ def layer_kind(module: nn.Module) -> str | None:
         ``"int8"``, ``"4bit"``, or None (not a supported quantized layer).
 
     Example:
-        >>> {p: af.quant.layer_kind(m) for p, m in model.named_modules() if af.quant.layer_kind(m)}
+        >>> {p: af.quant.layer_kind(m) for p, m in model.named_modules() if "self_attn" in p and af.quant.layer_kind(m)}
+        {'model.layers.0.self_attn.q_proj': '4bit', 'model.layers.0.self_attn.k_proj': '4bit',
+         'model.layers.0.self_attn.v_proj': '4bit', 'model.layers.0.self_attn.o_proj': '4bit'}
     """
     bnn = _bnb_nn()
     if bnn is None:

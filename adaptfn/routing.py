@@ -37,6 +37,10 @@ from torch import nn
 
 from .errors import ConfigError, IncompatibleAdapterError
 
+__all__ = ["DENSE_LIMIT", "GROUPED_TOKENS", "BaseGemm", "check_route", "rows_view", "row_scale", "in_place_ok",
+           "base_gemm", "lowrank_then_base", "accumulate_base", "same_inputs", "lowrank_add", "lowrank",
+           "embedding_lowrank"]
+
 # use the dense kernel while (rows * tokens-per-row * adapters) <= DENSE_LIMIT * rows (transforms, autograd)
 DENSE_LIMIT = 64
 # inference: grouped when the rows are already grouped by adapter, or while tokens-per-row <= GROUPED_TOKENS

@@ -33,8 +33,12 @@ def stack(adapters: Sequence[Adapter]) -> Adapter:
         A stacked :class:`Adapter`; ``af.unstack`` gives the originals back.
 
     Example:
-        >>> stacked = af.stack([a1, a2, a3])
-        >>> outs = torch.func.vmap(lambda a: af.inject(fn, a)(params, x))(stacked)
+        >>> stacked = af.stack([a1, a2, a3])                  # ranks 2, 3, 4: padded to 4
+        >>> stacked.stack_size, stacked.leaves(stacked.paths[0])["lora_A"].shape   # [N, r, in]
+        (3, torch.Size([3, 4, 22]))
+        >>> outs = torch.func.vmap(lambda a: af.inject(fn, a)(params, input_ids=ids).logits)(stacked)
+        >>> outs.shape                                         # [N, batch, seq, vocab]
+        torch.Size([3, 2, 7, 61])
     """
     adapters = list(adapters)
     if not adapters:

@@ -23,6 +23,8 @@ Example:
     ...     adapter = sgd(adapter, grads)                             # any optimiser step
     ...     adapter, state = alloc.update(adapter, grads, state, step)
     >>> af.save(af.adalora.prune(adapter, alloc.rank_pattern(state)), "out")
+    'out'
+
 """
 
 from __future__ import annotations
@@ -282,8 +284,12 @@ def prune(adapter: Adapter, rank_pattern: Mapping[str, Any] | None) -> Adapter:
         A new :class:`Adapter` (the same outputs wherever the dropped singular values were zero).
 
     Example:
+        >>> alloc = af.adalora.rank_allocator(adapter.config)
+        >>> state = alloc.init(adapter)
         >>> final = af.adalora.prune(adapter, alloc.rank_pattern(state))
         >>> af.save(final, "out")
+        'out'
+
     """
     a = _check(adapter, "prune")
     if rank_pattern is None:

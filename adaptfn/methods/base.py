@@ -30,6 +30,9 @@ import torch
 from ..adapter import Entry
 from ..errors import ConfigError
 
+__all__ = ["PeftConfigBase", "Method", "CallBase", "ROUTE", "CAPABILITIES", "require", "need", "is_int", "is_real",
+           "check_bool", "check_optional_str", "check_int", "check_names"]
+
 _JSON_TYPES = (str, int, float, bool, type(None), list, dict)
 
 

@@ -221,7 +221,11 @@ class IA3:
             ``{"weight": W * l}`` plus ``{"bias": b * l}`` for non-feedforward modules with a bias.
 
         Example:
-            >>> merged = af.merge(params, ia3_adapter)   # calls this for every IA3 entry
+            >>> ia3 = af.init(fn, af.IA3Config(target_modules=["v_proj", "fc2"], feedforward_modules=["fc2"]))
+            >>> merged = af.merge(params, ia3)   # calls this for every IA3 entry
+            >>> sorted(k for k in merged if merged[k] is not params[k])[:3]  # v_proj: weight and bias
+            ['model.decoder.layers.0.fc2.weight', 'model.decoder.layers.0.self_attn.v_proj.bias',
+             'model.decoder.layers.0.self_attn.v_proj.weight']
         """
         v = self._vector(leaves, on)
         w = tensors["weight"]
