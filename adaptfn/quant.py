@@ -30,6 +30,14 @@ The CPU-repacked 4-bit layout (``quant_state.packing_format_for_cpu``: codes sto
 read as it is: :func:`dequantize` unpacks it into a new tensor, and the forward uses bitsandbytes' fused
 kernel for that layout where the CPU has it, else ``F.linear`` with the unpacked weight.
 
+Kernel difference: on CPUs with AVX512-BF16, bitsandbytes' own eval (no-grad) forward repacks a
+``Linear4bit``'s weights in place at its first call and from then on computes in bfloat16 with a fused
+kernel, ~0.5% rel. from the standard 4-bit kernel. adaptfn never repacks a user's layer (on one the user's
+own forward has repacked, it computes as said above). To compare adaptfn with a PEFT / bitsandbytes model, put both in
+the same layout: ``layer.support_avx512bf16_for_cpu = False`` on every ``Linear4bit`` before the first
+forward gives the standard one. (Reading a repacked model's ``state_dict``, as PEFT's ``save_pretrained`` /
+``from_pretrained`` do, makes bitsandbytes 0.50 undo the repack in place, not exactly.)
+
 CPU note: bitsandbytes' CPU kernels run on the system's OpenMP runtime and torch on its own; on a few
 cores, torch's spinning OpenMP workers can slow every bitsandbytes call down many times over (PEFT and
 bitsandbytes' own forward alike). ``torch.set_num_threads(1)`` or ``OMP_WAIT_POLICY=PASSIVE`` (set before

@@ -6,6 +6,12 @@ compute on CPU, bfloat16 on CUDA): one copy for PEFT (``get_peft_model`` wraps i
 with the same quantized bytes and the same adapter (PEFT saves it, adaptfn loads the folder). Timed,
 interleaved: an inference forward (``inference_mode``) and a training step -- PEFT's
 ``loss.backward()`` into its LoRA parameters vs adaptfn's ``torch.func.grad`` over the adapter tree.
+
+Both copies are kept in bitsandbytes' standard 4-bit layout (``support_avx512bf16_for_cpu = False`` on every
+``Linear4bit`` before any forward): on CPUs with AVX512-BF16, bitsandbytes' own eval forward would otherwise
+repack PEFT's weights in place at its first call and from then on run a fused bfloat16 kernel, which also
+fails PEFT's training step (an in-place ``result += bias`` under autograd). adaptfn never repacks, so both
+contenders run the same standard 4-bit kernel.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ def _round128(n: int) -> int:
 
 
 def scenario_qlora(w: Any) -> Result:
+    import bitsandbytes as bnb
     import peft
     from transformers import BitsAndBytesConfig, OPTConfig, OPTForCausalLM
 
@@ -48,8 +55,12 @@ def scenario_qlora(w: Any) -> Result:
         OPTForCausalLM(cfg).save_pretrained(os.path.join(tmp, "base"))
 
         def load() -> Any:
-            return OPTForCausalLM.from_pretrained(os.path.join(tmp, "base"), quantization_config=qcfg,
-                                                  device_map={"": str(dev)}).eval()
+            model = OPTForCausalLM.from_pretrained(os.path.join(tmp, "base"), quantization_config=qcfg,
+                                                   device_map={"": str(dev)}).eval()
+            for m in model.modules():  # the standard 4-bit layout: bitsandbytes' eval forward never repacks
+                if isinstance(m, bnb.nn.Linear4bit):
+                    m.support_avx512bf16_for_cpu = False
+            return model
 
         torch.manual_seed(1)
         pm = peft.get_peft_model(load(), peft.LoraConfig(r=args.r, lora_alpha=args.alpha, target_modules=targets,
@@ -115,6 +126,8 @@ def scenario_qlora(w: Any) -> Result:
                  extra={"rel_err_vs_peft": rel_err})
     res.notes.append(f"OPT hidden {hidden}, ffn {ffn}, {args.layers} layers, compute {str(compute)[6:]}; "
                      "step = grads of the LoRA weights (PEFT: loss.backward; adaptfn: torch.func.grad over the "
-                     "tree, or torch.autograd.grad on leaves that require grad); on CPU, bitsandbytes' "
-                     "OpenMP runtime competes with torch's (try --threads 1 on few cores)")
+                     "tree, or torch.autograd.grad on leaves that require grad); both in bitsandbytes' standard "
+                     "4-bit layout, so both run the standard 4-bit kernel (no CPU repack for AVX512-BF16's bf16 "
+                     "kernel); on CPU, bitsandbytes' OpenMP runtime competes with torch's (try --threads 1 on few "
+                     "cores)")
     return res

@@ -122,11 +122,16 @@ def run(args: argparse.Namespace, base_dir: str, out_dir: str) -> dict[str, Any]
     with torch.no_grad():
         trained = af.inject(fn, adapter)(params, input_ids=ids).logits
         reloaded = af.inject(fn, af.load(out_dir))(params, input_ids=ids).logits
+    import bitsandbytes as bnb
     import peft
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pm = peft.PeftModel.from_pretrained(load_4bit(base_dir), out_dir).eval()
+    # like with like: keep PEFT's 4-bit layers in adaptfn's standard layout (AVX512-BF16 CPUs would repack them)
+    for m in pm.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            m.support_avx512bf16_for_cpu = False
     with torch.no_grad():
         from_peft = pm(input_ids=ids).logits
     scale = float(trained.abs().max())
