@@ -125,7 +125,8 @@ class TunerLayerStatus:
         requires_grad: adapter -> True / False / ``"irregular"`` over its parameters here.
         available_adapters: the adapters touching this module, sorted.
         devices: adapter -> sorted device types of its tensors here.
-        quantization_backend: ``"bnb 8bit"`` / ``"bnb 4bit"`` for a bitsandbytes base layer, else None.
+        quantization_backend: ``"bnb 8bit"`` / ``"bnb 4bit"`` for a bitsandbytes base layer, else None (as
+            PEFT's docs describe it; PEFT 0.21's LoRA / IA3 / AdaLoRA layers do not record it and say None).
     """
 
     name: str
@@ -272,7 +273,18 @@ class AdapterModel(nn.Module):
         """``nn.Module.state_dict``, with each tied base tensor under its first name only, as transformers'
         ``save_pretrained`` writes it (safetensors refuses tensors that share memory, and the ``Trainer``
         saves an ``AdapterModel`` 's checkpoints with safetensors); :meth:`load_state_dict` does not count
-        the other names as missing, since loading the first fills them."""
+        the other names as missing, since loading the first fills them.
+
+        Arguments:
+            destination, prefix, keep_vars: as ``nn.Module.state_dict``.
+
+        Returns:
+            name -> tensor: the base model's (under ``base_model.``) and the adapters' parameters
+            (``adapter_params.<adapter>.<encoded module path>::<leaf>``).
+
+        Example:
+            >>> safetensors.torch.save_file(m.state_dict(), "ckpt.safetensors")
+        """
         out = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
         for name in self._tied_aliases():
             out.pop(f"{prefix}base_model.{name}", None)
@@ -360,6 +372,12 @@ class AdapterModel(nn.Module):
         except (TypeError, ValueError):
             return False
         return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+    @property
+    def _hf_peft_config_loaded(self) -> bool:
+        """transformers' flag for "adapters are attached": the ``Trainer`` refuses to fine-tune a quantized
+        (e.g. 4-bit) model without it."""
+        return bool(self._specs)
 
     # -- names -------------------------------------------------------------------------------------------
     def _new_name(self, where: str, name: Any, arg: str = "adapter_name") -> str:
@@ -685,7 +703,11 @@ class AdapterModel(nn.Module):
         self._update_requires_grad(inference_mode)
 
     def active_adapters(self) -> list[str]:
-        """The active adapters' names (transformers' ``active_adapters()``; ``[]`` when none is loaded).
+        """The active adapters' names (transformers' ``active_adapters()``).
+
+        Returns:
+            A new list of names, in activation order; ``[]`` when no adapter is loaded (where transformers
+            raises).
 
         Example:
             >>> m.active_adapters()
@@ -694,7 +716,11 @@ class AdapterModel(nn.Module):
         return list(self._active)
 
     def enable_adapters(self) -> None:
-        """Turn the active adapters back on (after :meth:`disable_adapters`); they train again.
+        """Turn the active adapters back on (after :meth:`disable_adapters`); they train again (those not
+        loaded frozen), as PEFT's ``enable_adapter_layers``.
+
+        Returns:
+            None. Raises ConfigError when no adapter is loaded (as transformers).
 
         Example:
             >>> m.disable_adapters(); base_out = m(**x); m.enable_adapters()
@@ -707,6 +733,9 @@ class AdapterModel(nn.Module):
         """Run the base model alone until :meth:`enable_adapters`; no adapter trains meanwhile.
 
         Merged adapters stay merged, but the forward then uses the base model's original tensors.
+
+        Returns:
+            None. Raises ConfigError when no adapter is loaded (as transformers).
 
         Example:
             >>> m.disable_adapters()
@@ -722,6 +751,9 @@ class AdapterModel(nn.Module):
         """Context manager (``PeftModel.disable_adapter``): the base model alone inside; on exit, even on
         an exception, whether adapters were enabled and each adapter parameter's ``requires_grad`` are
         restored as they were.
+
+        Returns:
+            A context manager (yields None).
 
         Example:
             >>> with m.disable_adapter():
@@ -746,6 +778,9 @@ class AdapterModel(nn.Module):
             adapter_names: a name or a list of names.
             requires_grad: True (default) or False.
 
+        Returns:
+            None.
+
         Example:
             >>> m.load_adapter("out/a", "a"); m.set_requires_grad("a")   # now it trains
         """
@@ -766,6 +801,9 @@ class AdapterModel(nn.Module):
 
         Arguments:
             adapter_names: a name or a list of names.
+
+        Returns:
+            None.
 
         Example:
             >>> m.delete_adapter("b"); m.delete_adapter(["c", "d"])
@@ -793,6 +831,12 @@ class AdapterModel(nn.Module):
     def adapter(self, adapter_name: str | None = None) -> Adapter:
         """The current tree of one adapter (the active one by default); its leaves are this module's
         parameters, so it reflects training.
+
+        Arguments:
+            adapter_name: the adapter; default: the first active one.
+
+        Returns:
+            An :class:`adaptfn.Adapter` (use it with :func:`adaptfn.inject`, :func:`adaptfn.save`, ...).
 
         Example:
             >>> af.save(m.adapter("a"), "out/a")
@@ -834,6 +878,9 @@ class AdapterModel(nn.Module):
     def get_base_model(self) -> nn.Module:
         """The wrapped base model (``PeftModel.get_base_model``).
 
+        Returns:
+            The ``nn.Module`` given to :class:`AdapterModel` (its weights are the merged ones while merged).
+
         Example:
             >>> m.get_base_model() is model
             True
@@ -845,6 +892,9 @@ class AdapterModel(nn.Module):
         parameters (shared ones once; bitsandbytes 4-bit ones as PEFT counts them) plus every adapter's
         (trainable or not); ``trainable`` those with ``requires_grad``. Gates and the frozen copies of base
         tensors PEFT saves (embedding matrices) are the base's, not counted again.
+
+        Returns:
+            ``(trainable, all)``.
 
         Example:
             >>> trainable, total = m.get_nb_trainable_parameters()
@@ -868,6 +918,9 @@ class AdapterModel(nn.Module):
     def print_trainable_parameters(self) -> None:
         """Print PEFT's line: ``trainable params: T || all params: A || trainable%: P``.
 
+        Returns:
+            None (prints the counts of :meth:`get_nb_trainable_parameters`).
+
         Example:
             >>> m.print_trainable_parameters()
             trainable params: 1,694 || all params: 13,824 || trainable%: 12.2541
@@ -884,8 +937,9 @@ class AdapterModel(nn.Module):
         (trained biases and the frozen embedding copies are not layers, as in PEFT). Values are PEFT's for
         the same state, except: ``name`` is the module's path in the base model (PEFT prefixes ``"model."``);
         ``module_type`` names the base module's class (``"lora.Linear"``; PEFT says ``"lora.Linear"`` for a
-        GPT-2 ``Conv1D`` too); a merged adapter's ``modules_to_save`` module lists it as merged (adaptfn
-        folds the replacement into the base; PEFT keeps its copy apart and lists ``[]`` there).
+        GPT-2 ``Conv1D`` too); ``quantization_backend`` names a bitsandbytes base layer (PEFT 0.21's LoRA
+        layers say None); a merged adapter's ``modules_to_save`` module lists it as merged (adaptfn folds
+        the replacement into the base; PEFT keeps its copy apart and lists ``[]`` there).
 
         Returns:
             A list of :class:`TunerLayerStatus`.
@@ -931,7 +985,8 @@ class AdapterModel(nn.Module):
         """The status of the whole model (``PeftModel.get_model_status``), aggregated from
         :meth:`get_layer_status` by PEFT's rules: a field on which the layers disagree reads
         ``"irregular"``. ``adapter_model_type`` is ``"AdapterModel"`` (PEFT names its tuner, e.g.
-        ``"LoraModel"``); the other fields have PEFT's values for the same state.
+        ``"LoraModel"``); the other fields have PEFT's values for the same state, but for the differences
+        :meth:`get_layer_status` lists.
 
         Returns:
             A :class:`TunerModelStatus`.
@@ -1161,7 +1216,10 @@ class AdapterModel(nn.Module):
 
     def unmerge_adapter(self) -> None:
         """Undo every merge (``PeftModel.unmerge_adapter``): the base model's tensors are the exact originals
-        again (and tied ones tied again).
+        again (and tied ones tied again). With nothing merged it warns, as PEFT does.
+
+        Returns:
+            None.
 
         Example:
             >>> m.unmerge_adapter()
@@ -1251,6 +1309,12 @@ class AdapterModel(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """The base model's forward with the active adapters (its signature is the base forward's).
 
+        Arguments:
+            args, kwargs: the base model's forward arguments.
+
+        Returns:
+            What the base model returns.
+
         Example:
             >>> out = m(input_ids=ids, labels=ids); out.loss.backward()
         """
@@ -1259,6 +1323,12 @@ class AdapterModel(nn.Module):
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """The base model's ``generate`` with the active adapters.
+
+        Arguments:
+            args, kwargs: ``generate`` 's arguments.
+
+        Returns:
+            What the base model's ``generate`` returns.
 
         Example:
             >>> m.generate(input_ids=ids, max_new_tokens=8, do_sample=False)

@@ -542,6 +542,42 @@ def test_model_and_layer_status_match_peft(tmp_path) -> None:
     assert pm.get_model_status().merged_adapters == "irregular"
 
 
+def test_quantized_base_counts_status_and_trainer(tmp_path) -> None:
+    pytest.importorskip("bitsandbytes")
+    from transformers import BitsAndBytesConfig, OPTConfig, OPTForCausalLM, Trainer, TrainingArguments
+
+    torch.manual_seed(0)  # 128 wide: bitsandbytes' 4-bit blocks
+    OPTForCausalLM(OPTConfig(vocab_size=64, hidden_size=128, num_hidden_layers=1, ffn_dim=256, num_attention_heads=2,
+                             max_position_embeddings=32, word_embed_proj_dim=128)).save_pretrained(str(tmp_path / "b"))
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+
+    def load():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return OPTForCausalLM.from_pretrained(str(tmp_path / "b"), quantization_config=q, device_map="cpu")
+
+    cfg = dict(r=4, target_modules=["q_proj", "v_proj"])
+    am = af.AdapterModel(load())
+    am.add_adapter(af.LoraConfig(**cfg), generator=gen(0))
+    pm = peft.get_peft_model(load(), peft.LoraConfig(**cfg))
+    assert am.get_nb_trainable_parameters() == pm.get_nb_trainable_parameters()  # Params4bit counted as PEFT does
+    ours, theirs = am.get_model_status(), pm.get_model_status()
+    # documented difference: the backend is named, as PEFT's docs describe the field; PEFT 0.21's LoRA layers
+    # do not record it (only its OFT/BOFT/VeRA/MiSS/SHiRA layers do), so it reports None
+    assert ours.quantization_backend == "bnb 4bit" and theirs.quantization_backend is None
+    assert {s.quantization_backend for s in am.get_layer_status()} == {"bnb 4bit"}
+    assert _status_fields(ours) | {"quantization_backend": None} == _status_fields(theirs)
+    with pytest.raises(af.ConfigError, match="^merge_adapter: .*Params4bit"):
+        am.merge_adapter()
+    # the Trainer fine-tunes a quantized model only with adapters attached: it sees them here too
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), report_to=[], use_cpu=True, max_steps=2,
+                             per_device_train_batch_size=2)
+    data = [{"input_ids": torch.arange(8), "labels": torch.arange(8)}] * 4
+    trainer = Trainer(model=am, args=args, train_dataset=data)
+    trainer.train()
+    assert trainer.state.global_step == 2
+
+
 # -- merging -------------------------------------------------------------------------------------------------
 def test_merge_adapter_and_unmerge_restore_the_exact_originals(tmp_path) -> None:
     model = tiny_opt()
