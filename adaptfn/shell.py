@@ -196,9 +196,12 @@ class AdapterModel(nn.Module):
 
     Example:
         >>> m = af.AdapterModel(model)
-        >>> m.load_adapter("user/repo", adapter_name="a")          # frozen unless is_trainable=True
+        >>> _ = af.save(adapter, "saved")                      # a PEFT-format folder (or a Hub repo id)
+        >>> m.load_adapter("saved", adapter_name="a")          # frozen unless is_trainable=True
         >>> m.add_adapter(af.LoraConfig(target_modules=["q_proj"]), adapter_name="b")   # active, trainable
         >>> m.set_adapter("a"); out = m(input_ids=ids)
+        >>> type(m).__name__, isinstance(m, af.AdapterModel)
+        ('AdapterModelForOPTForCausalLM', True)
     """
 
     _wrapped_class: ClassVar[type | None] = None
@@ -283,7 +286,12 @@ class AdapterModel(nn.Module):
             (``adapter_params.<adapter>.<encoded module path>::<leaf>``).
 
         Example:
-            >>> safetensors.torch.save_file(m.state_dict(), "ckpt.safetensors")
+            >>> import safetensors.torch
+            >>> m = af.AdapterModel(model)
+            >>> m.add_adapter(af.LoraConfig(target_modules=["q_proj"]))
+            >>> safetensors.torch.save_file(m.state_dict(), "ckpt.safetensors")   # lm_head, tied, written once
+            >>> m.load_state_dict(safetensors.torch.load_file("ckpt.safetensors"))
+            <All keys matched successfully>
         """
         out = super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
         for name in self._tied_aliases():
@@ -542,10 +550,14 @@ class AdapterModel(nn.Module):
             :func:`adaptfn.load` and :func:`adaptfn.inject`. Every message starts with ``load_adapter:``.
 
         Example:
-            >>> m.load_adapter("user/repo", adapter_name="a")                     # frozen
-            >>> m.load_adapter("out/b", adapter_name="b", is_trainable=True)
-            >>> m.load_adapter(peft_config=cfg, adapter_state_dict=sd, adapter_name="c")
-            >>> m.load_adapter("out/a2", adapter_name="a", hotswap=True)          # same structure, in place
+            >>> m = af.AdapterModel(model)
+            >>> _ = af.save(adapter, "saved")
+            >>> m.load_adapter("saved", adapter_name="a")                          # frozen
+            >>> m.load_adapter("saved", adapter_name="b", is_trainable=True)
+            >>> m.load_adapter(peft_config=adapter.config, adapter_state_dict=af.state_dict(adapter), adapter_name="c")
+            >>> m.load_adapter("saved", adapter_name="a", hotswap=True)            # same structure, in place
+            >>> m.active_adapters(), list(m.peft_config)
+            (['a'], ['a', 'b', 'c'])
         """
         where = "load_adapter"
         if "model_id" in kwargs:
@@ -656,8 +668,11 @@ class AdapterModel(nn.Module):
             None.
 
         Example:
+            >>> m = af.AdapterModel(model)
             >>> m.add_adapter(af.LoraConfig(r=8, target_modules=["q_proj", "v_proj"]), "mine",
             ...               generator=torch.Generator().manual_seed(0))
+            >>> m.active_adapters()
+            ['mine']
         """
         where = "add_adapter"
         if isinstance(adapter_config, str):
@@ -691,7 +706,12 @@ class AdapterModel(nn.Module):
             None.
 
         Example:
-            >>> m.set_adapter("b"); m.set_adapter(["a", "b"])
+            >>> m = af.AdapterModel(model)
+            >>> for name in ("a", "b"):
+            ...     m.add_adapter(af.LoraConfig(target_modules=["q_proj"]), name)
+            >>> m.set_adapter("a"); m.set_adapter(["a", "b"])
+            >>> m.active_adapters()
+            ['a', 'b']
         """
         where = "set_adapter"
         names = self._existing(where, "adapter_name", adapter_name)
@@ -710,6 +730,8 @@ class AdapterModel(nn.Module):
             raises).
 
         Example:
+            >>> m = af.AdapterModel(model)
+            >>> m.add_adapter(af.LoraConfig(target_modules=["q_proj"]))
             >>> m.active_adapters()
             ['default']
         """
@@ -723,7 +745,9 @@ class AdapterModel(nn.Module):
             None. Raises ConfigError when no adapter is loaded (as transformers).
 
         Example:
-            >>> m.disable_adapters(); base_out = m(**x); m.enable_adapters()
+            >>> m = af.AdapterModel(model)
+            >>> m.add_adapter(af.LoraConfig(target_modules=["q_proj"]))
+            >>> m.disable_adapters(); base_out = m(input_ids=ids); m.enable_adapters()
         """
         self._need_adapters("enable_adapters")
         self._enabled = True
@@ -738,7 +762,11 @@ class AdapterModel(nn.Module):
             None. Raises ConfigError when no adapter is loaded (as transformers).
 
         Example:
+            >>> m = af.AdapterModel(model)
+            >>> m.load_adapter(peft_config=adapter.config, adapter_state_dict=af.state_dict(adapter))
             >>> m.disable_adapters()
+            >>> torch.equal(m(input_ids=ids).logits, model(input_ids=ids).logits)
+            True
         """
         self._need_adapters("disable_adapters")
         self._enabled = False
@@ -756,6 +784,8 @@ class AdapterModel(nn.Module):
             A context manager (yields None).
 
         Example:
+            >>> m = af.AdapterModel(model)
+            >>> m.add_adapter(af.LoraConfig(target_modules=["q_proj"]))
             >>> with m.disable_adapter():
             ...     base_logits = m(input_ids=ids).logits
         """
@@ -782,7 +812,13 @@ class AdapterModel(nn.Module):
             None.
 
         Example:
-            >>> m.load_adapter("out/a", "a"); m.set_requires_grad("a")   # now it trains
+            >>> m = af.AdapterModel(model)
+            >>> m.load_adapter(peft_config=adapter.config, adapter_state_dict=af.state_dict(adapter))
+            >>> m.get_nb_trainable_parameters()[0]
+            0
+            >>> m.set_requires_grad("default")   # now it trains
+            >>> m.get_nb_trainable_parameters()[0] == adapter.num_parameters()
+            True
         """
         where = "set_requires_grad"
         names = self._existing(where, "adapter_names", adapter_names)
@@ -806,7 +842,12 @@ class AdapterModel(nn.Module):
             None.
 
         Example:
+            >>> m = af.AdapterModel(model)
+            >>> for name in ("a", "b", "c", "d"):
+            ...     m.add_adapter(af.LoraConfig(target_modules=["q_proj"]), name)
             >>> m.delete_adapter("b"); m.delete_adapter(["c", "d"])
+            >>> list(m.peft_config), m.active_adapters()
+            (['a'], ['a'])
         """
         where = "delete_adapter"
         names = self._existing(where, "adapter_names", adapter_names)
@@ -839,7 +880,9 @@ class AdapterModel(nn.Module):
             An :class:`adaptfn.Adapter` (use it with :func:`adaptfn.inject`, :func:`adaptfn.save`, ...).
 
         Example:
-            >>> af.save(m.adapter("a"), "out/a")
+            >>> m = af.AdapterModel(model)
+            >>> m.add_adapter(af.LoraConfig(target_modules=["q_proj"]), "a")
+            >>> _ = af.save(m.adapter("a"), "out/a")
         """
         where = "adapter"
         if adapter_name is None:
@@ -861,7 +904,12 @@ class AdapterModel(nn.Module):
             ``dict[str, Tensor]``.
 
         Example:
+            >>> m = af.AdapterModel(model)
+            >>> m.add_adapter(af.LoraConfig(target_modules=["q_proj"]), "a")
             >>> sd = m.get_adapter_state_dict("a")
+            >>> next(iter(sd))
+            'base_model.model.model.decoder.layers.0.self_attn.q_proj.lora_A.weight'
+            >>> m2 = af.AdapterModel(model)
             >>> m2.load_adapter(peft_config=m.peft_config["a"], adapter_state_dict=sd, adapter_name="a")
         """
         where = "get_adapter_state_dict"
@@ -882,6 +930,7 @@ class AdapterModel(nn.Module):
             The ``nn.Module`` given to :class:`AdapterModel` (its weights are the merged ones while merged).
 
         Example:
+            >>> m = af.AdapterModel(model)
             >>> m.get_base_model() is model
             True
         """
@@ -897,7 +946,11 @@ class AdapterModel(nn.Module):
             ``(trainable, all)``.
 
         Example:
+            >>> m = af.AdapterModel(model)
+            >>> m.add_adapter(af.LoraConfig(r=2, target_modules=["q_proj"]))
             >>> trainable, total = m.get_nb_trainable_parameters()
+            >>> trainable == 2 * (2 * 22 + 22 * 2)      # two layers' lora_A [2, 22] and lora_B [22, 2]
+            True
         """
         trainable = total = 0
         for _, p in self.named_parameters():
@@ -922,8 +975,10 @@ class AdapterModel(nn.Module):
             None (prints the counts of :meth:`get_nb_trainable_parameters`).
 
         Example:
+            >>> m = af.AdapterModel(model)
+            >>> m.add_adapter(af.LoraConfig(r=2, target_modules=["q_proj"]))
             >>> m.print_trainable_parameters()
-            trainable params: 1,694 || all params: 13,824 || trainable%: 12.2541
+            trainable params: 176 || all params: ... || trainable%: ...
         """
         trainable, total = self.get_nb_trainable_parameters()
         share = 100 * trainable / total if total else 0.0
@@ -945,7 +1000,12 @@ class AdapterModel(nn.Module):
             A list of :class:`TunerLayerStatus`.
 
         Example:
-            >>> [s.name for s in m.get_layer_status()]
+            >>> m = af.AdapterModel(model)
+            >>> m.add_adapter(af.LoraConfig(target_modules=["q_proj"]))
+            >>> for s in m.get_layer_status():
+            ...     print(s.name, s.module_type, s.active_adapters, s.requires_grad)
+            model.decoder.layers.0.self_attn.q_proj lora.Linear ['default'] {'default': True}
+            model.decoder.layers.1.self_attn.q_proj lora.Linear ['default'] {'default': True}
         """
         self._need_adapters("get_layer_status")
         found: dict[str, dict[str, Entry]] = {}
@@ -992,7 +1052,11 @@ class AdapterModel(nn.Module):
             A :class:`TunerModelStatus`.
 
         Example:
-            >>> s = m.get_model_status(); s.active_adapters, s.merged_adapters, s.trainable_params
+            >>> m = af.AdapterModel(model)
+            >>> m.add_adapter(af.LoraConfig(target_modules=["q_proj"]))
+            >>> m.merge_adapter()
+            >>> s = m.get_model_status(); s.active_adapters, s.merged_adapters, s.enabled
+            (['default'], ['default'], True)
         """
         self._need_adapters("get_model_status")
         layers = self.get_layer_status()
@@ -1048,8 +1112,13 @@ class AdapterModel(nn.Module):
             None.
 
         Example:
-            >>> m.set_adapter("two"); m.save_pretrained("out")      # out/ holds "two", out/one/ holds "one"
-            >>> m.save_pretrained("out2", selected_adapters=["one", "two"])
+            >>> m = af.AdapterModel(model)
+            >>> m.add_adapter(af.LoraConfig(target_modules=["q_proj"]), "one")
+            >>> m.add_adapter(af.LoraConfig(target_modules=["v_proj"]), "two")
+            >>> m.set_adapter("two"); m.save_pretrained("out")    # out/ holds "two", out/one/ holds "one"
+            >>> af.load("out").paths[0], af.load("out/one").paths[0]
+            ('model.decoder.layers.0.self_attn.v_proj', 'model.decoder.layers.0.self_attn.q_proj')
+            >>> m.save_pretrained("out2", selected_adapters=["one", "two"])   # out2/ holds "one"
         """
         where = "save_pretrained"
         if kwargs:
@@ -1106,11 +1175,25 @@ class AdapterModel(nn.Module):
                 tensors[path] = {**{n: leaves[n] for n in e.replaced}, GATE: leaves[GATE]}
         return Adapter(tree.method, tree.config, entries, tensors) if entries else None
 
+    def _owner(self, where: str, name: str) -> tuple[nn.Module, str, torch.Tensor]:
+        """(module, attribute, tensor) of a base tensor that merging may write; plain tensors only."""
+        mod_path, _, attr = name.rpartition(".")
+        mod = self.base_model.get_submodule(mod_path)
+        obj = mod._parameters.get(attr) if attr in mod._parameters else mod._buffers.get(attr)
+        if obj is None or type(obj) not in (nn.Parameter, torch.Tensor):
+            raise ConfigError(f"{where}: {name} is a {type(obj).__name__} (e.g. a quantized weight); merging into the "
+                              "base model works on plain tensors; use af.merge(params, adapter, dequantize=True)")
+        return mod, attr, obj
+
     def _fold(self, where: str, names: list[str], keep: list[str], safe_merge: bool,
               progressbar: bool = False) -> None:
         """Write adapters ``names`` (deltas and replacements), then the replacements of ``keep``, into the
         base model's tensors. Checked (types, and finiteness with ``safe_merge``) before any write."""
         fn, params = self._fn()
+        for n in names:  # quantized weights first: af.merge would requantize them, then the write is refused
+            for path, e in self._tree(n).entries.items():
+                for k in ([f"{path}.weight"] if e.kind else []) + [f"{path}.{r}" if path else r for r in e.replaced]:
+                    self._owner(where, k)
         new: dict[str, torch.Tensor] = params
         if names:
             trees = {n: self._tree(n) for n in names}
@@ -1128,15 +1211,7 @@ class AdapterModel(nn.Module):
         groups: dict[int, list[str]] = {}
         for k, v in params.items():
             groups.setdefault(id(v), []).append(k)
-        owner: dict[str, tuple[nn.Module, str, torch.Tensor]] = {}
-        for k in {a for c in changed for a in groups[id(params[c])]}:
-            mod_path, _, attr = k.rpartition(".")
-            mod = self.base_model.get_submodule(mod_path)
-            obj = mod._parameters.get(attr) if attr in mod._parameters else mod._buffers.get(attr)
-            if obj is None or type(obj) not in (nn.Parameter, torch.Tensor):
-                raise ConfigError(f"{where}: {k} is a {type(obj).__name__} (e.g. a quantized weight); merging into the "
-                                  "base model works on plain tensors; use af.merge(params, adapter, dequantize=True)")
-            owner[k] = (mod, attr, obj)
+        owner = {k: self._owner(where, k) for k in {a for c in changed for a in groups[id(params[c])]}}
         plan: list[tuple[str, list[str], torch.Tensor]] = []
         for group in {id(params[k]): groups[id(params[k])] for k in changed}.values():
             values = [new[a] for a in group]
@@ -1197,7 +1272,12 @@ class AdapterModel(nn.Module):
             None.
 
         Example:
-            >>> m.merge_adapter(); fast = m(**x); m.unmerge_adapter()
+            >>> m = af.AdapterModel(model)
+            >>> m.load_adapter(peft_config=adapter.config, adapter_state_dict=af.state_dict(adapter))
+            >>> before = m(input_ids=ids).logits
+            >>> m.merge_adapter(); merged = m(input_ids=ids).logits; m.unmerge_adapter()
+            >>> torch.allclose(merged, before, atol=1e-5)
+            True
         """
         where = "merge_adapter"
         names = self._merge_list(where, adapter_names)
@@ -1222,7 +1302,12 @@ class AdapterModel(nn.Module):
             None.
 
         Example:
-            >>> m.unmerge_adapter()
+            >>> m = af.AdapterModel(model)
+            >>> m.load_adapter(peft_config=adapter.config, adapter_state_dict=af.state_dict(adapter))
+            >>> w = model.model.decoder.layers[0].self_attn.q_proj.weight.clone()
+            >>> m.merge_adapter(); m.unmerge_adapter()
+            >>> torch.equal(model.model.decoder.layers[0].self_attn.q_proj.weight, w)
+            True
         """
         if not self._merged:
             warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
@@ -1267,7 +1352,11 @@ class AdapterModel(nn.Module):
             The base model (the same object), merged.
 
         Example:
-            >>> merged = m.merge_and_unload(); merged.save_pretrained("out/merged")
+            >>> m = af.AdapterModel(model)
+            >>> m.load_adapter(peft_config=adapter.config, adapter_state_dict=af.state_dict(adapter))
+            >>> merged = m.merge_and_unload()
+            >>> merged is model, m.peft_config
+            (True, {})
         """
         where = "merge_and_unload"
         _bool(where, "progressbar", progressbar)
@@ -1289,7 +1378,11 @@ class AdapterModel(nn.Module):
             The base model (the same object).
 
         Example:
+            >>> m = af.AdapterModel(model)
+            >>> m.add_adapter(af.LoraConfig(target_modules=["q_proj"]))
             >>> base = m.unload()
+            >>> base is model
+            True
         """
         self._fold("unload", [], [n for n in self._active if n not in self._merged], False)
         return self._drop_all()
@@ -1316,7 +1409,11 @@ class AdapterModel(nn.Module):
             What the base model returns.
 
         Example:
+            >>> m = af.AdapterModel(model)
+            >>> m.add_adapter(af.LoraConfig(target_modules=["q_proj"]))
             >>> out = m(input_ids=ids, labels=ids); out.loss.backward()
+            >>> m.adapter().tensors["model.decoder.layers.0.self_attn.q_proj"]["lora_B"].grad.shape
+            torch.Size([22, 8])
         """
         g, params = self._call_target()
         return g(params, *args, **kwargs)
@@ -1331,7 +1428,10 @@ class AdapterModel(nn.Module):
             What the base model's ``generate`` returns.
 
         Example:
-            >>> m.generate(input_ids=ids, max_new_tokens=8, do_sample=False)
+            >>> m = af.AdapterModel(model)
+            >>> m.load_adapter(peft_config=adapter.config, adapter_state_dict=af.state_dict(adapter))
+            >>> m.generate(input_ids=ids, max_new_tokens=3, do_sample=False).shape
+            torch.Size([2, 10])
         """
         g, params = self._call_target()
         return g.generate(params, *args, **kwargs)
@@ -1396,8 +1496,7 @@ def _shell_class(base_cls: type) -> type[AdapterModel]:
             forward.__signature__ = inspect.signature(base_cls.forward)  # type: ignore[attr-defined]
         forward.__name__ = "forward"
         forward.__qualname__ = f"{name}.forward"
-        forward.__doc__ = (f"{base_cls.__name__}.forward with the active adapters (same arguments).\n\n"
-                           + (inspect.getdoc(base_cls.forward) or ""))
+        forward.__doc__ = f"{base_cls.__name__}.forward with the active adapters: the same arguments and result."
         cls = type(name, (AdapterModel,), {
             "forward": forward, "_wrapped_class": base_cls, "__module__": __name__, "__qualname__": name,
             "__doc__": AdapterModel.__doc__})
@@ -1445,7 +1544,13 @@ def from_pretrained(adapter_source: str | os.PathLike[str], model_cls: Any = Non
         An :class:`AdapterModel` with that adapter active.
 
     Example:
-        >>> m = af.from_pretrained("out/my-lora")
+        >>> model.save_pretrained("base")
+        >>> fn, params = af.functional(model)
+        >>> cfg = af.LoraConfig(target_modules=["q_proj"], base_model_name_or_path="base", task_type="CAUSAL_LM")
+        >>> _ = af.save(af.init(fn, cfg), "my-lora")
+        >>> m = af.from_pretrained("my-lora")                  # loads ./base, then the adapter (frozen)
+        >>> m.active_adapters(), m.get_nb_trainable_parameters()[0]
+        (['default'], 0)
     """
     where = "from_pretrained"
     source = _path(where, "adapter_source", adapter_source)
