@@ -13,6 +13,11 @@ columns (``remove_unused_columns``), find label names (``eval_loss``) and decide
 ``num_items_in_batch``. Attributes the shell does not have are read from the base model (as
 ``PeftModel`` does): ``model.device``, ``model.generation_config``, ...
 
+The shell keeps a functional view of the base model's tensors (:func:`adaptfn.functional`). Change the
+base through the shell's own ``nn.Module`` methods (``m.to(...)``, ``m.half()``, ``m.load_state_dict``),
+which refresh that view, or before wrapping it: what replaces the base's modules or parameters behind
+the shell's back (``model.to(...)`` on the base alone, ``resize_token_embeddings``) is not seen.
+
 Trainability follows PEFT: ``requires_grad`` is on for the active adapters and off for the others, off
 for all while adapters are disabled. One deliberate difference: an adapter loaded with
 ``is_trainable=False`` (the default of :meth:`AdapterModel.load_adapter` and :func:`from_pretrained`)
@@ -1386,6 +1391,46 @@ class AdapterModel(nn.Module):
         """
         self._fold("unload", [], [n for n in self._active if n not in self._merged], False)
         return self._drop_all()
+
+    # -- what the base model's own methods would get wrong ----------------------------------------------------
+    def push_to_hub(self, *args: Any, **kwargs: Any) -> Any:
+        """Not available yet: refused, so that the base model's ``push_to_hub`` (which the attribute lookup
+        would otherwise reach) does not upload the whole base model instead of the adapters.
+
+        Arguments:
+            args, kwargs: ignored.
+
+        Returns:
+            Never; raises ConfigError. Save with :meth:`save_pretrained` and upload the folder with
+            ``huggingface_hub.upload_folder``.
+
+        Example:
+            >>> m = af.AdapterModel(model)
+            >>> m.push_to_hub("user/repo")
+            Traceback (most recent call last):
+            adaptfn.errors.ConfigError: push_to_hub: ...
+        """
+        raise ConfigError("push_to_hub: not available on AdapterModel (the base model's push_to_hub would upload the "
+                          "whole base model); save_pretrained(folder), then huggingface_hub.upload_folder(...)")
+
+    def enable_peft_hotswap(self, *args: Any, **kwargs: Any) -> None:
+        """transformers' preparation for hotswapping adapters of other ranks: not supported (refused, rather
+        than reaching the base model's method).
+
+        Arguments:
+            args, kwargs: ignored.
+
+        Returns:
+            Never; raises ConfigError. ``load_adapter(..., hotswap=True)`` needs no preparation for an
+            adapter of the same structure (ranks, targets, scaling).
+
+        Example:
+            >>> af.AdapterModel(model).enable_peft_hotswap(target_rank=16)
+            Traceback (most recent call last):
+            adaptfn.errors.ConfigError: enable_peft_hotswap: ...
+        """
+        raise ConfigError("enable_peft_hotswap: not supported (adaptfn does not pad ranks for hotswapping); "
+                          "load_adapter(..., hotswap=True) swaps in an adapter of the same structure as is")
 
     # -- calls -----------------------------------------------------------------------------------------------
     def _call_target(self) -> tuple[Any, Mapping[str, torch.Tensor]]:
