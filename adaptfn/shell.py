@@ -486,7 +486,7 @@ class AdapterModel(nn.Module):
                 if kind == "param":
                     p = getattr(holder, key)
                     p.copy_(t)
-                    p.requires_grad_(trainable and name in self._active and self._enabled)
+                    p.requires_grad_(trainable)  # as a fresh load: is_trainable decides
                     keys.append((path, leaf, kind, key))
                 else:  # buffers (gates, frozen copies of base tensors) are replaced, never written through
                     key = _enc(path, leaf)

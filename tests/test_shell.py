@@ -296,6 +296,10 @@ def test_load_adapter_is_frozen_unless_is_trainable(tmp_path) -> None:
     pm.set_adapter("b")
     assert am.get_nb_trainable_parameters() == pm.get_nb_trainable_parameters()
     assert all(n.startswith("adapter_params.b.") for n in _grad_names(am))
+    am.set_adapter("a", inference_mode=True)
+    pm.set_adapter("a", inference_mode=True)
+    assert am.get_nb_trainable_parameters() == pm.get_nb_trainable_parameters()
+    assert _grad_names(am) == set()
     with pytest.raises(af.ConfigError, match="^load_adapter: is_trainable must be True or False, got 'False'"):
         am.load_adapter(da, "c", is_trainable="False")
     assert "c" not in am.peft_config
