@@ -18,11 +18,12 @@ base through the shell's own ``nn.Module`` methods (``m.to(...)``, ``m.half()``,
 which refresh that view, or before wrapping it: what replaces the base's modules or parameters behind
 the shell's back (``model.to(...)`` on the base alone, ``resize_token_embeddings``) is not seen.
 
-Trainability follows PEFT: ``requires_grad`` is on for the active adapters and off for the others, off
-for all while adapters are disabled. One deliberate difference: an adapter loaded with
-``is_trainable=False`` (the default of :meth:`AdapterModel.load_adapter` and :func:`from_pretrained`)
-stays frozen when it is made active, until ``set_requires_grad(name, True)``; PEFT 0.21's
-``set_adapter`` would unfreeze it.
+Trainability follows PEFT: an adapter loaded with ``is_trainable=False`` (the default of
+:meth:`AdapterModel.load_adapter` and :func:`from_pretrained`) is frozen; ``set_adapter`` makes the
+active adapters trainable unless ``inference_mode=True`` and the others frozen; ``set_requires_grad``
+changes one adapter's; nothing trains while adapters are disabled. One deliberate difference:
+``enable_adapters()`` (and leaving ``disable_adapter()``) gives back the trainability the adapters had,
+where PEFT 0.21 makes the active ones trainable, frozen ones included.
 """
 
 from __future__ import annotations
@@ -349,10 +350,12 @@ class AdapterModel(nn.Module):
         holder = self.adapter_params[name]
         return [(path, getattr(holder, key)) for path, _, kind, key in self._specs[name].keys if kind == "param"]
 
-    def _update_requires_grad(self, inference_mode: bool = False) -> None:
-        """PEFT's rule after set_adapter / enable: the active adapters train (unless frozen), the others not."""
+    def _update_requires_grad(self) -> None:
+        """After set_adapter / enable: the active adapters train (unless made frozen: loaded with
+        ``is_trainable=False`` and not activated since, ``inference_mode=True``, ``set_requires_grad``), the
+        others not."""
         for name in self._specs:
-            on = name in self._active and self._trainable[name] and not inference_mode
+            on = name in self._active and self._trainable[name]
             for _, p in self._params_of(name):
                 p.requires_grad_(on)
 
@@ -699,13 +702,14 @@ class AdapterModel(nn.Module):
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
         """Make these adapters the active ones; a list activates several, whose deltas add.
 
-        As ``PeftModel.set_adapter``: the active adapters get ``requires_grad`` (unless ``inference_mode``
-        or they were loaded frozen), the others lose it; merged adapters are unmerged first (with a
-        warning); whether adapters are enabled does not change.
+        As ``PeftModel.set_adapter`` (and transformers' mixin): the active adapters get ``requires_grad``
+        unless ``inference_mode=True`` (an adapter loaded with ``is_trainable=False`` becomes trainable here,
+        as in PEFT), the others lose it; merged adapters are unmerged first (with a warning); whether
+        adapters are enabled does not change.
 
         Arguments:
             adapter_name: a name, or a list of names.
-            inference_mode: keep the active adapters frozen too.
+            inference_mode: keep the active adapters frozen.
 
         Returns:
             None.
@@ -725,7 +729,9 @@ class AdapterModel(nn.Module):
             warnings.warn(f"set_adapter: adapters {self._merged} are merged; unmerging them first", stacklevel=2)
             self._unmerge()
         self._active = names
-        self._update_requires_grad(inference_mode)
+        for name in names:
+            self._trainable[name] = not inference_mode
+        self._update_requires_grad()
 
     def active_adapters(self) -> list[str]:
         """The active adapters' names (transformers' ``active_adapters()``).
@@ -743,8 +749,8 @@ class AdapterModel(nn.Module):
         return list(self._active)
 
     def enable_adapters(self) -> None:
-        """Turn the active adapters back on (after :meth:`disable_adapters`); they train again (those not
-        loaded frozen), as PEFT's ``enable_adapter_layers``.
+        """Turn the active adapters back on (after :meth:`disable_adapters`); they train again if they did
+        before (PEFT's ``enable_adapter_layers`` would also unfreeze a frozen active adapter).
 
         Returns:
             None. Raises ConfigError when no adapter is loaded (as transformers).
@@ -807,7 +813,7 @@ class AdapterModel(nn.Module):
 
     def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
         """Make these adapters trainable or frozen (``PeftModel.set_requires_grad``), now and whenever they
-        are active later; the way to train an adapter loaded with ``is_trainable=False``.
+        are active later (until the next :meth:`set_adapter` of them).
 
         Arguments:
             adapter_names: a name or a list of names.
