@@ -139,6 +139,11 @@ class Adapter:
     def __delattr__(self, name: str) -> None:
         raise AttributeError("Adapter is immutable; use adaptfn's transforms or af.tree.map to make a new one")
 
+    def __reduce__(self) -> tuple:
+        """Pickling and ``copy.deepcopy``: rebuilt from its parts (the tensors pickled as torch does)."""
+        return (Adapter, (self._method, self._config, dict(self._entries),
+                          {p: dict(d) for p, d in self._tensors.items()}, self._stack))
+
     # -- static structure ------------------------------------------------------------------------
     @property
     def method(self) -> str:
@@ -339,6 +344,9 @@ class AdapterSum:
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError("AdapterSum is immutable")
+
+    def __reduce__(self) -> tuple:
+        return (AdapterSum, (dict(zip(self._names, self._parts)),))
 
     @property
     def parts(self) -> Mapping[str, Adapter]:

@@ -23,10 +23,12 @@ class AdapterFileError(AdaptfnError, OSError):
     """An adapter file is missing, corrupt, truncated or unsafe. The message names the file."""
 
 
-def stacked_called_directly() -> IncompatibleAdapterError:
-    """The error for a stacked adapter's leaves reaching a computation that needs one adapter's."""
+def stacked_called_directly(where: str | None = None) -> IncompatibleAdapterError:
+    """The error for a stacked adapter's leaves reaching a computation that needs one adapter's; ``where``
+    names the module or tensor."""
     return IncompatibleAdapterError(
-        "a stacked adapter was called directly; map it with torch.func.vmap or pass route=")
+        (f"{where}: " if where else "") + "a stacked adapter was called directly; map it with torch.func.vmap or "
+        "pass route=")
 
 
 def single_for_route() -> IncompatibleAdapterError:

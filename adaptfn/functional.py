@@ -30,7 +30,7 @@ from . import quant, routing
 from .adapter import GATE, Adapter, gate_on
 from .errors import ConfigError, IncompatibleAdapterError, shape_str, stacked_called_directly
 from .methods import Method, get_method
-from .methods.common import is_conv1d
+from .methods.common import MODULE_PATH, is_conv1d
 
 __all__ = ["FunctionalModel", "functional", "structural_copy"]
 
@@ -54,7 +54,7 @@ class _Copy:
         """The adapter slot of a module (installed on first use for module kinds not prepared up front)."""
         s = self.slots.get(path)
         if s is None:
-            s = self.slots[path] = _install(self.mods[path])
+            s = self.slots[path] = _install(self.mods[path], path)
         return s
 
 
@@ -147,7 +147,7 @@ class _Base:
         for p, m in mods.items():
             m.training = self.training.get(p, m.training)
         quant.install(self.model, mods)  # pure forward on the copy's quantized layers (before adapter slots)
-        slots = {p: _install(m) for p, m in mods.items() if p and _adaptable(m)}
+        slots = {p: _install(m, p) for p, m in mods.items() if p and _adaptable(m)}
         return _Copy(root, mods, slots)
 
 
@@ -155,8 +155,9 @@ def _adaptable(m: nn.Module) -> bool:
     return isinstance(m, (nn.Linear, nn.Embedding)) or is_conv1d(m)
 
 
-def _install(module: nn.Module) -> _Slot:
+def _install(module: nn.Module, path: str) -> _Slot:
     slot = _Slot()
+    module.__dict__[MODULE_PATH] = path  # read by error messages (see methods.common.module_path)
     base_forward = module.forward
 
     def forward(x: Any, *args: Any, **kwargs: Any) -> Any:
@@ -340,7 +341,7 @@ class FunctionalModel:
             for t in targets:
                 cur = swaps[t] if t in swaps else held[t]
                 if v.dim() != cur.dim():
-                    raise stacked_called_directly()
+                    raise stacked_called_directly(t)
                 vt = v if v.dtype == cur.dtype else v.to(cur.dtype)
                 swaps[t] = vt if on is True else torch.where(on, vt, cur)
         used: list[_Slot] = []
@@ -381,7 +382,7 @@ class FunctionalModel:
         checkpointing = self._base.checkpointing
         if checkpointing and any(e.kind for _, e in adapter.entry_items):
             raise ConfigError(
-                f"{type(self.model).__name__} has gradient checkpointing on (e.g. {checkpointing[0]!r}); its "
+                f"inject: {type(self.model).__name__} has gradient checkpointing on (e.g. {checkpointing[0]!r}); its "
                 "backward recomputes layers after the call has unbound the adapter, so the adapter's gradients "
                 "would be wrong. Call model.gradient_checkpointing_disable() (or model.eval()) before "
                 "af.functional.")

@@ -438,6 +438,9 @@ def config_from(config: Any, where: str) -> tuple[Any, Any]:
     """``(method, config)`` from an adaptfn config, a parsed adapter_config.json ``dict`` or a ``peft`` config
     object (anything with ``to_dict()``; PEFT's enums, sets and runtime fields are normalised as its
     ``save_pretrained`` does)."""
+    if isinstance(config, type):
+        raise ConfigError(f"{where}: config is the class {config.__name__}; pass an instance, e.g. "
+                          f"{config.__name__}(r=8, target_modules=[...])")
     if isinstance(config, Mapping):
         raw = dict(config)
     elif isinstance(config, PeftConfigBase):  # one of adaptfn's configs

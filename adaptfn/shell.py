@@ -21,7 +21,8 @@ the shell's back (``model.to(...)`` on the base alone, ``resize_token_embeddings
 Trainability follows PEFT: an adapter loaded with ``is_trainable=False`` (the default of
 :meth:`AdapterModel.load_adapter` and :func:`from_pretrained`) is frozen; ``set_adapter`` makes the
 active adapters trainable unless ``inference_mode=True`` and the others frozen; ``set_requires_grad``
-changes one adapter's; nothing trains while adapters are disabled. One deliberate difference:
+changes one adapter's; ``disable_adapters()`` freezes them all (as PEFT, a ``set_adapter`` or
+``set_requires_grad`` while disabled makes parameters trainable again). One deliberate difference:
 ``enable_adapters()`` (and leaving ``disable_adapter()``) gives back the trainability the adapters had,
 where PEFT 0.21 makes the active ones trainable, frozen ones included.
 """
@@ -78,8 +79,8 @@ def _path(where: str, name: str, value: Any) -> str:
 
 def _device(where: str, device_map: Any) -> torch.device | None:
     """One device from ``device_map`` (a device, a str, an int, or ``{"": device}``), checked usable."""
-    if device_map is None:
-        return None
+    if device_map is None or (isinstance(device_map, str) and device_map == "auto"):
+        return None  # "auto": each adapted module's tensors go where that module's weights are
     dm = device_map
     if isinstance(dm, Mapping):
         if list(dm) != [""]:
@@ -123,8 +124,9 @@ class TunerLayerStatus:
 
     Attributes:
         name: the module's path in the base model (PEFT's names are the same path after ``"model."``).
-        module_type: ``"<method>.<base module class>"`` (``"lora.Linear"``, as PEFT) for a module with a
-            delta; ``"ModulesToSaveWrapper"`` for a module of ``modules_to_save``.
+        module_type: PEFT's name of the tuner layer for a module with a delta (``"lora.Linear"``,
+            ``"lora.Embedding"``, IA3 ``"Linear"``, ``"adalora.SVDLinear"``); ``"ModulesToSaveWrapper"`` for
+            a module of ``modules_to_save``.
         enabled: whether adapters are enabled.
         active_adapters: the active adapters (a ``modules_to_save`` module lists those it holds, as PEFT).
         merged_adapters: the adapters folded into this module's tensors.
@@ -239,6 +241,7 @@ class AdapterModel(nn.Module):
         self._fns: dict[bool, tuple[Any, dict[str, torch.Tensor]]] = {}
         self._trees: dict[str, Adapter] = {}
         self.training = model.training
+        self._loading_ties: list[list[str]] | None = None
         self.register_load_state_dict_post_hook(_tied_not_missing)
 
     # -- pickling / copying: caches are rebuilt, the per-base-class subclass is found again ----------------
@@ -303,6 +306,47 @@ class AdapterModel(nn.Module):
         for name in self._tied_aliases():
             out.pop(f"{prefix}base_model.{name}", None)
         return out
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """``nn.Module.load_state_dict``; afterwards the base model's tied tensors are tied again (with
+        ``assign=True`` torch puts a new tensor under the one name the state dict holds) and the shell's
+        functional view is rebuilt, so the next call uses the loaded tensors.
+
+        Arguments:
+            state_dict, strict, assign: as ``nn.Module.load_state_dict``.
+
+        Returns:
+            torch's ``(missing_keys, unexpected_keys)``; the tied names left out of :meth:`state_dict` are
+            not missing.
+        """
+        self._loading_ties = self._tie_groups()
+        try:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        finally:
+            self._loading_ties = None
+            self._invalidate()
+
+    def _tie_groups(self) -> list[list[str]]:
+        """Base tensor names that share one tensor, each group in named order (first: the one saved)."""
+        groups: dict[int, list[str]] = {}
+        base = self.base_model
+        for name, t in [*base.named_parameters(remove_duplicate=False), *base.named_buffers(remove_duplicate=False)]:
+            groups.setdefault(id(t), []).append(name)
+        return [g for g in groups.values() if len(g) > 1]
+
+    def _retie(self, groups: list[list[str]]) -> None:
+        """Point every alias of each group at its first name's tensor again (after ``assign=True``)."""
+        base = self.base_model
+        for first, *aliases in groups:
+            mod_path, _, attr = first.rpartition(".")
+            owner = base.get_submodule(mod_path)
+            t = owner._parameters.get(attr) if attr in owner._parameters else owner._buffers.get(attr)
+            for alias in aliases:
+                a_path, _, a_attr = alias.rpartition(".")
+                mod = base.get_submodule(a_path)
+                table = mod._parameters if a_attr in mod._parameters else mod._buffers
+                if table.get(a_attr) is not t:
+                    table[a_attr] = t
 
     def _apply(self, fn: Any, recurse: bool = True) -> AdapterModel:
         out = super()._apply(fn, recurse)
@@ -396,12 +440,17 @@ class AdapterModel(nn.Module):
         return bool(self._specs)
 
     # -- names -------------------------------------------------------------------------------------------
-    def _new_name(self, where: str, name: Any, arg: str = "adapter_name") -> str:
+    @staticmethod
+    def _check_name(where: str, name: Any, arg: str = "adapter_name") -> str:
         if not isinstance(name, str):
             raise ConfigError(f"{where}: {arg} must be a str, got {name!r} ({type(name).__name__})")
         if not name or any(c in name for c in "./\\\x00"):
             raise ConfigError(f"{where}: {arg}={name!r} cannot name an adapter: it must be a non-empty plain name "
                               "without '.', '/' or '\\' (it names a sub-folder and a module)")
+        return name
+
+    def _new_name(self, where: str, name: Any, arg: str = "adapter_name") -> str:
+        self._check_name(where, name, arg)
         if name in self._specs:
             raise ConfigError(f"{where}: an adapter named {name!r} exists already; use another name, or "
                               "delete_adapter it first")
@@ -540,8 +589,8 @@ class AdapterModel(nn.Module):
                 the file then overwrites; adaptfn never initialises a loaded adapter, so loading already
                 uses that little memory and the flag changes nothing.
             device_map: one device for the adapter's tensors (``"cuda:0"``, ``0``, ``torch.device``, or
-                ``{"": device}``). None (default): each module's tensors go where that module's weights
-                are (``torch_device=`` is accepted as PEFT's name). A per-module map raises.
+                ``{"": device}``). None (default) or ``"auto"``: each module's tensors go where that module's
+                weights are (``torch_device=`` is accepted as PEFT's name). A per-module map raises.
             hotswap: replace the tensors of the existing adapter ``adapter_name`` in place instead of adding
                 one. The new adapter must have the same structure (method, targets, ranks, scaling, leaves),
                 so the parameter objects, and a ``torch.compile`` d forward, are kept without recompiling.
@@ -899,6 +948,8 @@ class AdapterModel(nn.Module):
         if adapter_name is None:
             self._need_adapters(where)
             adapter_name = self._active[0] if self._active else next(iter(self._specs))
+        if not isinstance(adapter_name, str):
+            raise ConfigError(f"{where}: adapter_name must be one adapter's name (a str), got {adapter_name!r}")
         return self._tree(self._existing(where, "adapter_name", adapter_name)[0])
 
     def get_adapter_state_dict(self, adapter_name: str | None = None,
@@ -926,6 +977,8 @@ class AdapterModel(nn.Module):
         where = "get_adapter_state_dict"
         if state_dict is not None:
             raise ConfigError(f"{where}: state_dict is not supported (the adapter's own tensors are returned)")
+        if adapter_name is not None and not isinstance(adapter_name, str):
+            raise ConfigError(f"{where}: adapter_name must be one adapter's name (a str), got {adapter_name!r}")
         if adapter_name is None:
             self._need_adapters(where)
             if not self._active:
@@ -964,19 +1017,28 @@ class AdapterModel(nn.Module):
             True
         """
         trainable = total = 0
-        for _, p in self.named_parameters():
-            n = p.numel()
-            if n == 0 and hasattr(p, "ds_numel"):
-                n = p.ds_numel
-            if type(p).__name__ == "Params4bit":
-                if hasattr(p, "element_size"):
-                    nbytes = p.element_size()
-                else:
-                    nbytes = p.quant_storage.itemsize if hasattr(p, "quant_storage") else 1
-                n = n * 2 * nbytes
+        seen: set[int] = set()
+        for name, p in self.base_model.named_parameters(remove_duplicate=False):
+            saved = self._saved.get(name)
+            obj = saved[2] if saved is not None else p  # while merged: the original, not what a merge swapped in
+            if id(obj) in seen:
+                continue
+            seen.add(id(obj))
+            n = _numel(obj)
             total += n
-            if p.requires_grad:
-                trainable += n
+            trainable += n if obj.requires_grad else 0
+        for name, spec in self._specs.items():
+            in_place = _biases_trained_in_place(spec.config, spec.entries)
+            for path, leaf, kind, key in spec.keys:
+                if kind != "param":
+                    continue
+                p = getattr(self.adapter_params[name], key)
+                n = _numel(p)
+                # PEFT trains a bias="all"/"lora_only" bias in the base layer itself: counted once, as the base's
+                total += 0 if (path, leaf) in in_place else n
+                trainable += n if p.requires_grad else 0
+            if spec.method == "adalora":  # PEFT's AdaLoRA layers also hold a frozen ``ranknum`` [1] parameter
+                total += sum(1 for _, e in spec.entries if e.kind)
         return trainable, total
 
     def print_trainable_parameters(self) -> None:
@@ -1002,8 +1064,7 @@ class AdapterModel(nn.Module):
         A module is listed when an adapter has a delta there or replaces it as one of ``modules_to_save``
         (trained biases and the frozen embedding copies are not layers, as in PEFT). Values are PEFT's for
         the same state, except: ``name`` is the module's path in the base model (PEFT prefixes ``"model."``);
-        ``module_type`` names the base module's class (``"lora.Linear"``; PEFT says ``"lora.Linear"`` for a
-        GPT-2 ``Conv1D`` too); ``quantization_backend`` names a bitsandbytes base layer (PEFT 0.21's LoRA
+        ``quantization_backend`` names a bitsandbytes base layer (PEFT 0.21's LoRA
         layers say None); a merged adapter's ``modules_to_save`` module lists it as merged (adaptfn folds
         the replacement into the base; PEFT keeps its copy apart and lists ``[]`` there).
 
@@ -1032,7 +1093,7 @@ class AdapterModel(nn.Module):
             here = found[path]
             deltas = [n for n, e in here.items() if e.kind]
             if deltas:
-                module_type = f"{self._specs[deltas[0]].method}.{type(modules.get(path)).__name__}"
+                module_type = _peft_module_type(self._specs[deltas[0]].method, modules.get(path))
                 active = list(self._active)
             else:
                 module_type = "ModulesToSaveWrapper"
@@ -1132,6 +1193,8 @@ class AdapterModel(nn.Module):
             >>> m.save_pretrained("out2", selected_adapters=["one", "two"])   # out2/ holds "one"
         """
         where = "save_pretrained"
+        if kwargs.get("save_embedding_layers", "auto") == "auto":  # PEFT's default: what adaptfn always does
+            kwargs.pop("save_embedding_layers", None)
         if kwargs:
             raise ConfigError(f"{where}: unsupported argument(s) {', '.join(sorted(kwargs))} (adaptfn cannot apply "
                               "them)")
@@ -1497,9 +1560,43 @@ class AdapterModel(nn.Module):
 
 
 
+def _peft_module_type(method: str, module: nn.Module | None) -> str:
+    """The ``module_type`` PEFT 0.21 reports for a layer of ``method`` wrapping ``module`` (its tuner layer's
+    class name as its repr shows it: LoRA ``lora.Linear`` (GPT-2 ``Conv1D`` included) / ``lora.Embedding``,
+    IA3 ``Linear``, AdaLoRA ``adalora.SVDLinear``)."""
+    kind = "Embedding" if isinstance(module, nn.Embedding) else "Linear"
+    return {"lora": f"lora.{kind}", "ia3": kind, "adalora": "adalora.SVDLinear"}.get(
+        method, f"{method}.{type(module).__name__}")
+
+
+def _numel(p: torch.Tensor) -> int:
+    """A parameter's count as PEFT counts it (DeepSpeed's ``ds_numel``; bitsandbytes 4-bit: 2 per byte)."""
+    n = p.numel()
+    if n == 0 and hasattr(p, "ds_numel"):
+        n = p.ds_numel
+    if type(p).__name__ == "Params4bit":
+        nbytes = p.element_size() if hasattr(p, "element_size") else getattr(getattr(p, "quant_storage", None),
+                                                                                "itemsize", 1)
+        n = n * 2 * nbytes
+    return int(n)
+
+
+def _biases_trained_in_place(config: Any, entries: Sequence[tuple[str, Entry]]) -> set[tuple[str, str]]:
+    """``(path, "bias")`` of the biases a ``bias="all"`` / ``"lora_only"`` config trains: PEFT trains them in
+    the base layer, adaptfn in a replacement leaf (``modules_to_save`` copies are copies in PEFT too)."""
+    if getattr(config, "bias", "none") == "none":
+        return set()
+    saved = list(getattr(config, "modules_to_save", None) or [])
+    return {(path, "bias") for path, e in entries
+            if "bias" in e.replaced and not any(path.endswith(m) for m in saved)}
+
+
 def _tied_not_missing(module: AdapterModel, incompatible_keys: Any) -> None:
-    """load_state_dict post-hook: tied base names that the state dict leaves out are not missing."""
-    aliases = [f"base_model.{n}" for n in module._tied_aliases()]
+    """load_state_dict post-hook: re-ties the base model's tied tensors (as they were before the load) and
+    does not count the tied names the state dict leaves out as missing."""
+    groups = module.__dict__.get("_loading_ties") or module._tie_groups()
+    module._retie(groups)
+    aliases = [f"base_model.{n}" for g in groups for n in g[1:]]
     incompatible_keys.missing_keys[:] = [
         k for k in incompatible_keys.missing_keys if not any(k == a or k.endswith("." + a) for a in aliases)]
 
@@ -1605,9 +1702,15 @@ def from_pretrained(adapter_source: str | os.PathLike[str], model_cls: Any = Non
     """
     where = "from_pretrained"
     source = _path(where, "adapter_source", adapter_source)
-    if not isinstance(adapter_name, str):
-        raise ConfigError(f"{where}: adapter_name must be a str, got {adapter_name!r} ({type(adapter_name).__name__})")
+    AdapterModel._check_name(where, adapter_name)
     _bool(where, "is_trainable", is_trainable)
+    if token is not None and not isinstance(token, (str, bool)):
+        raise ConfigError(f"{where}: token must be a str, a bool or None, got {type(token).__name__}")
+    if cache_dir is not None:
+        _path(where, "cache_dir", cache_dir)
+    if model_cls is not None and not callable(getattr(model_cls, "from_pretrained", None)):
+        raise ConfigError(f"{where}: model_cls must be a transformers model class (with from_pretrained), got "
+                          f"{model_cls!r}")
     try:
         adapter = load(source, revision=_opt_str(where, "revision", revision),
                        subfolder=_opt_str(where, "subfolder", subfolder), token=token,

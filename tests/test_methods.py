@@ -82,6 +82,64 @@ def test_a_missing_capability_is_refused_naming_the_method(monkeypatch) -> None:
     torch.testing.assert_close(out[1], af.inject(fn, a)(params, input_ids=ids).logits)
 
 
+def test_subclassed_configs_keep_their_method(tmp_path) -> None:
+    @dataclasses.dataclass(frozen=True)
+    class MyLora(af.LoraConfig):
+        r: int = 2
+
+    model = tiny_opt()
+    fn, params = af.functional(model)
+    a = af.init(fn, MyLora(target_modules=["q_proj"], init_lora_weights=False), generator=gen(0))
+    assert a.method == "lora" and a.entries[a.paths[0]].r == 2
+    af.save(a, tmp_path / "a")
+    assert af.load(tmp_path / "a").entries == a.entries
+    b = af.from_state_dict(af.state_dict(a), MyLora(target_modules=["q_proj"]))
+    assert b.paths == a.paths
+
+
+def test_a_config_class_is_refused_clearly() -> None:
+    import peft
+
+    sd = {"base_model.model.x.lora_A.weight": torch.zeros(2, 3), "base_model.model.x.lora_B.weight": torch.zeros(3, 2)}
+    for cls in (af.LoraConfig, peft.LoraConfig):
+        with pytest.raises(af.ConfigError, match="config is the class LoraConfig; pass an instance"):
+            af.from_state_dict(sd, cls)
+
+
+def test_adapters_pickle_and_deepcopy() -> None:
+    import copy
+    import pickle
+
+    model = tiny_opt()
+    fn, params = af.functional(model)
+    a = af.init(fn, af.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False), generator=gen(0))
+    ia3 = af.init(fn, af.IA3Config(target_modules=["fc2"], feedforward_modules=["fc2"]))
+    for x in (a, af.stack([a, a]), af.select({"a": a, "i": ia3}, ["a", "i"])):
+        for y in (pickle.loads(pickle.dumps(x)), copy.deepcopy(x)):
+            assert type(y) is type(x)
+            flat_x, spec_x = af.tree.flatten(x)
+            flat_y, spec_y = af.tree.flatten(y)
+            assert spec_x == spec_y and all(torch.equal(u, v) for u, v in zip(flat_x, flat_y))
+    ids = ids_for(model)
+    torch.testing.assert_close(af.inject(fn, copy.deepcopy(a))(params, input_ids=ids).logits,
+                               af.inject(fn, a)(params, input_ids=ids).logits, rtol=0, atol=0)
+
+
+def test_stacked_called_directly_names_the_module() -> None:
+    model = tiny_opt()
+    fn, params = af.functional(model)
+    a = af.init(fn, af.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]), generator=gen(0))
+    ia3 = af.init(fn, af.IA3Config(target_modules=["fc2"], feedforward_modules=[]))
+    ids = ids_for(model)
+    with pytest.raises(af.IncompatibleAdapterError, match="^lm_head.weight: a stacked adapter was called directly"):
+        af.inject(fn, af.stack([a, a]))(params, input_ids=ids)
+    with pytest.raises(af.IncompatibleAdapterError,
+                       match="^model.decoder.layers.0.self_attn.q_proj: a stacked adapter was called"):
+        af.inject(fn, af.select(af.stack([a, a]), [p for p in a.paths if "q_proj" in p]))(params, input_ids=ids)
+    with pytest.raises(af.IncompatibleAdapterError, match="^model.decoder.layers.0.fc2: a stacked adapter"):
+        af.inject(fn, af.stack([ia3, ia3]))(params, input_ids=ids)
+
+
 # -- the shared LoRA-family config ----------------------------------------------------------------------------
 BAD_FIELDS = [
     ("r", 0), ("r", 2.0), ("r", True), ("r", "8"),

@@ -371,7 +371,7 @@ def test_load_adapter_device_map_and_inapplicable_arguments(tmp_path) -> None:
     da = _peft_dir(model, tmp_path / "a", 8)
     pm = peft.PeftModel.from_pretrained(copy.deepcopy(model), da, low_cpu_mem_usage=True).eval()
     am = af.AdapterModel(copy.deepcopy(model)).eval()
-    for i, dm in enumerate(("cpu", {"": "cpu"}, torch.device("cpu"), None)):
+    for i, dm in enumerate(("cpu", {"": "cpu"}, torch.device("cpu"), None, "auto")):  # "auto": where the module is
         am.load_adapter(da, f"d{i}", device_map=dm, low_cpu_mem_usage=True)
         am.set_adapter(f"d{i}")
         assert_close(_logits(am, ids), _logits(pm, ids))
@@ -379,7 +379,7 @@ def test_load_adapter_device_map_and_inapplicable_arguments(tmp_path) -> None:
     before = _snapshot(am)
     bad = [
         (dict(device_map={"model.decoder": "cpu", "lm_head": "cpu"}), "device_map=.* several devices"),
-        (dict(device_map="auto"), "device_map='auto' is not a usable device"),
+        (dict(device_map="bogus"), "device_map='bogus' is not a usable device"),
         (dict(device_map=True), "device_map must be"),
         (dict(hotswap="yes"), "hotswap must be"),
         (dict(low_cpu_mem_usage=1), "low_cpu_mem_usage must be True or False"),
@@ -509,6 +509,53 @@ def test_trainable_parameter_counts_match_peft(tmp_path, capsys) -> None:
     assert mine == theirs and mine.startswith("trainable params: ")
     with am.disable_adapter(), pm.disable_adapter():
         assert am.get_nb_trainable_parameters() == pm.get_nb_trainable_parameters()
+
+
+@pytest.mark.parametrize("kw", [dict(bias="all"), dict(bias="lora_only"), dict(modules_to_save=["lm_head"]),
+                                dict(bias="all", modules_to_save=["fc2"])], ids=["bias=all", "bias=lora_only",
+                                                                            "mts=lm_head", "bias+mts"])
+def test_counts_with_trained_biases_and_merges_match_peft(kw) -> None:
+    """PEFT trains bias="all"/"lora_only" biases in the base layer (counted once) and keeps its total while
+    merged (a merge that unties lm_head adds no parameter)."""
+    model = tiny_opt()
+    cfg = dict(r=2, target_modules=["q_proj", "v_proj"], **kw)
+    pm = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(**cfg))
+    am = af.AdapterModel(copy.deepcopy(model))
+    am.add_adapter(af.LoraConfig(**cfg))
+    assert am.get_nb_trainable_parameters() == pm.get_nb_trainable_parameters()
+    am.merge_adapter()
+    pm.merge_adapter()
+    assert am.get_nb_trainable_parameters() == pm.get_nb_trainable_parameters()
+
+
+def test_ia3_and_adalora_counts_and_layer_types_match_peft(tmp_path) -> None:
+    model = tiny_opt()
+    for cfg_cls, kw in ((peft.IA3Config, dict(target_modules=["q_proj", "fc2"], feedforward_modules=["fc2"])),
+                        (peft.AdaLoraConfig, dict(target_modules=["q_proj", "fc2"], init_r=3, target_r=2,
+                                                  total_step=10))):
+        pm = peft.get_peft_model(copy.deepcopy(model), cfg_cls(**kw))
+        pm.save_pretrained(str(tmp_path / cfg_cls.__name__))
+        pm = peft.PeftModel.from_pretrained(copy.deepcopy(model), str(tmp_path / cfg_cls.__name__),
+                                            is_trainable=True)
+        am = af.AdapterModel(copy.deepcopy(model))
+        am.load_adapter(str(tmp_path / cfg_cls.__name__), is_trainable=True)
+        assert am.get_nb_trainable_parameters() == pm.get_nb_trainable_parameters(), cfg_cls.__name__
+        assert [s.module_type for s in am.get_layer_status()] == [s.module_type for s in pm.get_layer_status()]
+
+
+def test_load_state_dict_assign_reties_and_refreshes(tmp_path) -> None:
+    model = tiny_opt()
+    ids = ids_for(model)
+    am = af.AdapterModel(copy.deepcopy(model))
+    am.add_adapter(af.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False), generator=gen(0))
+    other = af.AdapterModel(tiny_opt(seed=5))
+    other.add_adapter(af.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False), generator=gen(1))
+    want = _logits(other, ids)
+    for assign in (False, True):
+        am.load_state_dict({k: v.clone() for k, v in other.state_dict().items()}, assign=assign)  # strict
+        base = am.get_base_model()
+        assert base.lm_head.weight is base.model.decoder.embed_tokens.weight  # still tied
+        torch.testing.assert_close(_logits(am, ids), want, rtol=0, atol=0)
 
 
 def test_model_and_layer_status_match_peft(tmp_path) -> None:
@@ -728,6 +775,24 @@ def test_from_pretrained_loads_base_and_frozen_adapter(tmp_path) -> None:
         af.from_pretrained(str(tmp_path / "ad"), is_trainable="False")
     with pytest.raises(af.AdapterFileError, match="^from_pretrained: "):
         af.from_pretrained(str(tmp_path / "nothing"))
+    # refused before the base model is loaded
+    import transformers
+
+    loads = []
+    real = transformers.AutoModelForCausalLM.from_pretrained
+
+    class Spy:
+        @staticmethod
+        def from_pretrained(*a, **k):
+            loads.append(1)
+            return real(*a, **k)
+
+    for kw, msg in ((dict(adapter_name="a.b"), "adapter_name='a.b' cannot name"),
+                    (dict(adapter_name=""), "adapter_name='' cannot name"), (dict(token=5), "token must be"),
+                    (dict(cache_dir=5), "cache_dir must be"), (dict(model_cls="x"), "model_cls must be")):
+        with pytest.raises(af.ConfigError, match="^from_pretrained: " + msg):
+            af.from_pretrained(str(tmp_path / "ad"), **{"model_cls": Spy, **kw})
+    assert loads == []
 
 
 # -- arguments: typed errors that name the method and the argument, before any change -------------------------

@@ -58,10 +58,12 @@ def get_method(name: str) -> Method:
 
 
 def method_for_config(config: Any) -> Method:
-    """The method whose ``config_cls`` is exactly ``type(config)``."""
-    for m in _METHODS.values():
-        if type(config) is m.config_cls:
-            return m
+    """The method of ``config``: the one whose ``config_cls`` comes first in ``type(config)``'s MRO (so a
+    user's subclass of :class:`LoraConfig` is LoRA's, and a registered subclass gets its own method)."""
+    by_cls = {m.config_cls: m for m in _METHODS.values()}
+    for cls in type(config).__mro__:
+        if cls in by_cls:
+            return by_cls[cls]
     raise ConfigError(f"{type(config).__name__} is not an adapter config adaptfn knows ({known_configs()})")
 
 

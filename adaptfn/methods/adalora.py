@@ -36,6 +36,7 @@ from .common import (
     is_conv1d,
     linear_dims,
     linear_targets,
+    module_path,
     plan_replacements,
     weight_needs_transpose,
 )
@@ -223,7 +224,7 @@ class AdaLora:
         if route is not None:
             return self._routed(entry, leaves, on, generator, call_base, x, route)
         if A.dim() != 2:
-            raise stacked_called_directly()
+            raise stacked_called_directly(module_path(module))
         out = call_base(x)
         h = dropout(entry, generator, x if x.dtype == A.dtype else x.to(A.dtype))
         delta = (h @ (A * E).T) @ B.T  # [..., out]

@@ -19,7 +19,8 @@ from .base import PeftConfigBase, check_bool, check_int, check_names, is_int, is
 
 __all__ = ["LoraFamilyConfig", "PEFT_UNSUPPORTED", "SEQ_CLS_HEAD_NAMES", "EMBEDDING_LAYER_NAMES", "is_conv1d",
            "linear_dims", "adapter_dtype", "weight_needs_transpose", "expand_all_linear", "linear_targets",
-           "plan_embedding_saves", "plan_replacements", "dropout_options", "dropout"]
+           "plan_embedding_saves", "plan_replacements", "dropout_options", "dropout", "MODULE_PATH",
+           "module_path"]
 
 SEQ_CLS_HEAD_NAMES = ("score", "classifier")
 
@@ -198,6 +199,15 @@ class LoraFamilyConfig(PeftConfigBase):
     def scaling(self, r: int, alpha: float) -> float:
         """``alpha / r`` (rsLoRA: ``alpha / sqrt(r)``)."""
         return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+
+MODULE_PATH = "_adaptfn_path"
+"""The attribute under which the structural copy records each adapted module's path (for messages)."""
+
+
+def module_path(module: nn.Module) -> str:
+    """The path of a module of the structural copy (its class name elsewhere), for error messages."""
+    return module.__dict__.get(MODULE_PATH) or type(module).__name__
 
 
 def dropout_options(config: LoraFamilyConfig) -> tuple[tuple[str, Any], ...]:

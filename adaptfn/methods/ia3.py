@@ -27,7 +27,7 @@ from .._where import is_target
 from ..adapter import Entry
 from ..errors import AdapterFileError, IncompatibleAdapterError, shape_str, single_for_route, stacked_called_directly
 from .base import ROUTE, CallBase, PeftConfigBase, check_bool, check_names, need
-from .common import adapter_dtype, is_conv1d, linear_dims, linear_targets, plan_replacements
+from .common import adapter_dtype, is_conv1d, linear_dims, linear_targets, module_path, plan_replacements
 
 __all__ = ["IA3Config", "IA3", "OUT", "IN"]
 
@@ -141,11 +141,11 @@ class IA3:
 
     # -- compute -----------------------------------------------------------------------------------
     @staticmethod
-    def _vector(leaves: Mapping[str, torch.Tensor], on: Any) -> torch.Tensor:
+    def _vector(leaves: Mapping[str, torch.Tensor], on: Any, module: nn.Module | None = None) -> torch.Tensor:
         """The flat vector [n]; ones where the gate is off (under vmap/grad/compile)."""
         v = leaves["ia3_l"]
         if v.dim() != 2:
-            raise stacked_called_directly()
+            raise stacked_called_directly(None if module is None else module_path(module))
         v = v.flatten()
         if on is not True:
             v = torch.where(on, v, torch.ones_like(v))
@@ -188,7 +188,7 @@ class IA3:
         """
         if route is not None:
             return self._routed(entry, leaves, on, call_base, x, route)
-        v = self._vector(leaves, on)
+        v = self._vector(leaves, on, module)
         if entry.kind == IN:
             prev = x.dtype
             return call_base((x.to(v.dtype) * v).to(prev))

@@ -30,6 +30,7 @@ from .common import (
     expand_all_linear,
     is_conv1d,
     linear_dims,
+    module_path,
     plan_embedding_saves,
     plan_replacements,
     weight_needs_transpose,
@@ -148,7 +149,7 @@ class Lora:
         if route is not None:
             return self._routed(entry, leaves, on, generator, call_base, module, x, route)
         if A.dim() != 2:
-            raise stacked_called_directly()
+            raise stacked_called_directly(module_path(module))
         s = self._scale(entry, leaves, on)
         gemm = routing.base_gemm(call_base, module, x, A, B) if entry.kind == "linear" else None
         if gemm is not None:
