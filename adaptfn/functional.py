@@ -12,7 +12,6 @@ threads never share a copy.
 
 from __future__ import annotations
 
-import copy as _copy
 import functools
 import threading
 import types
@@ -26,7 +25,7 @@ import torch.utils._pytree as torch_pytree
 from torch import nn
 from torch.nn.utils.stateless import _reparametrize_module
 
-from . import quant, routing
+from . import _fsdp, quant, routing
 from .adapter import GATE, Adapter, gate_on
 from .errors import ConfigError, IncompatibleAdapterError, shape_str, stacked_called_directly
 from .methods import Method, get_method
@@ -45,10 +44,11 @@ class _Slot:
 
 
 class _Copy:
-    __slots__ = ("root", "mods", "slots", "busy")
+    __slots__ = ("root", "mods", "slots", "busy", "swapped")
 
     def __init__(self, root: nn.Module, mods: dict[str, nn.Module], slots: dict[str, _Slot]) -> None:
         self.root, self.mods, self.slots, self.busy = root, mods, slots, False
+        self.swapped: set[str] = set()  # names the running call replaced (FSDP's refresh leaves them alone)
 
     def slot(self, path: str) -> _Slot:
         """The adapter slot of a module (installed on first use for module kinds not prepared up front)."""
@@ -76,7 +76,8 @@ def structural_copy(root: nn.Module, tensors: Mapping[int, torch.Tensor]) -> tup
         hit = memo.get(id(m))
         if hit is not None:
             return hit
-        new = _copy.copy(m)
+        new = object.__new__(type(m))  # not type(m).__new__: FSDP2's classes re-run __init__ there
+        new.__dict__.update(m.__dict__)
         memo[id(m)] = new
         d = new.__dict__
         for k, v in list(d.items()):
@@ -148,7 +149,9 @@ class _Base:
             m.training = self.training.get(p, m.training)
         quant.install(self.model, mods)  # pure forward on the copy's quantized layers (before adapter slots)
         slots = {p: _install(m, p) for p, m in mods.items() if p and _adaptable(m)}
-        return _Copy(root, mods, slots)
+        cp = _Copy(root, mods, slots)
+        _fsdp.install(self.modules, mods, cp.swapped)  # FSDP2-sharded bases: full parameters during forward
+        return cp
 
 
 def _adaptable(m: nn.Module) -> bool:
@@ -359,11 +362,13 @@ class FunctionalModel:
             root = cp.root
             call = root if attr is None else getattr(root, attr)
             if swaps:
+                cp.swapped.update(swaps)
                 with _reparametrize_module(root, swaps, tie_weights=False, strict=False):
                     return call(*args, **kwargs)
             return call(*args, **kwargs)
         finally:
             cp.busy = False
+            cp.swapped.clear()
             for slot in used:
                 slot.active = []
 
@@ -407,6 +412,11 @@ class FunctionalModel:
                 if base_t is None:
                     raise IncompatibleAdapterError(
                         f"adapter replaces {full!r}, which {type(self._base.model).__name__} does not have")
+                if _fsdp.is_dtensor(base_t) or _fsdp.is_dtensor(leaves[name]):
+                    raise IncompatibleAdapterError(
+                        f"adapter replaces {full!r}, which FSDP shards (a DTensor): replacements "
+                        "(modules_to_save, trained biases, saved embedding matrices) are not supported on an "
+                        "FSDP-sharded base; leave that module out of fully_shard, or use a delta-only adapter")
                 t = leaves[name]
                 # stacked or single is read from the leaf's shape (under vmap a stacked leaf looks single)
                 want = tuple(base_t.shape)

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from . import quant, routing
+from . import _fsdp, quant, routing
 from ._where import Where, matcher
 from .adapter import GATE, Adapter, AdapterSum, components, gate_on, replace
 from .errors import ConfigError, IncompatibleAdapterError
@@ -161,6 +161,11 @@ def _merge_deltas(out: dict[str, torch.Tensor], parts: tuple[Adapter, ...]) -> N
             key = f"{path}.weight"
             if key not in out:
                 raise IncompatibleAdapterError(f"merge: adapter targets {path!r} but params has no {key!r}")
+            if _fsdp.is_dtensor(out[key]):
+                raise IncompatibleAdapterError(
+                    f"merge: {key} is sharded by FSDP (a DTensor); merge into the full weights (e.g. "
+                    "torch.distributed.checkpoint.state_dict.get_model_state_dict(model, options="
+                    "StateDictOptions(full_state_dict=True)))")
             if own is None:
                 own = {}
                 for k in out:

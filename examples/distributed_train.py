@@ -6,9 +6,18 @@ applies the same ``af.optim`` update, so all of them hold the same adapter (what
 adapter as an explicit tree instead of module parameters). The model is a small OPT built from a config
 and a fixed seed, so the example runs anywhere, offline, in seconds.
 
-Run (two processes on CPU, gloo backend):
+With ``--fsdp`` the base model is sharded first with PyTorch's FSDP2 (``fully_shard`` on every decoder
+layer, then on the whole model), as users whose base does not fit in one process do: each rank then holds
+about half of the base's parameters (DTensor shards), FSDP all-gathers each layer's full weights around
+its forward and backward, and the adapter stays replicated, its gradients averaged as above.
 
-    python -m torch.distributed.run --nproc_per_node=2 examples/distributed_train.py --out /tmp/dist
+Run (two processes on CPU, gloo backend), with torchrun or with accelerate's launcher:
+
+    python -m torch.distributed.run --nproc_per_node=2 examples/distributed_train.py --out /tmp/dist [--fsdp]
+    accelerate launch --multi_gpu --num_processes 2 examples/distributed_train.py --out /tmp/dist --fsdp
+
+(``--multi_gpu`` is accelerate's name for its torchrun launcher; on a machine without GPUs the processes use
+gloo on the CPU. accelerate's ``--cpu`` would start one process.)
 
 Each rank writes its adapter to ``<out>/rank<r>`` (PEFT's format, ``af.save``) and a ``report.json``
 there (losses, and whether the base model is unchanged). ``train(..., world=1, rank=0)`` in one process
@@ -72,7 +81,25 @@ def _from_rank0(t: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def train(steps: int, rank: int = 0, world: int = 1, optimizer: str = "adamw") -> tuple[af.Adapter, dict]:
+def shard_base(model: torch.nn.Module) -> torch.nn.Module:
+    """FSDP2: shard every decoder layer, then the rest (embeddings, final norm) at the root. The base is
+    frozen first, so FSDP reduces no gradient of it."""
+    from torch.distributed.fsdp import fully_shard
+
+    model.requires_grad_(False)
+    for layer in model.model.decoder.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    return model
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a tensor (a DTensor's shard, or the tensor itself)."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def train(steps: int, rank: int = 0, world: int = 1, optimizer: str = "adamw",
+          fsdp: bool = False) -> tuple[af.Adapter, dict]:
     """Train a LoRA adapter of :func:`build_model` for ``steps`` steps on this rank's shard.
 
     Arguments:
@@ -80,12 +107,18 @@ def train(steps: int, rank: int = 0, world: int = 1, optimizer: str = "adamw") -
         rank, world: this process's rank and the number of processes (``world=1``: the whole batch, no
             communication).
         optimizer: "adamw" or "sgd".
+        fsdp: shard the base model with FSDP2 first (:func:`shard_base`; needs a process group).
 
     Returns:
-        ``(adapter, report)``: the trained adapter and a dict with the losses and base-model checks.
+        ``(adapter, report)``: the trained adapter and a dict with the losses, the base-model checks and
+        the share of the base's parameters this rank holds.
     """
     model = build_model()
-    before = {k: (v._version, v.detach().clone()) for k, v in model.state_dict(keep_vars=True).items()}
+    full = sum(p.numel() for p in model.parameters())
+    if fsdp:
+        model = shard_base(model)
+    held = sum(_local(p).numel() for p in model.parameters())
+    before = {k: (_local(v)._version, _local(v).detach().clone()) for k, v in model.state_dict(keep_vars=True).items()}
     fn, params = af.functional(model)
     cfg = af.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "fc1"])
     adapter = af.init(fn, cfg, generator=torch.Generator().manual_seed(0))
@@ -107,8 +140,10 @@ def train(steps: int, rank: int = 0, world: int = 1, optimizer: str = "adamw") -
         adapter, state = opt.update(grads, state, adapter)
         losses.append(float(loss))
     after = model.state_dict(keep_vars=True)
-    unchanged = all(after[k]._version == v and torch.equal(after[k], t) for k, (v, t) in before.items())
-    return adapter, {"rank": rank, "world": world, "losses": losses, "base_unchanged": unchanged}
+    unchanged = all(_local(after[k])._version == v and torch.equal(_local(after[k]), t) for k, (v, t) in before.items())
+    sharded = all(type(p.data).__name__ == "DTensor" for p in model.parameters())
+    return adapter, {"rank": rank, "world": world, "losses": losses, "base_unchanged": unchanged,
+                     "fsdp": fsdp, "base_sharded": sharded, "base_share_held": held / full}
 
 
 def main() -> None:
@@ -119,6 +154,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw")
     ap.add_argument("--timeout", type=float, default=60.0, help="seconds for the process group to form / a collective")
+    ap.add_argument("--fsdp", action="store_true", help="shard the base model with FSDP2 (fully_shard)")
     args = ap.parse_args()
 
     torch.set_num_threads(1)
@@ -126,7 +162,7 @@ def main() -> None:
     try:
         rank, world = dist.get_rank(), dist.get_world_size()
         t0 = time.perf_counter()
-        adapter, report = train(args.steps, rank, world, args.optimizer)
+        adapter, report = train(args.steps, rank, world, args.optimizer, fsdp=args.fsdp)
         out = Path(args.out) / f"rank{rank}"
         af.save(adapter, out)
         report["seconds"] = round(time.perf_counter() - t0, 2)
