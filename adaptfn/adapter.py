@@ -22,6 +22,7 @@ This is a data module: it knows nothing of the methods (``adaptfn.methods``), wh
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterable, Mapping
 from types import MappingProxyType
 from typing import Any
@@ -72,6 +73,13 @@ class Entry:
     def __post_init__(self) -> None:  # one canonical order, whoever built the entry
         for name in ("replaced", "tied", "frozen"):
             object.__setattr__(self, name, tuple(sorted(getattr(self, name))))
+        try:  # a scale that is not a finite float32 would turn every output it touches into inf / NaN
+            ok = math.isfinite(self.scaling) and abs(self.scaling) <= 3.4028234663852886e38
+        except (TypeError, OverflowError):
+            ok = False
+        if not ok:
+            raise ConfigError(f"Entry.scaling={self.scaling!r} is not a finite number within float32's range (check "
+                              "lora_alpha / alpha_pattern and r)")
 
     def option(self, name: str, default: Any = None) -> Any:
         for k, v in self.options:

@@ -26,6 +26,7 @@ from torch import nn
 from torch.nn.utils.stateless import _reparametrize_module
 
 from . import _fsdp, quant, routing
+from ._leaves import check_leaves
 from .adapter import GATE, Adapter, gate_on
 from .errors import ConfigError, IncompatibleAdapterError, shape_str, stacked_called_directly
 from .methods import Method, get_method
@@ -325,12 +326,17 @@ class FunctionalModel:
     def _run(self, params: Mapping[str, torch.Tensor], attr: str | None, args: tuple, kwargs: dict,
              routes: tuple[Any, ...]) -> Any:
         base = self._base
+        if not isinstance(params, Mapping):
+            raise ConfigError(f"params must be a mapping of parameter names to tensors (the dict af.functional "
+                              f"returned), got {type(params).__name__}")
         cp = base.copy()
         held = base.params
         swaps: dict[str, torch.Tensor] = {}
         for k in params:
             v = params[k]
             if held.get(k) is not v:
+                if not isinstance(v, torch.Tensor):
+                    raise ConfigError(f"params[{k!r}] is a {type(v).__name__}, not a tensor")
                 swaps[k] = v
         tensors = [a.tensors for a in self._adapters]
         for i, path, name, targets, frozen in self._repl:
@@ -395,6 +401,7 @@ class FunctionalModel:
         mods = self._base.modules
         if not compiling:  # static checks; already done eagerly for this structure
             quant.check_adapter(self._base.model, adapter)
+        check_leaves(adapter, "inject", self._base.params)  # dtypes: floating deltas, replacements of the base's kind
         for path, e in adapter.entry_items:
             mod = mods.get(path)
             if mod is None:

@@ -41,6 +41,11 @@ def init(
     """
     if not isinstance(fn, FunctionalModel):
         raise ConfigError(f"init: expected the fn from af.functional(model), got {type(fn).__name__}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ConfigError(f"init: generator must be a torch.Generator or None, got {type(generator).__name__}")
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point
+                              or "float8" in str(dtype)):
+        raise ConfigError(f"init: dtype must be a floating torch.dtype or None, got {dtype!r}")
     method = method_for_config(config)
     model = fn.model
     config, entries = method.plan(config, model)

@@ -4,23 +4,41 @@ A PEFT adapter folder holds ``adapter_config.json`` and ``adapter_model.safetens
 versions, the pickle ``adapter_model.bin``). Keys are ``base_model.model.<module path>.<suffix>``:
 the method's delta suffixes (``lora_A.weight``, ...), or a replaced tensor, with ``base_layer.``
 before the tensor name when PEFT loads it into the (possibly tied) base tensor.
+
+The save protocol (``adaptfn/_files.py``; ``docs/reliability.md``). The two files must change together,
+and POSIX renames one file at a time, so the weights file records, in its safetensors metadata
+(``adaptfn.config_sha256``, which PEFT ignores), the SHA-256 of the config bytes it was saved with. A save
+takes an ``flock`` on the folder (concurrent saves take turns: the last one wins), finishes or removes what
+a killed save left, writes both files to flocked temp names (``.<file>.<host>-<pid>-<start>-<rand>.tmp``)
+and fsyncs them, then: if the config is byte-identical, renames the weights in (one atomic step); else (1)
+renames the new config to ``.adapter_config.json.pending``, (2) renames the new weights in (the commit
+point), (3) renames the pending config in, fsyncing the folder after each step. ``load`` reads the config,
+then the weights' hash: equal, that is the version; different, the pending config that matches is the
+version (a save between (2) and (3), running or killed; a load that can take the lock finishes it). So a
+load returns the old or the new adapter whatever instant a save is at or died at, never a mix; a pair that
+keeps moving raises ``AdapterFileError`` (errno ``EBUSY``: a save is in progress). Temp files of dead
+writers are removed by the next save; a live writer's (flocked) are never touched. PEFT reads the folder's
+root files without this check: it sees a consistent pair except during (or after a kill between) steps 2
+and 3, which the next ``af.load`` or ``af.save`` repairs.
 """
 
 from __future__ import annotations
 
 import contextlib
 import enum
+import errno
 import json
 import os
 import re
-import tempfile
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 
+from . import _files
+from ._leaves import check_leaves, storage_safe
 from .adapter import GATE, Adapter, AdapterSum, Entry, gate_on, replace
-from .errors import AdapterFileError, ConfigError
+from .errors import AdapterFileError, AdaptfnError, ConfigError, IncompatibleAdapterError
 from .methods import get_method, method_for_config, method_for_peft_type
 from .methods.base import PeftConfigBase
 
@@ -69,27 +87,6 @@ def state_dict(adapter: Adapter) -> dict[str, torch.Tensor]:
 
 
 # -- save --------------------------------------------------------------------------------------------
-def _atomic_write(path: str, write: Any) -> str:
-    """Write through ``write(tmp_path)`` to a temp file in the same folder, fsync; return the temp path."""
-    folder = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return tmp
-
-
-def _write_text(path: str, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:  # closed here (a bare open().write() leaks it: ResourceWarning)
-        f.write(text)
-
-
 def _check_name(adapter_name: str | None) -> None:
     if adapter_name is None:
         return
@@ -97,6 +94,30 @@ def _check_name(adapter_name: str | None) -> None:
             or "/" in adapter_name or "\\" in adapter_name or os.sep in adapter_name or "\x00" in adapter_name):
         raise ConfigError(
             f"adapter_name={adapter_name!r} is not a plain folder name (it would escape the adapter folder)")
+
+
+def _path_arg(where: str, name: str, value: Any) -> str:
+    """A str / os.PathLike argument as a str path (bytes paths and other types raise ConfigError)."""
+    if not isinstance(value, (str, os.PathLike)):
+        raise ConfigError(f"{where}: {name} must be a str or os.PathLike path, got {type(value).__name__}")
+    try:
+        p = os.fspath(value)
+    except TypeError as e:
+        raise ConfigError(f"{where}: {name}: {e}") from None
+    if not isinstance(p, str):
+        raise ConfigError(f"{where}: {name} must name a str path, got {type(p).__name__}")
+    return _files.check_path(p, name)
+
+
+def _serialize(tensors: dict[str, torch.Tensor], config_json: bytes, where: str) -> bytes:
+    """The safetensors bytes of ``tensors``, binding the config: ``adaptfn.config_sha256`` in the metadata."""
+    from safetensors.torch import save as st_save
+
+    meta = {"format": "pt", _files.DIGEST_KEY: _files.digest(config_json)}
+    try:
+        return st_save(tensors, metadata=meta)
+    except (ValueError, RuntimeError, TypeError) as e:
+        raise ConfigError(f"{where}: the adapter's tensors cannot be written as safetensors ({e})") from None
 
 
 def save(adapter: Adapter | Mapping[str, Adapter], directory: str | os.PathLike[str], *,
@@ -110,9 +131,15 @@ def save(adapter: Adapter | Mapping[str, Adapter], directory: str | os.PathLike[
         adapter_name: a non-default name saves into ``directory/adapter_name`` as PEFT does.
 
     Returns:
-        The folder written. Everything is checked before anything is written; each file is written to a
-        temp name in the same folder, fsynced and renamed over the old one, weights first, config last,
-        so an interrupted save never leaves a half-written file.
+        The folder written. Everything is checked and serialised in memory before anything is written. Each
+        folder is written by the protocol in this module's docstring: a reader, or a crash at any instant,
+        sees the old adapter or the new one, never a mix; concurrent saves take turns. Leaves that share
+        storage are written as separate tensors (as PEFT does).
+
+    Raises:
+        ConfigError: not an adapter, a stacked one, a masked-off replacement, a bad ``adapter_name``.
+        AdapterFileError: the folder cannot be written (no space, permission, a file in the way, a name too
+            long, an I/O error, ...), naming the path and the operation; the previous adapter is left intact.
 
     Example:
         >>> af.save(adapter, "out/my-lora")
@@ -120,115 +147,95 @@ def save(adapter: Adapter | Mapping[str, Adapter], directory: str | os.PathLike[
         >>> import os; sorted(os.listdir("out/my-lora"))
         ['adapter_config.json', 'adapter_model.safetensors']
     """
-    items = adapter.items() if isinstance(adapter, Mapping) else [(adapter_name, adapter)]
+    root = _path_arg("save", "directory", directory)
+    if isinstance(adapter, Mapping) and not isinstance(adapter, (Adapter, AdapterSum)):
+        items = list(adapter.items())
+        if not items:
+            raise ConfigError("save: the mapping of adapters is empty")
+    else:
+        items = [(adapter_name, adapter)]
     plans = []
     for name, a in items:  # everything is checked (and serialised in memory) before any write
         _check_name(name)
         if isinstance(adapter, Mapping) and name == "default":
             name = None
         sd = state_dict(a)
-        plans.append((name, {k: v.detach().contiguous().cpu() for k, v in sd.items()},
-                      json.dumps(a.config.to_dict(), indent=2, sort_keys=True) + "\n"))
-    for name, tensors, config_json in plans:
-        folder = os.fspath(directory)
+        check_leaves(a, "save")
+        config_json = (json.dumps(a.config.to_dict(), indent=2, sort_keys=True) + "\n").encode("utf-8")
+        plans.append((name, _serialize(storage_safe(sd), config_json, "save"), config_json))
+    for name, weights, config_json in plans:
+        folder = root
         if name is not None and name != "default":
             folder = os.path.join(folder, name)
-        _write_adapter(folder, tensors, config_json)
-    root = os.fspath(directory)
+        _write_adapter(folder, weights, config_json)
     return root if isinstance(adapter, Mapping) or adapter_name in (None, "default") else os.path.join(
         root, adapter_name)
 
 
-def _write_adapter(folder: str, tensors: dict[str, torch.Tensor], config_json: str) -> None:
-    """Write weights + config so that a failure at any point leaves the previous adapter in place.
-
-    Both files are written to temp names and fsynced first. If the config is unchanged only the weights
-    are renamed over (one atomic rename). Otherwise the old files are moved aside, the new ones renamed
-    in, and on any error the old ones are put back; temp and backup files are always removed."""
-    from safetensors.torch import save_file
-
-    os.makedirs(folder, exist_ok=True)
-    wpath, cpath = os.path.join(folder, SAFETENSORS_NAME), os.path.join(folder, CONFIG_NAME)
-    temps: list[str] = []
-    backups: list[tuple[str, str]] = []
+def _write_adapter(folder: str, weights: bytes, config_json: bytes) -> None:
+    """Create the folder if needed and write the pair by :func:`adaptfn._files.write_pair`."""
+    if os.path.isfile(folder):
+        raise AdapterFileError(f"{folder}: cannot save the adapter there: it is a file, not a folder")
     try:
-        temps.append(_atomic_write(wpath, lambda p: save_file(tensors, p, metadata={"format": "pt"})))
-        old_config = None
-        if os.path.isfile(cpath):
-            with open(cpath, encoding="utf-8") as f:
-                old_config = f.read()
-        if old_config == config_json:
-            os.replace(temps[0], wpath)
-            temps.clear()
-        else:
-            temps.append(_atomic_write(cpath, lambda p: _write_text(p, config_json)))
-            for final in (wpath, cpath):
-                if os.path.exists(final):
-                    fd, bak = tempfile.mkstemp(prefix="." + os.path.basename(final) + ".", suffix=".bak", dir=folder)
-                    os.close(fd)
-                    try:
-                        os.replace(final, bak)
-                    except BaseException:
-                        os.unlink(bak)
-                        raise
-                    backups.append((bak, final))
-            os.replace(temps[0], wpath)
-            os.replace(temps[1], cpath)
-            temps.clear()
-        _fsync_dir(folder)
-    except BaseException:
-        for bak, final in backups:  # put the previous adapter back
-            with contextlib.suppress(OSError):
-                os.replace(bak, final)
-        backups.clear()
-        raise
-    finally:
-        for t in temps:
-            with contextlib.suppress(OSError):
-                os.unlink(t)
-        for bak, _ in backups:
-            with contextlib.suppress(OSError):
-                os.unlink(bak)
-
-
-def _fsync_dir(folder: str) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        os.makedirs(folder, exist_ok=True)
+    except (OSError, ValueError) as e:
+        raise _files.os_error("create the folder", folder, e) from None
+    _files.write_pair(folder, weights, config_json)
 
 
 # -- load --------------------------------------------------------------------------------------------
+def _looks_local(source: str) -> bool:
+    """Whether a string that names no existing file is meant as a local path rather than a Hub repo id:
+    a leading ``./``, ``../``, ``/`` or ``~``, a backslash, more than one ``/``, an existing parent folder,
+    or anything a repo id cannot be."""
+    if source in (".", "..") or source.startswith(("./", "../", "/", "~", ".\\", "..\\")) or "\\" in source:
+        return True
+    if os.path.isabs(source) or source.count("/") > 1 or (os.sep != "/" and os.sep in source):
+        return True
+    parent = os.path.dirname(source)
+    if parent and os.path.isdir(parent):
+        return True
+    return not _REPO_ID.match(source)
+
+
 def _resolve(source: str, adapter_name: str | None, revision: str | None, subfolder: str | None,
-             token: Any, cache_dir: Any, local_files_only: bool, allow_pickle: bool) -> tuple[str, str]:
-    """Find (config path, weights path), locally or through huggingface_hub."""
+             token: Any, cache_dir: Any, local_files_only: bool, allow_pickle: bool) -> tuple[str, str, bool]:
+    """Find (config path, weights path, local): a local folder, or files from huggingface_hub."""
     _check_name(adapter_name)
     if subfolder is not None and (os.path.isabs(subfolder) or ".." in subfolder.replace("\\", "/").split("/")):
         raise ConfigError(f"subfolder={subfolder!r} would escape the adapter folder")
-    source = os.fspath(source)
-    if os.path.isdir(source):
-        folder = os.path.join(source, subfolder) if subfolder else source
+    local = os.path.expanduser(source) if source.startswith("~") else source
+    if os.path.isdir(local):
+        folder = os.path.join(local, subfolder) if subfolder else local
         if adapter_name and adapter_name != "default" and os.path.isfile(
                 os.path.join(folder, adapter_name, CONFIG_NAME)):
             folder = os.path.join(folder, adapter_name)
         cfg = os.path.join(folder, CONFIG_NAME)
-        if not os.path.isfile(cfg):
-            raise AdapterFileError(f"{cfg}: not found (an adapter folder holds {CONFIG_NAME})")
         st, binf = os.path.join(folder, SAFETENSORS_NAME), os.path.join(folder, BIN_NAME)
-        if os.path.isfile(st):
-            return cfg, st
+        for p in (cfg, st):
+            if os.path.isdir(p):
+                raise AdapterFileError(f"{p}: cannot read: it is a folder, not a file")
+        if os.path.isfile(st) or os.path.exists(os.path.join(folder, _files.PENDING_NAME)):
+            return cfg, st, True  # (a missing config is reported, or a save in progress waited for, when read)
+        if not os.path.isfile(cfg):
+            if not os.path.isdir(folder):
+                raise AdapterFileError(f"{folder}: not found (no such folder; an adapter folder holds {CONFIG_NAME})")
+            raise AdapterFileError(f"{cfg}: not found (an adapter folder holds {CONFIG_NAME})")
         if os.path.isfile(binf):
             if not allow_pickle:
                 raise AdapterFileError(
                     f"{binf}: only a pickle file ({BIN_NAME}) is there; pickle can run code, so it is refused "
                     "unless you pass allow_pickle=True (it is then read with torch.load(weights_only=True))")
-            return cfg, binf
+            return cfg, binf, True
         raise AdapterFileError(f"{folder}: no {SAFETENSORS_NAME} (or {BIN_NAME}) next to {CONFIG_NAME}")
-    if not _REPO_ID.match(source) or source.startswith((".", "/")):
-        raise AdapterFileError(f"{source!r} is neither an adapter folder nor a Hub repo id (user/name)")
-    return _resolve_hub(source, adapter_name, revision, subfolder, token, cache_dir, local_files_only, allow_pickle)
+    if os.path.exists(local):
+        raise AdapterFileError(f"{source}: is a file, not an adapter folder (pass the folder that holds {CONFIG_NAME} "
+                               f"and {SAFETENSORS_NAME})")
+    if _looks_local(source):
+        raise AdapterFileError(f"{source}: not found: no such local folder (the path does not exist"
+                               + (f", resolved from {os.getcwd()}" if not os.path.isabs(local) else "") + ")")
+    cfg, w = _resolve_hub(source, adapter_name, revision, subfolder, token, cache_dir, local_files_only, allow_pickle)
+    return cfg, w, False
 
 
 def _resolve_hub(repo: str, adapter_name: str | None, revision: str | None, subfolder: str | None, token: Any,
@@ -261,6 +268,8 @@ def _resolve_hub(repo: str, adapter_name: str | None, revision: str | None, subf
             raise AdapterFileError(f"{repo!r} is not a valid Hub repo id or revision ({e})") from None
         except OSError as e:
             raise AdapterFileError(f"{repo}: could not fetch {name}: {e}") from None
+        except (ValueError, TypeError) as e:
+            raise AdapterFileError(f"{repo}: could not fetch {name} ({type(e).__name__}: {e})") from None
 
     subs = []
     if adapter_name and adapter_name != "default":
@@ -282,43 +291,159 @@ def _resolve_hub(repo: str, adapter_name: str | None, revision: str | None, subf
             return cfg, binf
         raise AdapterFileError(f"{repo}{'/' + sub if sub else ''}: no adapter weights found")
     where = f"{repo} (revision {revision or 'main'}{', subfolder ' + subfolder if subfolder else ''})"
-    raise AdapterFileError(f"{where}: no {CONFIG_NAME} found (in the cache, offline, or on the Hub)")
+    raise AdapterFileError(f"{where}: no local folder of that name, and no {CONFIG_NAME} found in the Hub cache"
+                           + (" (offline)" if local_files_only or constants.HF_HUB_OFFLINE else " or on the Hub"))
 
 
-def read_config(path: str) -> Any:
-    """Parse an adapter_config.json into adaptfn's config class for its peft_type."""
+_MAX_JSON_DEPTH = 64  # PEFT's configs nest 3 levels deep
+
+
+def _json_depth_ok(value: Any) -> bool:
+    stack = [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        if d > _MAX_JSON_DEPTH:
+            return False
+        if isinstance(v, dict):
+            stack.extend((x, d + 1) for x in v.values())
+        elif isinstance(v, list):
+            stack.extend((x, d + 1) for x in v)
+    return True
+
+
+def parse_config(data: bytes, path: str) -> tuple[Any, Any]:
+    """``(method, config)`` from the bytes of an adapter_config.json (``path`` names it in errors)."""
     try:
-        with open(path, encoding="utf-8") as f:
-            raw = json.load(f)
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise AdapterFileError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); an adapter config is a JSON "
+                               "file") from None
+    try:
+        raw = json.loads(text)
     except json.JSONDecodeError as e:
         raise AdapterFileError(f"{path}: not valid JSON ({e})") from None
-    except OSError as e:
-        raise AdapterFileError(f"{path}: cannot read ({e})") from None
+    except RecursionError:
+        raise AdapterFileError(f"{path}: not a readable adapter config (JSON nested too deeply)") from None
+    except ValueError as e:  # e.g. an integer of more digits than Python converts
+        raise AdapterFileError(f"{path}: not a readable adapter config ({e})") from None
     if not isinstance(raw, dict):
         raise AdapterFileError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+    if not _json_depth_ok(raw):
+        raise AdapterFileError(f"{path}: not a readable adapter config (JSON nested deeper than {_MAX_JSON_DEPTH})")
     if "peft_type" not in raw:
         raise ConfigError(f"{path}: no 'peft_type' field")
     method = method_for_peft_type(raw["peft_type"], path)
     return method, method.config_cls.from_dict(raw, source=path)
 
 
-def read_tensors(path: str, device: Any = None) -> dict[str, torch.Tensor]:
-    """Read a safetensors or (opted-in) pickle weights file; any damage is an AdapterFileError."""
-    if path.endswith(".safetensors"):
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
+def read_config(path: str) -> Any:
+    """Parse an adapter_config.json into ``(method, config)``: its method and adaptfn's config class for its
+    peft_type. Unreadable, huge (over 16 MiB), non-UTF-8 or invalid files raise :class:`AdapterFileError`;
+    bad fields raise :class:`ConfigError` naming them."""
+    data = _files.read_capped(path)
+    assert data is not None
+    return parse_config(data, path)
+
+
+class _WeightsReader:
+    """``with _WeightsReader(path, device) as f``: a safetensors handle whose failures are typed errors."""
+
+    def __init__(self, path: str, device: str) -> None:
+        self.path, self.device, self.handle = path, device, None
+
+    def __enter__(self) -> Any:
+        from safetensors import safe_open
 
         try:
-            return load_file(path, device=str(device) if device is not None else "cpu")
-        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise AdapterFileError(f"{path}: corrupt or truncated safetensors file ({e})") from None
+            self.handle = safe_open(self.path, framework="pt", device=self.device)
+            f = self.handle.__enter__()
+        except Exception as e:  # noqa: BLE001 - any failure to open is a bad file or a read error
+            raise _weights_error(self.path, e) from None
+        return _Guarded(f, self.path)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.handle is not None:
+            self.handle.__exit__(*exc)
+
+
+class _Guarded:
+    def __init__(self, f: Any, path: str) -> None:
+        self.f, self.path = f, path
+
+    def keys(self) -> list[str]:
+        return list(self.f.keys())
+
+    def get_tensor(self, k: str) -> torch.Tensor:
+        try:
+            return self.f.get_tensor(k)
+        except Exception as e:  # noqa: BLE001
+            raise _weights_error(self.path, e) from None
+
+
+def _weights_error(path: str, e: BaseException) -> AdapterFileError:
+    if isinstance(e, OSError) and e.errno is not None:
+        return _files.os_error("read", path, e)
+    text = str(e)
+    for code, words in ((errno.EACCES, "Permission denied"), (errno.EIO, "Input/output error"),
+                        (errno.ENOENT, "No such file")):
+        if words in text:
+            err = AdapterFileError(f"{path}: cannot read: {words.lower()} ({text})")
+            err.errno = code
+            return err
+    return AdapterFileError(f"{path}: corrupt or truncated safetensors file ({type(e).__name__}: {text})")
+
+
+def read_tensors(path: str, device: Any = None) -> dict[str, torch.Tensor]:
+    """Read a safetensors or (opted-in) pickle weights file; any damage is an AdapterFileError (a read
+    failure, e.g. permission denied or an I/O error, says so instead of "corrupt")."""
+    dev = _device_arg("read_tensors", device)
+    if path.endswith(".safetensors"):
+        try:
+            fd = os.open(path, os.O_RDONLY)
+            os.close(fd)
+        except OSError as e:
+            raise _files.os_error("read", path, e) from None
+        with _WeightsReader(path, dev) as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
     try:
-        sd = torch.load(path, map_location=device or "cpu", weights_only=True)
+        sd = torch.load(path, map_location=dev, weights_only=True)
+    except OSError as e:
+        raise _files.os_error("read", path, e) from None
     except Exception as e:  # noqa: BLE001 - any unpickling failure means a bad file
         raise AdapterFileError(f"{path}: cannot read as a weights-only torch file ({type(e).__name__}: {e})") from None
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
         raise AdapterFileError(f"{path}: expected a dict of tensors")
     return sd
+
+
+def _device_arg(where: str, device: Any) -> str:
+    """A device argument as the string safetensors takes; bogus or unavailable devices raise ConfigError."""
+    if device is None:
+        return "cpu"
+    if not isinstance(device, (str, int, torch.device)) or isinstance(device, bool):
+        raise ConfigError(f"{where}: device must be a str, int or torch.device, got {type(device).__name__}")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError) as e:
+        raise ConfigError(f"{where}: device={device!r} is not a device ({e})") from None
+    try:
+        torch.empty(0, device=dev)
+    except (RuntimeError, AssertionError, ValueError) as e:
+        raise ConfigError(f"{where}: device={device!r} is not available here ({type(e).__name__}: {e})") from None
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return str(dev)
+
+
+def _dtype_arg(where: str, dtype: Any) -> torch.dtype | None:
+    if dtype is None:
+        return None
+    if not isinstance(dtype, torch.dtype):
+        raise ConfigError(f"{where}: dtype must be a torch.dtype (e.g. torch.float16), got {dtype!r}")
+    if not dtype.is_floating_point or "float8" in str(dtype):
+        raise ConfigError(f"{where}: dtype={dtype} is not a compute dtype for an adapter; use torch.float32, "
+                          "float64, float16 or bfloat16")
+    return dtype
 
 
 def _saved_module(config: Any, rest: str) -> tuple[str, str] | None:
@@ -422,15 +547,50 @@ def load(
         A Hub repo loads the same way, e.g. ``af.load("user/repo", revision="v1")`` (through the
         huggingface_hub cache; ``HF_HUB_OFFLINE=1`` reads the cache only).
     """
-    cfg_path, w_path = _resolve(source, adapter_name, revision, subfolder, token, cache_dir,
-                                local_files_only, allow_pickle)
-    method, config = read_config(cfg_path)
-    sd = read_tensors(w_path, device)
-    adapter = _from_peft(method, config, sd, w_path)
+    where = "load"
+    if isinstance(source, bytes) or not isinstance(source, (str, os.PathLike)):
+        raise ConfigError(f"{where}: source must be a folder path (str or os.PathLike) or a Hub repo id, got "
+                          f"{type(source).__name__}")
+    source = _path_arg(where, "source", source)
+    if not source:
+        raise ConfigError(f"{where}: source is an empty string")
+    for name, v in (("revision", revision), ("subfolder", subfolder)):
+        if v is not None and not isinstance(v, str):
+            raise ConfigError(f"{where}: {name} must be a str or None, got {type(v).__name__}")
+    if subfolder is not None:
+        _files.check_path(subfolder, "subfolder")
+    if token is not None and not isinstance(token, (str, bool)):
+        raise ConfigError(f"{where}: token must be a str, a bool or None, got {type(token).__name__}")
+    if cache_dir is not None:
+        cache_dir = _path_arg(where, "cache_dir", cache_dir)
+    for name, v in (("local_files_only", local_files_only), ("allow_pickle", allow_pickle)):
+        if not isinstance(v, bool):
+            raise ConfigError(f"{where}: {name} must be True or False, got {v!r}")
+    dev = _device_arg(where, device)
+    dtype = _dtype_arg(where, dtype)
+    cfg_path, w_path, local = _resolve(source, adapter_name, revision, subfolder, token, cache_dir,
+                                       local_files_only, allow_pickle)
+
+    def use(data: bytes, tensors: Any) -> Adapter:
+        method, config = parse_config(data, cfg_path)
+        return _from_peft(method, config, tensors(), w_path)
+
+    if w_path.endswith(".safetensors"):
+        folder = os.path.dirname(cfg_path)
+        pending_path = os.path.join(folder, _files.PENDING_NAME) if local else None
+        adapter, pending = _files.read_pair(cfg_path, w_path, pending_path, use,
+                                            lambda p: _WeightsReader(p, dev))
+        if pending:  # a killed save had committed: finish it, unless a save is running (it will)
+            with contextlib.suppress(AdaptfnError, OSError), _files.locked(folder, wait=False) as fd:
+                if fd is not None:
+                    _files.settle(folder, fd)
+    else:
+        adapter = use(_files.read_capped(cfg_path) or b"", lambda: read_tensors(w_path, dev))
     if dtype is not None:
         adapter = replace(adapter, tensors={
             p: {n: (t.to(dtype) if t.is_floating_point() and n != GATE else t) for n, t in d.items()}
             for p, d in adapter.tensors.items()})
+    check_leaves(adapter, w_path)
     return adapter
 
 
@@ -511,9 +671,11 @@ def from_state_dict(state_dict: Mapping[str, torch.Tensor], config: Any) -> Adap
                               f"{next(k for k in state_dict if not k.startswith(PREFIX))!r}); use one form")
         state_dict = {PREFIX + k: v for k, v in state_dict.items()}
     try:
-        return _from_peft(method, cfg, state_dict, where)
-    except AdapterFileError as e:  # the same checks as a file, reported as bad arguments
+        adapter = _from_peft(method, cfg, state_dict, where)
+        check_leaves(adapter, where)
+    except (AdapterFileError, IncompatibleAdapterError) as e:  # the same checks as a file, as bad arguments
         raise ConfigError(str(e)) from None
+    return adapter
 
 
-__all__ = ["load", "save", "state_dict", "from_state_dict", "read_config", "read_tensors"]
+__all__ = ["load", "save", "state_dict", "from_state_dict", "read_config", "read_tensors", "parse_config"]

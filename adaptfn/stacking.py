@@ -9,7 +9,7 @@ is read from leaf shapes, so under ``torch.func.vmap`` a stacked adapter's leave
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
@@ -40,6 +40,8 @@ def stack(adapters: Sequence[Adapter]) -> Adapter:
         >>> outs.shape                                         # [N, batch, seq, vocab]
         torch.Size([3, 2, 7, 61])
     """
+    if isinstance(adapters, (Adapter, str, bytes)) or not isinstance(adapters, Iterable):
+        raise ConfigError(f"stack: expected a list of adapters, got {type(adapters).__name__}")
     adapters = list(adapters)
     if not adapters:
         raise ConfigError("stack: needs at least one adapter")
@@ -97,6 +99,8 @@ def unstack(stacked: Adapter) -> list[Adapter]:
     ranks, scaling). A stack whose leaves were sliced to another size raises; one reordered with
     ``af.tree.map`` at the same size cannot be told apart and is unstacked in the original order, so
     unstack first and stack the adapters in the order wanted."""
+    if not isinstance(stacked, Adapter):
+        raise ConfigError(f"unstack: expected a stacked Adapter (from af.stack), got {type(stacked).__name__}")
     info = stacked.stack_info
     if info is None:
         raise ConfigError("unstack: the adapter is not stacked (make one with af.stack)")

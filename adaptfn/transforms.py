@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from . import _fsdp, quant, routing
+from ._leaves import check_leaves
 from ._where import Where, matcher
 from .adapter import GATE, Adapter, AdapterSum, components, gate_on, replace
 from .errors import ConfigError, IncompatibleAdapterError
@@ -48,6 +49,8 @@ def inject(fn: FunctionalModel, adapter: AdapterLike, *, generator: torch.Genera
     """
     if not isinstance(fn, FunctionalModel):
         raise ConfigError(f"inject: expected a FunctionalModel from af.functional, got {type(fn).__name__}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ConfigError(f"inject: generator must be a torch.Generator or None, got {type(generator).__name__}")
     parts = components(adapter)
     replaced: dict[str, int] = {}
     for a in fn.adapters + parts:
@@ -112,10 +115,13 @@ def merge(params: Mapping[str, torch.Tensor], adapter: AdapterLike, *,
         >>> merged = af.merge(params, adapter)
         >>> out = fn(merged, input_ids=ids)
     """
+    if not isinstance(params, Mapping):
+        raise ConfigError(f"merge: params must be a mapping of parameter names to tensors, got {type(params).__name__}")
     parts = components(adapter)
     for a in parts:
         if a.is_stacked:
             raise ConfigError("merge: the adapter is stacked; merge each of af.unstack(...) or vmap over it")
+        check_leaves(a, "merge", params)
     out = dict(params)
     qplan = quant.prepare_merge(out, parts, dequantize)  # quantized weights -> float stand-ins
     _merge_replacements(out, params, parts)
@@ -188,6 +194,10 @@ def select(adapters: Any, where: Any) -> Any:
         >>> attn_only = af.select(adapter, r".*self_attn\\..*")
     """
     if isinstance(adapters, Mapping) and not isinstance(adapters, (Adapter, AdapterSum)):
+        if not isinstance(where, str) and not (isinstance(where, (list, tuple, set, frozenset, Mapping)) and all(
+                isinstance(n, str) for n in where)):
+            raise ConfigError(f"select: with a mapping of adapters, pick by name (a str) or a list of names; got "
+                              f"{where!r}")
         names = [where] if isinstance(where, str) else list(where)
         missing = [n for n in names if n not in adapters]
         if missing:

@@ -8,6 +8,7 @@ work), atomic saves, and the multi-adapter layout read and written by PEFT too.
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import math
 import os
@@ -146,7 +147,9 @@ def test_round_trip_identical_tensors_and_outputs(setup, tmp_path):
 def test_file_layout_keys_shapes_and_metadata(saved):
     folder, a = saved
     with safe_open(os.path.join(folder, WEIGHTS), "pt") as f:
-        assert f.metadata() == {"format": "pt"}
+        # PEFT's {"format": "pt"}, plus the hash of the config it was saved with (PEFT ignores metadata)
+        with open(os.path.join(folder, CONFIG), "rb") as c:
+            assert f.metadata() == {"format": "pt", "adaptfn.config_sha256": hashlib.sha256(c.read()).hexdigest()}
         keys = set(f.keys())
         a_shape = f.get_tensor(f"{PREFIX}{Q0}.lora_A.weight").shape
         b_shape = f.get_tensor(f"{PREFIX}{Q0}.lora_B.weight").shape
@@ -646,14 +649,19 @@ def test_load_subfolder_cannot_escape(saved, sub):
 
 # -- atomic saves (invariant 7) ------------------------------------------------------------------------
 def _interrupt(monkeypatch, stage):
-    import safetensors.torch as st
+    """Make the next save stop (raise Crash) at ``stage``: part-way through writing the weights or the config
+    temp file, at the first / second rename, or while syncing the config. (tests/test_reliability.py stops a
+    save before every one of its file operations in turn, and kills real processes.)"""
+    if stage in ("save_file", "config_text"):
+        real_write, calls = os.write, []
 
-    if stage == "save_file":
-        def half_write(tensors, path, metadata=None):
-            with open(path, "wb") as f:
-                f.write(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"partial")
-            raise Crash("interrupted while writing the weights")
-        monkeypatch.setattr(st, "save_file", half_write)
+        def write(fd, data):
+            calls.append(fd)
+            if len(calls) == (1 if stage == "save_file" else 2):
+                real_write(fd, bytes(data[: len(data) // 2]))
+                raise Crash(f"interrupted while writing the {'weights' if stage == 'save_file' else 'config'}")
+            return real_write(fd, data)
+        monkeypatch.setattr(os, "write", write)
     elif stage.startswith("replace"):
         fail_at = {"replace_weights": 1, "replace_config": 2}[stage]
         real, calls = os.replace, []
@@ -673,16 +681,6 @@ def _interrupt(monkeypatch, stage):
                 raise Crash("interrupted while syncing the config")
             return real_fsync(fd)
         monkeypatch.setattr(os, "fsync", fsync)
-    elif stage == "config_text":
-        import builtins
-
-        real_open = builtins.open
-
-        def open_(file, mode="r", *a, **k):
-            if "w" in mode and os.path.basename(str(file)).startswith("." + CONFIG):
-                raise Crash("interrupted while writing the config")
-            return real_open(file, mode, *a, **k)
-        monkeypatch.setattr(builtins, "open", open_)
 
 
 @pytest.mark.parametrize(("stage", "config_changes"), [

@@ -31,9 +31,12 @@ from ..adapter import Entry
 from ..errors import ConfigError
 
 __all__ = ["PeftConfigBase", "Method", "CallBase", "ROUTE", "CAPABILITIES", "require", "need", "is_int", "is_real",
-           "check_bool", "check_optional_str", "check_int", "check_names"]
+           "check_bool", "check_optional_str", "check_int", "check_names", "check_regex", "INT64_MAX", "FLOAT32_MAX",
+           "TASK_TYPES"]
 
 _JSON_TYPES = (str, int, float, bool, type(None), list, dict)
+# PEFT's TaskType values (peft.utils.peft_types.TaskType); PEFT refuses any other task_type
+TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +60,8 @@ class PeftConfigBase:
             raise ConfigError(f"{cls.__name__}.extra must be a mapping of unknown PEFT fields")
         for name in ("task_type", "base_model_name_or_path", "revision"):
             check_optional_str(cls, name, getattr(self, name))
+        need(self.task_type is None or self.task_type in TASK_TYPES, cls, "task_type",
+             f"must be one of PEFT's task types {list(TASK_TYPES)} or None, got {self.task_type!r}")
         check_bool(cls, "inference_mode", self.inference_mode)
         for name, off in self.unsupported.items():
             if name in self.extra and not _is_off(self.extra[name], off):
@@ -130,8 +135,17 @@ def is_int(v: Any) -> bool:
 
 
 def is_real(v: Any) -> bool:
-    """A finite ``int``/``float`` that is not a ``bool`` (NaN and infinities are not)."""
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    """A finite ``int``/``float`` that is not a ``bool`` (NaN, infinities and ints beyond a float are not)."""
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an int too large for a float
+        return False
+
+
+INT64_MAX = 2**63 - 1
+FLOAT32_MAX = 3.4028234663852886e38  # a scale beyond it overflows to inf in a float32 computation
 
 
 def check_bool(cls: type, field: str, v: Any) -> None:
@@ -144,8 +158,8 @@ def check_optional_str(cls: type, field: str, v: Any) -> None:
 
 
 def check_int(cls: type, field: str, v: Any, low: int) -> None:
-    """An int ``>= low``."""
-    need(is_int(v) and v >= low, cls, field, f"must be an int >= {low}, got {v!r}")
+    """An int ``>= low`` (and one a tensor size can hold: below 2**63)."""
+    need(is_int(v) and low <= v <= INT64_MAX, cls, field, f"must be an int >= {low} (and < 2**63), got {v!r}")
 
 
 def check_names(cls: type, field: str, v: Any, *, regex: bool = True) -> None:
@@ -155,10 +169,16 @@ def check_names(cls: type, field: str, v: Any, *, regex: bool = True) -> None:
     need(ok, cls, field, ("must be a list of str, a regex str or None" if regex else "must be a list of str or None")
          + f", got {v!r}")
     if regex and isinstance(v, str):
-        try:
-            re.compile(v)
-        except re.error as e:
-            need(False, cls, field, f"{v!r} is not a valid regular expression ({e})")
+        check_regex(cls, field, v)
+
+
+def check_regex(cls: type, field: str, v: str, template: str = "{}") -> None:
+    """``v`` compiles as a regular expression, as used: inside ``template`` (PEFT embeds some names in a
+    larger pattern, e.g. ``(.*\\.)?({})$`` for rank_pattern keys)."""
+    try:
+        re.compile(template.replace("{}", v))
+    except (re.error, RecursionError, OverflowError) as e:
+        need(False, cls, field, f"{v!r} is not a valid regular expression here ({e})")
 
 
 CallBase = Callable[[torch.Tensor], torch.Tensor]

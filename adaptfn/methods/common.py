@@ -15,7 +15,20 @@ from torch import nn
 from .._where import is_target, pattern_key
 from ..adapter import Entry
 from ..errors import IncompatibleAdapterError, shape_str
-from .base import PeftConfigBase, check_bool, check_int, check_names, is_int, is_real, need
+from .base import (
+    FLOAT32_MAX,
+    INT64_MAX,
+    PeftConfigBase,
+    check_bool,
+    check_int,
+    check_names,
+    check_regex,
+    is_int,
+    is_real,
+    need,
+)
+
+PATTERN_KEY = r"(.*\.)?({})$"  # how PEFT matches rank_pattern / alpha_pattern keys
 
 __all__ = ["LoraFamilyConfig", "PEFT_UNSUPPORTED", "SEQ_CLS_HEAD_NAMES", "EMBEDDING_LAYER_NAMES", "is_conv1d",
            "linear_dims", "adapter_dtype", "weight_needs_transpose", "expand_all_linear", "linear_targets",
@@ -149,7 +162,8 @@ class LoraFamilyConfig(PeftConfigBase):
             need(getattr(self, name) is False, cls, name,
                  f"{getattr(self, name)!r} is not supported by adaptfn yet (it changes the numerics); use False")
         check_int(cls, "r", self.r, 1)
-        need(is_real(self.lora_alpha), cls, "lora_alpha", f"must be a finite number, got {self.lora_alpha!r}")
+        need(is_real(self.lora_alpha) and abs(self.lora_alpha) <= FLOAT32_MAX, cls, "lora_alpha",
+             f"must be a finite number (within float32's range), got {self.lora_alpha!r}")
         need(is_real(self.lora_dropout) and 0 <= self.lora_dropout < 1, cls, "lora_dropout",
              f"must be a number in [0, 1), got {self.lora_dropout!r}")
         need(self.bias in ("none", "all", "lora_only"), cls, "bias",
@@ -164,6 +178,11 @@ class LoraFamilyConfig(PeftConfigBase):
         check_names(cls, "exclude_modules", self.exclude_modules)
         check_names(cls, "modules_to_save", self.modules_to_save, regex=False)
         check_names(cls, "layers_pattern", self.layers_pattern)
+        for m in self.modules_to_save or ():  # matched as regexes, as PEFT does
+            check_regex(cls, "modules_to_save", m, r"(^|.*\.){}($|\..*)")
+        lp = self.layers_pattern
+        for m in ([lp] if isinstance(lp, str) else lp or ()):
+            check_regex(cls, "layers_pattern", m, r"(?:^|.*?\.){}\.(?P<idx>\d+)\.")
         layers = self.layers_to_transform
         need(layers is None or (is_int(layers) and layers >= 0) or (
             isinstance(layers, (list, tuple)) and all(is_int(i) and i >= 0 for i in layers)),
@@ -175,8 +194,9 @@ class LoraFamilyConfig(PeftConfigBase):
         need(isinstance(self.alpha_pattern, Mapping), cls, "alpha_pattern",
              f"must be a dict module name -> alpha, got {type(self.alpha_pattern).__name__}")
         for k, v in self.alpha_pattern.items():
-            need(isinstance(k, str) and is_real(v), cls, "alpha_pattern",
-                 f"alpha for {k!r} must be a finite number, got {v!r}")
+            need(isinstance(k, str) and is_real(v) and abs(v) <= FLOAT32_MAX, cls, "alpha_pattern",
+                 f"alpha for {k!r} must be a finite number (within float32's range), got {v!r}")
+            check_regex(cls, "alpha_pattern", k, PATTERN_KEY)
         self.validate_rank_pattern()
 
     def validate_rank_pattern(self) -> None:
@@ -185,8 +205,9 @@ class LoraFamilyConfig(PeftConfigBase):
         need(isinstance(self.rank_pattern, Mapping), cls, "rank_pattern",
              f"must be a dict module name -> rank, got {type(self.rank_pattern).__name__}")
         for k, v in self.rank_pattern.items():
-            need(isinstance(k, str) and is_int(v) and v > 0, cls, "rank_pattern",
+            need(isinstance(k, str) and is_int(v) and 0 < v <= INT64_MAX, cls, "rank_pattern",
                  f"rank for {k!r} must be a positive int, got {v!r}")
+            check_regex(cls, "rank_pattern", k, PATTERN_KEY)
 
     def rank_and_alpha(self, path: str) -> tuple[int, float]:
         """The module's ``(r, lora_alpha)``: ``rank_pattern`` / ``alpha_pattern`` where a key matches."""
