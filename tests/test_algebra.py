@@ -242,6 +242,11 @@ def test_scaled_stack_route_vmap_merge_equal_the_loop(opt):
     for a, b, x in zip(ads, back, w):
         merged = fn(af.merge(params, b), input_ids=ids).logits
         torch.testing.assert_close(merged, logits(fn, params, ids, af.scale(a, float(x))), atol=1e-5, rtol=1e-5)
+    # vmap over the weight itself
+    ws = torch.tensor([0.0, 0.5, 1.0])
+    over_w = torch.func.vmap(lambda x: logits(fn, params, ids, af.scale(ads[0], x)))(ws)
+    torch.testing.assert_close(over_w, torch.stack([logits(fn, params, ids, af.scale(ads[0], float(x))) for x in ws]),
+                               atol=1e-5, rtol=1e-5)
     # select / mask keep the weight
     q = af.select(af.scale(ads[0], 0.5), r".*q_proj")
     assert all(float(q.leaves(p)["coef"]) == 0.5 for p in q.paths)
@@ -517,3 +522,21 @@ def test_stacks_hold_one_method(opt):
     emb = lora(fn, 1, targets=["embed_tokens", "q_proj"])
     q_linear_vs = af.stack([emb, lora(fn)])  # same kinds where they overlap: fine
     assert "model.decoder.embed_tokens" in q_linear_vs.paths
+
+
+def test_scaled_adapters_switch_weights_without_recompiling():
+    """The weight is a leaf, not structure: under torch.compile every weight (0 and 1 included) runs one graph."""
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.ReLU(), torch.nn.Linear(7, 3)).eval()
+    fn, params = af.functional(model)
+    a = af.init(fn, af.LoraConfig(r=2, target_modules=["0", "2"], init_lora_weights=False), generator=gen(0))
+    x = torch.randn(4, 5, generator=gen(9))
+    torch._dynamo.reset()
+
+    @torch.compile(backend="eager", fullgraph=True)
+    def step(ad, inp):
+        return af.inject(fn, ad)(params, inp)
+
+    step(af.scale(a, 0.5), x)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for w in (1.0, 0.0, -2.0, {"0": 3.0, "2": torch.tensor(0.25)}):  # (every module weighted: one structure)
+            torch.testing.assert_close(step(af.scale(a, w), x), af.inject(fn, af.scale(a, w))(params, x))
