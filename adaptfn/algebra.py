@@ -52,6 +52,11 @@ _DRIVERS = ("gesvd", "gesvdj", "gesvda")
 
 
 # -- scale ------------------------------------------------------------------------------------------------
+def _key_matcher(key: Any) -> Any:
+    """A ``{where: w}`` key as a predicate (a tuple of paths / suffixes stands for the list ``where``)."""
+    return matcher(list(key) if isinstance(key, tuple) else key)
+
+
 def _concrete(t: torch.Tensor) -> bool:
     return not (torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(t))
 
@@ -118,15 +123,23 @@ def scale(adapter: Any, w: Any) -> Any:
         >>> bool(dw != 0)
         True
     """
-    if isinstance(adapter, AdapterSum):
-        return AdapterSum({n: scale(a, w) for n, a in adapter.parts.items()})
+    if isinstance(adapter, AdapterSum):  # each part; a {where: w} key must match a module of some part
+        parts = adapter.parts
+        if isinstance(w, Mapping):
+            keys = {k: _key_matcher(k) for k in w}
+            for key, keep in keys.items():
+                if not any(keep(p) for a in parts.values() for p in a.paths):
+                    raise ConfigError(f"scale: w[{key!r}] matches none of the adapters' modules")
+            return AdapterSum({n: scale(a, {k: v for k, v in w.items() if any(map(keys[k], a.paths))})
+                               for n, a in parts.items()})
+        return AdapterSum({n: scale(a, w) for n, a in parts.items()})
     if not isinstance(adapter, Adapter):
         raise ConfigError(f"scale: expected an Adapter or AdapterSum, got {type(adapter).__name__}")
     require(get_method(adapter.method), SCALE, "af.scale")
     if isinstance(w, Mapping):
         rules = []
         for key, value in w.items():
-            keep = matcher(list(key) if isinstance(key, tuple) else key)
+            keep = _key_matcher(key)
             hits = [p for p in adapter.paths if keep(p)]
             if not hits:
                 raise ConfigError(f"scale: w[{key!r}] matches none of the adapter's modules (e.g. "

@@ -16,6 +16,7 @@ module). :func:`unstack` gives back each adapter's own modules, entries and leav
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -120,10 +121,9 @@ def stack(adapters: Sequence[Adapter]) -> Adapter:
                     parts.append(torch.ones((), dtype=coef_dtype(d), device=gate0.device))
                 else:
                     parts.append(d[name])
-            if name == COEF:
-                dt = torch.promote_types(*{t.dtype for t in parts}) if len({t.dtype for t in parts}) > 1 else None
-                if dt is not None:
-                    parts = [t.to(dt) for t in parts]
+            if name == COEF and len({t.dtype for t in parts}) > 1:  # weights of mixed dtypes: the widest
+                dt = functools.reduce(torch.promote_types, [t.dtype for t in parts])
+                parts = [t.to(dt) for t in parts]
             shapes = {tuple(t.shape) for t in parts}
             if len(shapes) > 1:
                 raise IncompatibleAdapterError(

@@ -114,6 +114,13 @@ def test_scale_per_module_mapping(opt):
                                af.scale(a, 0.3)), atol=0, rtol=0)
     with pytest.raises(af.ConfigError, match=r"w\['fc1'\] matches none"):
         af.scale(a, {"fc1": 0.5})
+    # an AdapterSum: each part gets the keys that match its modules; a key must match some part
+    fc = lora(fn, 1, targets=["fc1"])
+    both = af.scale(af.select({"a": a, "b": fc}, ["a", "b"]), {r".*q_proj": 0.5, r".*fc1": 2.0})
+    assert {n: sorted({float(x.leaves(p)["coef"]) for p in x.paths if "coef" in x.leaves(p)})
+            for n, x in both.parts.items()} == {"a": [0.5], "b": [2.0]}
+    with pytest.raises(af.ConfigError, match="matches none of the adapters"):
+        af.scale(af.select({"a": a, "b": fc}, ["a", "b"]), {r".*k_proj": 0.5})
 
 
 @pytest.mark.parametrize("w,match", [
