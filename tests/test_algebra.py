@@ -88,8 +88,10 @@ def test_scale_means_per_method(opt):
     for p, e in a.entries.items():
         v = a.leaves(p)["ia3_l"]
         k = f"{p}.weight"
-        want = params[k] * (1 + w * (v - 1)) if e.kind == "ia3_in" else params[k] * (1 + w * (v - 1))
-        torch.testing.assert_close(m[k], want, atol=1e-6, rtol=1e-5)
+        # v is [1, in] (feedforward: scales columns) or [out, 1] (scales rows, and the bias)
+        torch.testing.assert_close(m[k], params[k] * (1 + w * (v - 1)), atol=1e-6, rtol=1e-5)
+        if e.kind == "ia3_out":
+            torch.testing.assert_close(m[f"{p}.bias"], params[f"{p}.bias"] * (1 + w * (v.flatten() - 1)))
     # weights compose by products, for every method
     for kind, make in MAKERS.items():
         a = make(fn)
