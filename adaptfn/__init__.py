@@ -1,7 +1,7 @@
 """adaptfn: functional adapters (LoRA, ...) for PyTorch, in PEFT's file format.
 
-An adapter is an immutable pytree; pure functions inject, merge, select and mask it into a
-functional model call. See ``docs/`` and ``docs/design.md`` for the contract.
+An adapter is an immutable pytree; pure functions inject, merge, select, mask, scale and combine it into
+a functional model call. See ``docs/`` and ``docs/design.md`` for the contract.
 """
 
 import sys as _sys
@@ -15,6 +15,8 @@ from .adapter import NAMESPACE as _NAMESPACE
 from .adapter import Adapter as Adapter
 from .adapter import AdapterSum as AdapterSum
 from .adapter import Entry as Entry
+from .algebra import combine as combine
+from .algebra import scale as scale
 from .errors import AdapterFileError as AdapterFileError
 from .errors import AdaptfnError as AdaptfnError
 from .errors import ConfigError as ConfigError

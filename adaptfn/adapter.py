@@ -10,11 +10,16 @@ An adapter holds, for each module path it touches, a small dict of tensors:
   Only ``gate != 0`` is ever read, so the gate has zero gradient and multiplicative weight decay can
   never switch an entry on or off.
 
+* ``coef`` (only after :func:`adaptfn.scale`): the entry's scale weight, a float tensor [] ([N] stacked).
+  The entry contributes ``coef`` times what it did (each method defines "times", see
+  :mod:`adaptfn.algebra`). Unlike the gate it is a real multiplier: ``torch.func.grad`` gives its true
+  derivative. Absent means 1, so unscaled adapters keep their structure.
+
 Stacked adapters (:func:`adaptfn.stack`, in :mod:`adaptfn.stacking`) carry a leading axis ``N`` on every
 leaf, ranks zero-padded to the largest, plus a ``scaling`` leaf [N] per delta entry (the per-adapter
-LoRA scale; read detached, so its gradient is zero). Whether an adapter is stacked is read from leaf
-shapes against the static ranks, so under ``torch.func.vmap`` a stacked adapter's leaves look, and run,
-like a single one.
+LoRA scale; read detached, so its gradient is zero: a weight to learn is a ``coef``). Whether an adapter
+is stacked is read from leaf shapes against the static ranks, so under ``torch.func.vmap`` a stacked
+adapter's leaves look, and run, like a single one.
 
 This is a data module: it knows nothing of the methods (``adaptfn.methods``), which build on it.
 """
@@ -33,13 +38,14 @@ import torch.utils._pytree as torch_pytree
 
 from .errors import ConfigError, IncompatibleAdapterError, shape_str
 
-__all__ = ["NAMESPACE", "GATE", "SCALING", "Entry", "StackInfo", "Adapter", "AdapterSum", "components", "gate_on",
-           "replace"]
+__all__ = ["NAMESPACE", "GATE", "SCALING", "COEF", "Entry", "StackInfo", "Adapter", "AdapterSum", "components",
+           "gate_on", "coef_value", "coef_dtype", "replace"]
 
 NAMESPACE = "adaptfn"
 GATE = "gate"
 SCALING = "scaling"
-_NON_PARAMETER_LEAVES = (GATE, SCALING)
+COEF = "coef"
+_NON_PARAMETER_LEAVES = (GATE, SCALING, COEF)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,10 +96,18 @@ class Entry:
 
 @dataclasses.dataclass(frozen=True)
 class StackInfo:
-    """Static record of the adapters a stacked adapter was made of (for :func:`unstack`)."""
+    """Static record of the adapters a stacked adapter was made of (for :func:`unstack`).
+
+    Attributes:
+        configs: each adapter's config. entries: each adapter's own ``(path, Entry)`` pairs (a stack of
+            adapters with different targets holds the union; each keeps its own here).
+        leaf_names: each adapter's ``(path, leaf names)`` pairs (None: every adapter has the stack's leaves
+            minus ``scaling``), so unstacking gives back exactly the leaves each adapter had.
+    """
 
     configs: tuple[Any, ...]
     entries: tuple[tuple[tuple[str, Entry], ...], ...]
+    leaf_names: tuple[tuple[tuple[str, tuple[str, ...]], ...], ...] | None = None
 
     @property
     def n(self) -> int:
@@ -263,6 +277,9 @@ class Adapter:
             parts.append(f"replaces [{shown}]")
         if off:
             parts.append(f"{off} masked")
+        scaled = sum(1 for d in self._tensors.values() if COEF in d)
+        if scaled:
+            parts.append(f"{scaled} scaled")
         parts.append(f"{self.num_parameters():,} params {'/'.join(dtypes) or '-'}")
         return "Adapter(" + ", ".join(parts) + ")"
 
@@ -324,6 +341,29 @@ def gate_on(t: torch.Tensor) -> bool | torch.Tensor:
     ):
         return t.item() != 0
     return t != 0
+
+
+def coef_dtype(leaves: Mapping[str, torch.Tensor]) -> torch.dtype:
+    """The dtype a scale weight (``coef``) of an entry gets: that of its first floating delta / replacement leaf."""
+    for n, t in leaves.items():
+        if n not in _NON_PARAMETER_LEAVES and isinstance(t, torch.Tensor) and t.is_floating_point():
+            return t.dtype
+    return torch.float32
+
+
+def coef_value(t: torch.Tensor | None) -> float | None:
+    """The value of a ``coef`` leaf when it can be read without a cost or a lost gradient (a concrete 0-d CPU
+    tensor that needs no gradient, outside transforms and torch.compile); None otherwise (and for no leaf)."""
+    if (
+        t is None
+        or t.dim() != 0
+        or t.requires_grad
+        or t.device.type != "cpu"
+        or torch.compiler.is_compiling()
+        or torch._C._functorch.is_functorch_wrapped_tensor(t)
+    ):
+        return None
+    return float(t.item())
 
 
 class AdapterSum:

@@ -27,7 +27,7 @@ from torch.nn.utils.stateless import _reparametrize_module
 
 from . import _fsdp, quant, routing
 from ._leaves import check_leaves
-from .adapter import GATE, Adapter, gate_on
+from .adapter import COEF, GATE, Adapter, coef_value, gate_on
 from .errors import ConfigError, IncompatibleAdapterError, shape_str, stacked_called_directly
 from .methods import Method, get_method
 from .methods.common import MODULE_PATH, is_conv1d
@@ -346,18 +346,28 @@ class FunctionalModel:
             on = gate_on(leaves[GATE])
             if on is False:
                 continue
+            c = None if frozen else leaves.get(COEF)
+            cv = coef_value(c)
+            if cv == 0.0:  # weight 0: the base tensor, exactly
+                continue
+            if cv == 1.0:
+                c = None
             v = leaves[name].detach() if frozen else leaves[name]
             for t in targets:
                 cur = swaps[t] if t in swaps else held[t]
                 if v.dim() != cur.dim():
                     raise stacked_called_directly(t)
                 vt = v if v.dtype == cur.dtype else v.to(cur.dtype)
+                if c is not None and cur.is_floating_point():  # a weighted replacement: base + w (v - base)
+                    vt = torch.lerp(cur, vt, c.to(cur.dtype))
                 swaps[t] = vt if on is True else torch.where(on, vt, cur)
         used: list[_Slot] = []
         gen = self._generator
         for i, path, method, e in self._deltas:
             leaves = tensors[i][path]
             on = gate_on(leaves[GATE])
+            if on is True and coef_value(leaves.get(COEF)) == 0.0:  # weight 0: skipped, so the base bit for bit
+                on = False
             if on is not False:
                 slot = cp.slot(path)
                 if not slot.active:

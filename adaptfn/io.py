@@ -37,7 +37,7 @@ import torch
 
 from . import _files
 from ._leaves import check_leaves, storage_safe
-from .adapter import GATE, Adapter, AdapterSum, Entry, gate_on, replace
+from .adapter import COEF, GATE, Adapter, AdapterSum, Entry, gate_on, replace
 from .errors import AdapterFileError, AdaptfnError, ConfigError, IncompatibleAdapterError
 from .methods import get_method, method_for_config, method_for_peft_type
 from .methods.base import PeftConfigBase
@@ -55,8 +55,9 @@ def state_dict(adapter: Adapter) -> dict[str, torch.Tensor]:
     """The adapter's tensors under PEFT's key names (``PeftModel.get_adapter_state_dict``).
 
     Masked-off deltas are written in their "off" form (LoRA: ``lora_B`` zeros), so the file computes
-    what the adapter computes. A masked-off replacement cannot be expressed in PEFT's format: drop it
-    with :func:`adaptfn.select` first.
+    what the adapter computes; scale weights (:func:`adaptfn.scale`) are folded into the method's tensors
+    (LoRA: ``lora_B * w``). A masked-off replacement, or a replacement with a weight other than 1, cannot be
+    expressed in PEFT's format: drop it with :func:`adaptfn.select` first.
     """
     if not isinstance(adapter, Adapter):
         if isinstance(adapter, AdapterSum):
@@ -80,6 +81,11 @@ def state_dict(adapter: Adapter) -> dict[str, torch.Tensor]:
                 raise ConfigError(
                     f"state_dict: the replacement of {path}.{name} is masked off, which PEFT's format cannot "
                     "express; drop it with af.select(adapter, ...) first")
+            if COEF in leaves and name not in e.frozen and float(leaves[COEF].detach().item()) != 1.0:
+                raise ConfigError(
+                    f"state_dict: the replacement of {path}.{name} has a scale weight other than 1 (base + w * "
+                    "(replacement - base)), which PEFT's format cannot express without the base tensor; merge it "
+                    "(af.merge) or drop it with af.select(adapter, ...) first")
             mid = _BASE_LAYER if name in e.tied else "."
             key = f"{path}{mid}{name}" if path else (f"base_layer.{name}" if name in e.tied else name)
             out[PREFIX + key] = leaves[name]

@@ -15,8 +15,9 @@ in eager mode), and nothing the caller holds is modified.
 
 What the optimiser sees of an adapter. Only **trainable leaves** are updated: LoRA/IA3/AdaLoRA delta
 leaves (``lora_A``, ``lora_B``, ...) and trainable replacements (``modules_to_save`` copies, trained
-biases). Three kinds of leaves are not parameters and pass through unchanged (the same tensor objects
-come back) with no optimiser state: the ``gate`` leaf, the ``scaling`` leaf of stacked adapters and the
+biases). Four kinds of leaves are not parameters and pass through unchanged (the same tensor objects
+come back) with no optimiser state: the ``gate`` leaf, the ``scaling`` leaf of stacked adapters, the scale
+weights of :func:`adaptfn.scale` (``coef``: to learn one, differentiate the ``w`` given to ``scale``) and the
 replacements named in ``Entry.frozen`` (PEFT's saved embedding matrices). Their gradients are ignored
 (they are zero anyway). A *masked* module (``gate == 0``) is still updated like any parameter: its
 gradient is zero, so SGD without weight decay leaves it where it is, but AdamW's decoupled weight

@@ -142,11 +142,14 @@ def base_gemm(call_base: Any, module: nn.Module, x: Any, *others: torch.Tensor) 
 
 
 def lowrank_then_base(h: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: Any,
-                      gemm: BaseGemm) -> torch.Tensor:
-    """One LoRA module in inference: ``bias + s * (h A^T) B^T`` into a fresh buffer, then the base GEMM
-    ``x W^T`` accumulates into it. h, x: [..., in] (h is x after dropout). A: [r, in]. B: [out, r].
-    s: float or 0-d tensor. Returns [..., out]."""
+                      gemm: BaseGemm, coef: torch.Tensor | None = None) -> torch.Tensor:
+    """One LoRA module in inference: ``bias + s * ((h A^T) * coef) B^T`` into a fresh buffer, then the base
+    GEMM ``x W^T`` accumulates into it. h, x: [..., in] (h is x after dropout). A: [r, in]. B: [out, r].
+    s: float or 0-d tensor. coef: None or a 0-d tensor of A's dtype (a scale weight: multiplying the rank-r
+    product by 1 is exact, so a weight of 1 gives the unweighted result bit for bit). Returns [..., out]."""
     h2 = F.linear(h, A).view(-1, A.shape[0])  # [M, r], fresh
+    if coef is not None:
+        h2.mul_(coef)
     bias = gemm.bias
     if type(s) is float and bias is not None:
         z = torch.addmm(bias, h2, B.T, alpha=s)

@@ -41,7 +41,8 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
-from .adapter import GATE, SCALING, Adapter, Entry
+from .adapter import COEF, GATE, SCALING, Adapter, Entry
+from .algebra import combine
 from .errors import AdaptfnError, ConfigError, IncompatibleAdapterError
 from .functional import functional
 from .initialize import init
@@ -50,7 +51,7 @@ from .io import state_dict as adapter_state_dict
 from .transforms import inject, merge, select
 
 _SEP = "::"
-_NOT_LEAVES = (GATE, SCALING)  # per-entry switches, not adapter weights
+_NOT_LEAVES = (GATE, SCALING, COEF)  # per-entry switches and scale weights, not adapter weights
 _HUB_KEYS = ("revision", "subfolder", "token", "cache_dir", "local_files_only", "allow_pickle")
 
 
@@ -746,6 +747,55 @@ class AdapterModel(nn.Module):
             raise _prefixed(where, e) from None
         self._register(name, self._place(adapter, None), True)
         self.set_adapter(name)
+
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
+                             combination_type: str = "svd", svd_rank: int | None = None,
+                             svd_clamp: float | None = None, svd_full_matrices: bool = True,
+                             svd_driver: str | None = None, density: float | None = None,
+                             majority_sign_method: str = "total") -> None:
+        """Add an adapter made by combining weighted adapters (``PeftModel.add_weighted_adapter``).
+
+        Built on :func:`adaptfn.combine` (same arguments, PEFT's names and defaults; the model's module order is
+        passed, so the dare types drawing from torch's global generator give PEFT's result for the same seed).
+        As in PEFT the new adapter is frozen and not activated (``set_adapter`` it). IA3 adapters combine as
+        PEFT's ``IA3Model.add_weighted_adapter`` does (``l = sum_i w_i l_i``; ``combination_type`` is then
+        "svd", the unused default, or "linear"); AdaLoRA ones are refused, as PEFT refuses them. Unlike PEFT,
+        which returns silently, an existing ``adapter_name`` raises.
+
+        Arguments:
+            adapters: names of existing adapters of one method. weights: one number per adapter.
+            adapter_name: the new adapter's name.
+            combination_type, svd_rank, svd_clamp, svd_full_matrices, svd_driver, density,
+                majority_sign_method: as :func:`adaptfn.combine` (``combination_type`` is its ``how``).
+
+        Returns:
+            None.
+
+        Example:
+            >>> m = af.AdapterModel(model)
+            >>> for name in ("a", "b"):
+            ...     m.add_adapter(af.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]), name)
+            >>> m.add_weighted_adapter(["a", "b"], [0.6, 0.4], "mix", combination_type="cat")
+            >>> m.set_adapter("mix"); m.peft_config["mix"].r
+            8
+        """
+        where = "add_weighted_adapter"
+        names = self._existing(where, "adapters", adapters, allow_str=False)
+        name = self._new_name(where, adapter_name)
+        trees = [self._tree(n) for n in names]
+        how = combination_type
+        if trees[0].method == "ia3":
+            if combination_type not in ("svd", "linear"):
+                raise ConfigError(f"{where}: combination_type={combination_type!r}: IA3 adapters combine linearly "
+                                  "(PEFT's IA3Model.add_weighted_adapter has no combination_type)")
+            how = "linear"
+        try:
+            combined = combine(trees, weights, how=how, density=density, majority_sign_method=majority_sign_method,
+                               svd_rank=svd_rank, svd_clamp=svd_clamp, svd_full_matrices=svd_full_matrices,
+                               svd_driver=svd_driver, model=self.base_model)
+        except AdaptfnError as e:
+            raise _prefixed(where, e) from None
+        self._register(name, self._place(combined, None), False)
 
     # -- active / enabled ------------------------------------------------------------------------------------
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:

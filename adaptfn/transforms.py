@@ -10,7 +10,8 @@ import torch
 from . import _fsdp, quant, routing
 from ._leaves import check_leaves
 from ._where import Where, matcher
-from .adapter import GATE, Adapter, AdapterSum, components, gate_on, replace
+from .adapter import COEF, GATE, Adapter, AdapterSum, coef_value, components, gate_on, replace
+from .algebra import scale
 from .errors import ConfigError, IncompatibleAdapterError
 from .functional import FunctionalModel
 from .methods import get_method, require
@@ -139,6 +140,12 @@ def _merge_replacements(out: dict[str, torch.Tensor], params: Mapping[str, torch
             on = gate_on(leaves[GATE])
             if on is False:
                 continue
+            c = leaves.get(COEF)
+            cv = coef_value(c)
+            if cv == 0.0:  # weight 0: the base tensor
+                continue
+            if cv == 1.0:
+                c = None
             for name in e.replaced:
                 full = f"{path}.{name}" if path else name
                 if full not in params:
@@ -148,8 +155,10 @@ def _merge_replacements(out: dict[str, torch.Tensor], params: Mapping[str, torch
                 v = leaves[name].to(base.dtype)
                 if name in e.frozen:
                     v = v.detach()
+                w = c if name not in e.frozen and base.is_floating_point() else None
                 for t in targets:
-                    out[t] = v if on is True else torch.where(on, v, out[t])
+                    vt = v if w is None else torch.lerp(out[t], v, w.to(base.dtype))  # base + w (v - base)
+                    out[t] = vt if on is True else torch.where(on, vt, out[t])
 
 
 def _merge_deltas(out: dict[str, torch.Tensor], parts: tuple[Adapter, ...]) -> None:
@@ -162,7 +171,7 @@ def _merge_deltas(out: dict[str, torch.Tensor], parts: tuple[Adapter, ...]) -> N
                 continue
             leaves = a.leaves(path)
             on = gate_on(leaves[GATE])
-            if on is False:
+            if on is False or (on is True and coef_value(leaves.get(COEF)) == 0.0):
                 continue
             key = f"{path}.weight"
             if key not in out:
@@ -187,12 +196,24 @@ def select(adapters: Any, where: Any) -> Any:
 
     * ``select(adapters: Mapping[str, Adapter], "a1")`` -> that adapter;
     * ``select(adapters, ["a1", "a2"])`` -> an :class:`AdapterSum` whose deltas add (PEFT multi-active);
+    * ``select(adapters, {"a1": 0.7, "a2": 0.3})`` -> an :class:`AdapterSum` of the weighted adapters: the
+      weighted sum of their deltas (each part is ``af.scale(adapters[name], weight)``, so a weight may be a
+      0-d tensor to differentiate, or a ``{where: weight}`` mapping; a weight that cannot be applied raises);
     * ``select(adapter, where)`` -> the sub-adapter of the modules matching ``where`` (a bool, a regex
       fullmatched on module paths, a list of paths/suffixes, or a callable ``path -> bool``).
 
     Example:
         >>> attn_only = af.select(adapter, r".*self_attn\\..*")
+        >>> mix = af.select(adapters, {"a1": 0.7, "a2": 0.3})     # 0.7 * delta(a1) + 0.3 * delta(a2)
+        >>> out = af.inject(fn, mix)(params, input_ids=ids)
     """
+    if isinstance(adapters, Mapping) and not isinstance(adapters, (Adapter, AdapterSum)) and isinstance(where, Mapping):
+        missing = [n for n in where if not isinstance(n, str) or n not in adapters]
+        if missing:
+            raise ConfigError(f"select: no adapter named {missing}; have {sorted(adapters)}")
+        if not where:
+            raise ConfigError("select: empty mapping of adapter names to weights")
+        return AdapterSum({n: scale(adapters[n], w) for n, w in where.items()})
     if isinstance(adapters, Mapping) and not isinstance(adapters, (Adapter, AdapterSum)):
         if not isinstance(where, str) and not (isinstance(where, (list, tuple, set, frozenset, Mapping)) and all(
                 isinstance(n, str) for n in where)):

@@ -7,6 +7,8 @@ Scenarios (registered in bench.run):
   ``adapter_names=`` and vs the base model, on OPT (attention targets) and Llama (attention + MLP),
   at 1 and 128 tokens per row.
 * ``scaling``: N = 1, 4, 16, 64 distinct adapters in one mixed batch: time and peak memory.
+* ``hetero``: a mixed batch over 16 adapters that target different modules (a stack of the union of their
+  targets) vs 16 adapters that all target that union, same ranks: ``route=`` on both, interleaved.
 """
 
 from __future__ import annotations
@@ -45,16 +47,18 @@ def _model(kind: str, args: Any):
 
 
 class Many:
-    """A base model, N adapters (made by adaptfn, saved, loaded into one PeftModel), their stack."""
+    """A base model, N adapters (made by adaptfn, saved, loaded into one PeftModel), their stack. ``targets`` is
+    one list for every adapter, or a function ``i -> list`` giving adapter ``i`` its own."""
 
-    def __init__(self, kind: str, targets: list[str], n: int, args: Any, peft_too: bool = True) -> None:
+    def __init__(self, kind: str, targets: Any, n: int, args: Any, peft_too: bool = True) -> None:
         import adaptfn as af
 
         self.base = _model(kind, args)
         self.fn, self.params = af.functional(self.base)
         self.adapters = []
         for i in range(n):
-            cfg = af.LoraConfig(r=args.r, lora_alpha=args.alpha, target_modules=targets, init_lora_weights=False)
+            tm = targets(i) if callable(targets) else targets
+            cfg = af.LoraConfig(r=args.r, lora_alpha=args.alpha, target_modules=tm, init_lora_weights=False)
             self.adapters.append(af.init(self.fn, cfg, generator=torch.Generator().manual_seed(1000 + i)))
         self.stacked = af.stack(self.adapters)
         self.names = [f"a{i}" for i in range(n)]
@@ -210,3 +214,45 @@ def scenario_scaling(w: Any) -> Result:
     res = Result(f"9 scaling, {rows}x{t} rows, Llama all targets", meds, ratios, {}, extra=extra)
     res.notes.append("time should grow with the distinct adapters' low-rank work, not with N full forwards")
     return res
+
+
+def hetero_targets(i: int) -> list[str]:
+    """Adapter ``i``'s targets: attention (q, v, and o or k by parity) plus one MLP projection in turn; over 16
+    adapters the union is all seven Llama projections, and no two neighbours target the same modules."""
+    return ["q_proj", "v_proj", "o_proj" if i % 2 else "k_proj", ["gate_proj", "up_proj", "down_proj"][i % 3]]
+
+
+def scenario_hetero(w: Any) -> Result:
+    """Adapters with different targets in one mixed batch cost what a same-target stack of their union costs:
+    where an adapter lacks a module its rows run the union's kernels on zero leaves (padding), nothing more."""
+    import adaptfn as af
+
+    args = w.args
+    n, rows = (16, 32) if not args.tiny else (3, 4)
+    het = Many("llama", hetero_targets, n, args, peft_too=False)
+    union = sorted({t for i in range(n) for t in hetero_targets(i)})
+    same = Many("llama", union, n, args, peft_too=False)
+    assert set(het.stacked.paths) == set(same.stacked.paths)
+    idx = torch.arange(rows) % n
+    g_het, g_same = af.inject(het.fn, het.stacked, route=idx), af.inject(same.fn, same.stacked, route=idx)
+    meds: dict[str, float] = {}
+    ratios: dict[str, float] = {}
+    for t in (1, args.seq):
+        ids = _ids(args.vocab, rows, t, seed=t)
+
+        def run_het():
+            with torch.inference_mode():
+                g_het(het.params, input_ids=ids, use_cache=False)
+
+        def run_same():
+            with torch.inference_mode():
+                g_same(same.params, input_ids=ids, use_cache=False)
+
+        med = interleaved({"different targets": run_het, "same targets (the union)": run_same},
+                          max(5, args.repeats // 2), max(1, args.warmup))
+        tag = f"{rows}x{t}"
+        meds.update({f"{k} {tag}": v for k, v in med.items()})
+        ratios[f"different/same {tag}"] = med["different targets"] / med["same targets (the union)"]
+    return Result(f"11 different targets, {n} adapters", meds, ratios, {k: 1.05 for k in ratios},
+                  notes=[f"each adapter targets 4 of the {len(union)} Llama projections; the same-target stack targets"
+                         " all of them, same ranks"])

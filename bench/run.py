@@ -216,6 +216,7 @@ SCENARIOS = {
     "mixed": many.scenario_mixed,
     "scaling": many.scenario_scaling,
     "qlora": qlora.scenario_qlora,
+    "hetero": many.scenario_hetero,
 }
 
 

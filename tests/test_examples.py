@@ -39,6 +39,27 @@ def test_train_minilm_short_run_reloads_in_peft(tmp_path):
     assert json.loads((out / "adapter_config.json").read_text())["task_type"] == "SEQ_CLS"
 
 
+def test_learn_mixture_short_run_reloads_in_peft(tmp_path):
+    """examples/learn_mixture.py, 2 adapters and 2 steps of each phase: it runs end to end, and PEFT reloads the
+    learned mix (one LoRA adapter, the weights folded in) with the same predictions."""
+    out = tmp_path / "mix"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, str(ROOT / "examples" / "learn_mixture.py"), "--k", "2", "--steps", "2", "--mix-steps", "2",
+           "--per-module", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert lines, proc.stdout[-3000:]
+    result = json.loads(lines[-1][len("RESULT "):])
+    assert result["peft_same_predictions"] is True and result["peft_max_logit_diff"] <= 1e-4
+    assert len(result["singles"]) == 2 and all(0 <= x <= 1 for x in [*result["singles"], result["uniform"],
+                                                                     result["learned"]])
+    assert torch.tensor(result["weights"]).shape == (2, 7)  # per adapter: 6 layers and the head
+    mixed = af.load(out)  # one LoRA adapter: the two of rank 4 concatenated
+    assert mixed.config.r == 8 and sorted({p.rsplit(".", 1)[-1] for p in mixed.paths}) == ["classifier", "query",
+                                                                                          "value"]
+
+
 def _demo_env() -> dict[str, str]:
     """The variables scripts/demo exports (read from the script, so the test follows it)."""
     script = (ROOT / "scripts" / "demo").read_text()

@@ -80,6 +80,23 @@ def test_a_missing_capability_is_refused_naming_the_method(monkeypatch) -> None:
     ids = ids_for(model)  # everything else works as for LoRA
     out = torch.func.vmap(lambda ad: af.inject(fn, ad)(params, input_ids=ids).logits)(stacked)
     torch.testing.assert_close(out[1], af.inject(fn, a)(params, input_ids=ids).logits)
+    # nor "scale" nor "combine": af.scale, the weighted select and af.combine refuse it, naming the method
+    with pytest.raises(af.ConfigError, match="af.scale is not supported for lora-no-route adapters"):
+        af.scale(a, 0.5)
+    with pytest.raises(af.ConfigError, match="af.scale is not supported for lora-no-route"):
+        af.select({"a": a}, {"a": 0.5})
+    with pytest.raises(af.ConfigError, match="af.combine is not supported for lora-no-route adapters"):
+        af.combine([a, a], [0.5, 0.5])
+
+
+def test_register_refuses_combine_without_a_combine_function(monkeypatch) -> None:
+    monkeypatch.setattr(methods, "_METHODS", dict(methods._METHODS))
+
+    class NoCombine(_NoRoute):
+        name, peft_type, capabilities, combine = "lora-nc", "LORA_NC", frozenset({base.COMBINE}), None
+
+    with pytest.raises(af.ConfigError, match="declares 'combine' but has no combine"):
+        methods.register(NoCombine())
 
 
 def test_subclassed_configs_keep_their_method(tmp_path) -> None:

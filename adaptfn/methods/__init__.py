@@ -10,7 +10,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from .adalora import AdaLora, AdaLoraConfig
-from .base import CAPABILITIES, Method, PeftConfigBase, require
+from .base import CAPABILITIES, COMBINE, Method, PeftConfigBase, require
 from .ia3 import IA3, IA3Config
 from .lora import Lora, LoraConfig
 
@@ -26,11 +26,11 @@ def register(method: Method) -> Method:
     Arguments:
         method: an object satisfying :class:`~adaptfn.methods.base.Method`: ``name``, ``peft_type``,
             ``config_cls`` (a :class:`~adaptfn.methods.base.PeftConfigBase` subclass), ``capabilities`` and
-            the protocol's functions.
+            the protocol's functions (and ``combine`` when it declares ``"combine"``).
 
     Raises:
-        ConfigError: the object lacks part of the protocol, declares an unknown capability, or its name or
-            PEFT type is taken.
+        ConfigError: the object lacks part of the protocol, declares an unknown capability (or ``"combine"``
+            without a ``combine`` function), or its name or PEFT type is taken.
     """
     if not isinstance(method, Method):
         missing = [n for n in dir(Method) if not n.startswith("_") and not hasattr(method, n)]
@@ -41,6 +41,8 @@ def register(method: Method) -> Method:
     if unknown:
         raise ConfigError(f"register: {method.name} declares unknown capabilities {sorted(unknown)}; known: "
                           f"{sorted(CAPABILITIES)}")
+    if COMBINE in method.capabilities and not callable(getattr(method, "combine", None)):
+        raise ConfigError(f"register: {method.name} declares {COMBINE!r} but has no combine(adapters, weights, spec)")
     for m in _METHODS.values():
         if m.name == method.name or m.peft_type == method.peft_type or m.config_cls is method.config_cls:
             raise ConfigError(f"register: {method.name!r} ({method.peft_type}) clashes with the registered "

@@ -11,6 +11,10 @@ Training prunes singular triplets by setting entries of ``E`` to zero (shapes ne
 :mod:`adaptfn.methods.adalora_alloc` (``af.adalora``) for the regulariser and the rank allocator. A
 pruned adapter saved by PEFT carries ``rank_pattern`` (per-module boolean masks, keys
 ``"<module path>.lora_E"``) and tensors of the kept rank only; :func:`adaptfn.adalora.prune` makes one.
+
+A scale weight ``w`` (the ``coef`` leaf, :func:`adaptfn.scale`) multiplies the delta, as for LoRA; it is saved
+folded into ``lora_E`` (``E * w``). AdaLoRA declares no ``"combine"``: PEFT's ``AdaLoraModel`` refuses
+``add_weighted_adapter``, so :func:`adaptfn.combine` does too.
 """
 
 from __future__ import annotations
@@ -25,9 +29,9 @@ from torch import nn
 
 from .. import routing
 from .._where import is_target
-from ..adapter import SCALING, Entry
+from ..adapter import COEF, SCALING, Entry
 from ..errors import AdapterFileError, IncompatibleAdapterError, shape_str, single_for_route, stacked_called_directly
-from .base import ROUTE, CallBase, check_int, is_int, is_real, need
+from .base import ROUTE, SCALE, CallBase, check_int, is_int, is_real, need
 from .common import (
     LoraFamilyConfig,
     adapter_dtype,
@@ -157,7 +161,7 @@ class AdaLora:
     name = "adalora"
     peft_type = "ADALORA"
     config_cls = AdaLoraConfig
-    capabilities = frozenset({ROUTE})
+    capabilities = frozenset({ROUTE, SCALE})
 
     # -- planning and init -------------------------------------------------------------------------
     def plan(self, config: AdaLoraConfig, model: nn.Module) -> tuple[AdaLoraConfig, dict[str, Entry]]:
@@ -193,7 +197,11 @@ class AdaLora:
     @staticmethod
     def _scaled(entry: Entry, leaves: Mapping[str, torch.Tensor], on: Any, t: torch.Tensor) -> torch.Tensor:
         """``t * alpha / (ranknum + 1e-5)`` in PEFT's order (ranknum a float tensor [1]); a stacked
-        adapter's ``scaling`` leaf when present; times the gate under a transform."""
+        adapter's ``scaling`` leaf when present; times the scale weight (``coef``) and the gate under a
+        transform."""
+        c = leaves.get(COEF)
+        if c is not None:
+            t = t * c.to(t.dtype)
         if SCALING in leaves:
             t = t * leaves[SCALING].detach()
         else:
@@ -239,6 +247,9 @@ class AdaLora:
         if A.dim() != 3:
             raise single_for_route()
         s = leaves[SCALING].detach()
+        c = leaves.get(COEF)
+        if c is not None:
+            s = s * c
         if on is not True:
             s = s * on
         out = call_base(x)
@@ -278,7 +289,10 @@ class AdaLora:
         return ("lora_A", "lora_E", "lora_B")
 
     def to_peft(self, entry: Entry, leaves: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {"lora_A": leaves["lora_A"], "lora_E": leaves["lora_E"], "lora_B": leaves["lora_B"]}
+        """PEFT's tensors; a scale weight is folded into ``lora_E`` (``E * w``)."""
+        E = leaves["lora_E"]
+        c = leaves.get(COEF)
+        return {"lora_A": leaves["lora_A"], "lora_E": E if c is None else E * c.to(E.dtype), "lora_B": leaves["lora_B"]}
 
     def from_peft(self, config: AdaLoraConfig, path: str, found: Mapping[str, torch.Tensor],
                   source: str) -> tuple[Entry, dict[str, torch.Tensor]]:

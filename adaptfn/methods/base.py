@@ -14,6 +14,12 @@ A method is one object with the static knowledge of one adapter kind:
 
 Optional capabilities are declared in ``capabilities``; :func:`require` refuses the rest with a typed
 error that names the method. Adding a method is one file in ``methods/`` plus one ``register`` call.
+
+* :data:`ROUTE` -- ``forward`` takes a per-row ``route`` into a stacked adapter;
+* :data:`SCALE` -- ``forward``, ``merge`` and ``to_peft`` honour a ``coef`` leaf (:func:`adaptfn.scale`): the
+  method documents what "``w`` times the entry" means for it and writes the weight into PEFT's tensors;
+* :data:`COMBINE` -- the method has ``combine(adapters, weights, spec)``, PEFT's ``add_weighted_adapter`` for
+  its kind (:func:`adaptfn.combine`).
 """
 
 from __future__ import annotations
@@ -30,9 +36,9 @@ import torch
 from ..adapter import Entry
 from ..errors import ConfigError
 
-__all__ = ["PeftConfigBase", "Method", "CallBase", "ROUTE", "CAPABILITIES", "require", "need", "is_int", "is_real",
-           "check_bool", "check_optional_str", "check_int", "check_names", "check_regex", "INT64_MAX", "FLOAT32_MAX",
-           "TASK_TYPES"]
+__all__ = ["PeftConfigBase", "Method", "CallBase", "ROUTE", "SCALE", "COMBINE", "CAPABILITIES", "CombineSpec",
+           "require", "need", "is_int", "is_real", "check_bool", "check_optional_str", "check_int", "check_names",
+           "check_regex", "INT64_MAX", "FLOAT32_MAX", "TASK_TYPES"]
 
 _JSON_TYPES = (str, int, float, bool, type(None), list, dict)
 # PEFT's TaskType values (peft.utils.peft_types.TaskType); PEFT refuses any other task_type
@@ -187,7 +193,34 @@ CallBase = Callable[[torch.Tensor], torch.Tensor]
 # Capabilities a method may declare (``Method.capabilities``); code that needs one calls :func:`require`.
 ROUTE = "route"
 """Per-row routing of a stack (``af.inject(fn, stacked, route=idx)`` and ``route="all"``)."""
-CAPABILITIES = frozenset({ROUTE})
+SCALE = "scale"
+"""A differentiable weight per entry (:func:`adaptfn.scale`, weighted :func:`adaptfn.select`): the method reads
+the ``coef`` leaf in ``forward`` / ``merge`` and folds it into its PEFT tensors in ``to_peft``."""
+COMBINE = "combine"
+"""PEFT's ``add_weighted_adapter`` as a pure function (:func:`adaptfn.combine`): the method has a ``combine``."""
+CAPABILITIES = frozenset({ROUTE, SCALE, COMBINE})
+
+
+@dataclasses.dataclass(frozen=True)
+class CombineSpec:
+    """The checked arguments of :func:`adaptfn.combine` handed to a method's ``combine`` (PEFT's names).
+
+    Attributes:
+        how: the combination type ("cat", "linear", "svd", "ties", ...). density, majority_sign_method, svd_rank,
+            svd_clamp, svd_full_matrices, svd_driver: as PEFT's ``add_weighted_adapter``.
+        generator: where the random (dare) types draw from; None: torch's global generator, in PEFT's order.
+        order: module paths in the model's order (PEFT visits modules in it), or None (natural path order).
+    """
+
+    how: str
+    density: float | None = None
+    majority_sign_method: str = "total"
+    svd_rank: int | None = None
+    svd_clamp: float | None = None
+    svd_full_matrices: bool = True
+    svd_driver: str | None = None
+    generator: torch.Generator | None = None
+    order: tuple[str, ...] | None = None
 
 
 @runtime_checkable

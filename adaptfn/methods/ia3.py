@@ -10,6 +10,14 @@ Merging folds the vector into the weight (rows for an output vector, columns for
 other way round for Conv1D's [in, out] weight) and, for ordinary targets, into the bias too:
 ``W' = W * l``, ``b' = b * l``. A masked-off entry contributes nothing: the vector is read as ones, so
 the module computes its base output bit for bit.
+
+A scale weight ``w`` (the ``coef`` leaf, :func:`adaptfn.scale`) moves the vector between ones (the base) and
+``l``: ``l_w = 1 + w (l - 1)``, computed as ``torch.lerp(1, l, w)``, which is exact at both ends (``w = 0``:
+ones, the base bit for bit; ``w = 1``: ``l`` itself) and linear in ``w``, so weights compose by products
+(``scale(scale(a, u), v) == scale(a, u * v)``). Saving writes ``l_w``. :func:`adaptfn.combine` follows PEFT's
+``IA3Model.add_weighted_adapter`` instead (``sum_i w_i l_i``, only ``how="linear"``): when the weights sum to 1
+that is ``1 + sum_i w_i (l_i - 1)``, the scaled vectors' deviations from ones added up (injecting several
+scaled IA3 adapters together multiplies their vectors instead).
 """
 
 from __future__ import annotations
@@ -24,10 +32,11 @@ from torch import nn
 
 from .. import routing
 from .._where import is_target
-from ..adapter import Entry
+from ..adapter import COEF, Entry
 from ..errors import AdapterFileError, IncompatibleAdapterError, shape_str, single_for_route, stacked_called_directly
-from .base import ROUTE, CallBase, PeftConfigBase, check_bool, check_names, need
+from .base import COMBINE, ROUTE, SCALE, CallBase, PeftConfigBase, check_bool, check_names, need
 from .common import adapter_dtype, is_conv1d, linear_dims, linear_targets, module_path, plan_replacements
+from .ia3_combine import combine_ia3
 
 __all__ = ["IA3Config", "IA3", "OUT", "IN"]
 
@@ -100,7 +109,7 @@ class IA3:
     name = "ia3"
     peft_type = "IA3"
     config_cls = IA3Config
-    capabilities = frozenset({ROUTE})
+    capabilities = frozenset({ROUTE, SCALE, COMBINE})
 
     # -- planning and init -------------------------------------------------------------------------
     def plan(self, config: IA3Config, model: nn.Module) -> tuple[IA3Config, dict[str, Entry]]:
@@ -142,11 +151,15 @@ class IA3:
     # -- compute -----------------------------------------------------------------------------------
     @staticmethod
     def _vector(leaves: Mapping[str, torch.Tensor], on: Any, module: nn.Module | None = None) -> torch.Tensor:
-        """The flat vector [n]; ones where the gate is off (under vmap/grad/compile)."""
+        """The flat vector [n], moved toward ones by a scale weight; ones where the gate is off (under
+        vmap/grad/compile)."""
         v = leaves["ia3_l"]
         if v.dim() != 2:
             raise stacked_called_directly(None if module is None else module_path(module))
         v = v.flatten()
+        c = leaves.get(COEF)
+        if c is not None:
+            v = torch.lerp(torch.ones_like(v), v, c.to(v.dtype))
         if on is not True:
             v = torch.where(on, v, torch.ones_like(v))
         return v
@@ -158,6 +171,9 @@ class IA3:
         if stack.dim() != 3:
             raise single_for_route()
         vs = stack.flatten(1)  # [N, n]
+        c = leaves.get(COEF)
+        if c is not None:  # [N] scale weights
+            vs = torch.lerp(torch.ones_like(vs), vs, c.to(vs.dtype)[:, None])
         if on is not True:
             vs = torch.where(on[:, None], vs, torch.ones_like(vs))
         rows = torch.where((route >= 0)[:, None], vs[route.clamp(min=0)], torch.ones_like(vs[:1]))  # [bsz, n]
@@ -260,7 +276,14 @@ class IA3:
         return ("ia3_l",)
 
     def to_peft(self, entry: Entry, leaves: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {"ia3_l": leaves["ia3_l"]}
+        """PEFT's tensor; a scale weight is folded in (``lerp(1, l, w)``)."""
+        v = leaves["ia3_l"]
+        c = leaves.get(COEF)
+        return {"ia3_l": v if c is None else torch.lerp(torch.ones_like(v), v, c.to(v.dtype))}
+
+    def combine(self, adapters: Any, weights: Any, spec: Any) -> Any:
+        """PEFT's ``IA3Model.add_weighted_adapter``: ``l = sum_i w_i l_i`` per module (see :func:`adaptfn.combine`)."""
+        return combine_ia3(self, adapters, weights, spec)
 
     def from_peft(self, config: IA3Config, path: str, found: Mapping[str, torch.Tensor],
                   source: str) -> tuple[Entry, dict[str, torch.Tensor]]:

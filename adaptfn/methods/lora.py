@@ -4,6 +4,10 @@ Shapes (PEFT's): ``lora_A`` [r, in], ``lora_B`` [out, r]; for embeddings ``lora_
 and ``lora_B`` [embedding_dim, r] (PEFT's ``lora_embedding_A`` / ``lora_embedding_B``). Scaling is
 ``lora_alpha / r`` (rsLoRA: ``lora_alpha / sqrt(r)``) per module, from ``rank_pattern`` /
 ``alpha_pattern`` where a key matches.
+
+A scale weight ``w`` (the ``coef`` leaf, :func:`adaptfn.scale`) multiplies the delta:
+``y = base(x) + w * scaling * B(A(x))``. It is applied to the rank-r product ``A(x)`` (exact for ``w = 1``),
+and written into ``lora_B`` when saved (``B * w``), so PEFT computes the same.
 """
 
 from __future__ import annotations
@@ -19,9 +23,9 @@ from torch import nn
 
 from .. import routing
 from .._where import is_target
-from ..adapter import GATE, SCALING, Entry
+from ..adapter import COEF, GATE, SCALING, Entry
 from ..errors import AdapterFileError, IncompatibleAdapterError, shape_str, single_for_route, stacked_called_directly
-from .base import ROUTE, CallBase
+from .base import COMBINE, ROUTE, SCALE, CallBase
 from .common import (
     LoraFamilyConfig,
     adapter_dtype,
@@ -35,6 +39,7 @@ from .common import (
     plan_replacements,
     weight_needs_transpose,
 )
+from .lora_combine import combine_lora
 
 __all__ = ["LoraConfig", "Lora"]
 
@@ -73,7 +78,7 @@ class Lora:
     name = "lora"
     peft_type = "LORA"
     config_cls = LoraConfig
-    capabilities = frozenset({ROUTE})
+    capabilities = frozenset({ROUTE, SCALE, COMBINE})
     _SUFFIX = {"linear": ("lora_A.weight", "lora_B.weight"), "embedding": ("lora_embedding_A", "lora_embedding_B")}
 
     # -- planning and init -------------------------------------------------------------------------
@@ -151,20 +156,29 @@ class Lora:
         if A.dim() != 2:
             raise stacked_called_directly(module_path(module))
         s = self._scale(entry, leaves, on)
-        gemm = routing.base_gemm(call_base, module, x, A, B) if entry.kind == "linear" else None
+        c = leaves.get(COEF)  # a scale weight multiplies the rank-r product (exact for c == 1)
+        if entry.kind == "linear":
+            gemm = routing.base_gemm(call_base, module, x, A, B) if c is None else routing.base_gemm(
+                call_base, module, x, A, B, c)
+        else:
+            gemm = None
         if gemm is not None:
             # inference on a plain Linear / Conv1D: bias + s * (x A^T) B^T first, then the base GEMM
             # accumulates into that buffer (one pass over [..., out] fewer than adding afterwards)
             h = x if generator is None else dropout(entry, generator, x)
-            return routing.lowrank_then_base(h, x, A, B, s, gemm)
+            return routing.lowrank_then_base(h, x, A, B, s, gemm, c)
         out = call_base(x)
         if entry.kind == "embedding":
             m: Any = module
             h = F.embedding(x, A.T, m.padding_idx, m.max_norm, m.norm_type, m.scale_grad_by_freq, m.sparse)
+            if c is not None:
+                h = h * c.to(h.dtype)
             delta = h @ B.T
         else:
             h = dropout(entry, generator, x if x.dtype == A.dtype else x.to(A.dtype))
             h = F.linear(h, A)  # [..., r]
+            if c is not None:
+                h = h * c.to(h.dtype)
             if out.dtype == B.dtype and out.dim() >= 2 and out.shape[:-1] == h.shape[:-1]:
                 # one fused GEMM: out + s * (h @ B^T), no separate scale and add passes over [..., out]
                 h2, o2 = h.reshape(-1, h.shape[-1]), out.reshape(-1, out.shape[-1])
@@ -183,17 +197,22 @@ class Lora:
         A, B = leaves["lora_A"], leaves["lora_B"]
         if A.dim() != 3:
             raise single_for_route()
+        c = leaves.get(COEF)  # [N] scale weights: differentiable, unlike the detached scaling leaf
 
-        def scale() -> torch.Tensor:  # [N]: per-adapter scale, 0 where the gate is off
+        def scale() -> torch.Tensor:  # [N]: per-adapter scale (times its weight), 0 where the gate is off
             s = leaves[SCALING].detach() if SCALING in leaves else torch.full(
                 (A.shape[0],), entry.scaling, dtype=torch.float32, device=A.device)
+            if c is not None:
+                s = s * c
             return s if on is True else s * on
 
         if entry.kind == "embedding":
             out = call_base(x)
             return (out + routing.embedding_lowrank(x, A, B, scale(), route)).to(out.dtype)
-        sources = (leaves[SCALING], leaves[GATE]) if SCALING in leaves else None
-        gemm = routing.base_gemm(call_base, module, x, A, B)  # scaling / gate enter detached: not checked
+        sources = ((leaves[SCALING], leaves[GATE]) + (() if c is None else (c,))) if SCALING in leaves else None
+        # scaling / gate enter detached: not checked; a weight may need its gradient
+        gemm = routing.base_gemm(call_base, module, x, A, B) if c is None else routing.base_gemm(
+            call_base, module, x, A, B, c)
         out = None if gemm is not None else call_base(x)
         h = dropout(entry, generator, x if x.dtype == A.dtype else x.to(A.dtype))
         return routing.lowrank_add(out, h, A, B, scale, route, sources=sources, gemm=gemm, base_input=x)
@@ -203,7 +222,11 @@ class Lora:
         """``{"weight": W + scaling * B @ A}`` (transposed for Conv1D's [in, out] and embeddings' [num, dim])."""
         weight = tensors["weight"]
         A, B = leaves["lora_A"], leaves["lora_B"]
-        delta = (B @ A) * self._scale(entry, leaves, on)  # [out, in]
+        delta = B @ A  # [out, in]
+        c = leaves.get(COEF)
+        if c is not None:
+            delta = delta * c.to(delta.dtype)
+        delta = delta * self._scale(entry, leaves, on)
         if entry.kind == "embedding" or weight_needs_transpose(weight.shape, delta.shape, entry.fan_in_fan_out):
             delta = delta.T
         return {"weight": weight + delta.to(weight.dtype)}
@@ -235,8 +258,11 @@ class Lora:
         return ("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B")
 
     def to_peft(self, entry: Entry, leaves: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """PEFT's tensors; a scale weight is folded into ``lora_B`` (``B * w``)."""
         a, b = self._SUFFIX[entry.kind]
-        return {a: leaves["lora_A"], b: leaves["lora_B"]}
+        B = leaves["lora_B"]
+        c = leaves.get(COEF)
+        return {a: leaves["lora_A"], b: B if c is None else B * c.to(B.dtype)}
 
     def from_peft(self, config: LoraConfig, path: str, found: Mapping[str, torch.Tensor],
                   source: str) -> tuple[Entry, dict[str, torch.Tensor]]:
@@ -266,6 +292,11 @@ class Lora:
                       fan_in_fan_out=False if kind == "embedding" else bool(config.fan_in_fan_out),
                       options=dropout_options(config))
         return entry, {"lora_A": A, "lora_B": B}
+
+    def combine(self, adapters: Any, weights: Any, spec: Any) -> Any:
+        """PEFT's ``LoraModel.add_weighted_adapter`` (see :func:`adaptfn.combine` and
+        :mod:`adaptfn.methods.lora_combine`)."""
+        return combine_lora(self, adapters, weights, spec)
 
     # -- stacking --------------------------------------------------------------------------------
     def pad(self, entry: Entry, leaves: Mapping[str, torch.Tensor], r: int) -> dict[str, torch.Tensor]:
