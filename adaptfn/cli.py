@@ -444,17 +444,15 @@ def _has_tokenizer(base: str, revision: str | None) -> bool:
     """Whether the base model's folder or repo has tokenizer files (then the merge copies them)."""
     if os.path.isdir(base):
         return any(os.path.isfile(os.path.join(base, f)) for f in _TOKENIZER_FILES)
-    from huggingface_hub import try_to_load_from_cache
-    from huggingface_hub.utils import EntryNotFoundError
+    from huggingface_hub import HfApi, try_to_load_from_cache
 
     for f in _TOKENIZER_FILES:
         if isinstance(try_to_load_from_cache(base, f, revision=revision), str):
             return True
+    api = HfApi()  # (a fresh client: the module-level one keeps the endpoint of its import)
     try:
-        from huggingface_hub import file_exists
-
-        return any(file_exists(base, f, revision=revision) for f in _TOKENIZER_FILES)
-    except (OSError, EntryNotFoundError, ValueError):
+        return any(api.file_exists(base, f, revision=revision) for f in _TOKENIZER_FILES)
+    except Exception:  # noqa: BLE001 - offline, unreachable, no access: the tokenizer is optional
         return False
 
 def _progress(enabled: bool) -> Any:

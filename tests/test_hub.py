@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import socket
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import quote, unquote, urlsplit
@@ -259,10 +260,16 @@ class _Handler(BaseHTTPRequestHandler):
 
 def _online(monkeypatch, endpoint):
     """Point huggingface_hub at ``endpoint`` and turn offline mode off, for this test only."""
-    from huggingface_hub import close_session, constants
+    from huggingface_hub import close_session, constants, hf_api
 
     monkeypatch.setenv("HF_ENDPOINT", endpoint)
     monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+    # huggingface_hub's module-level functions (list_repo_tree, model_info, ...) are methods of one HfApi made at
+    # import, which keeps the endpoint of that moment
+    monkeypatch.setattr(hf_api.api, "endpoint", endpoint)
+    hub_utils = sys.modules.get("transformers.utils.hub")  # transformers keeps its own HfApi, made on first use
+    if hub_utils is not None and hasattr(hub_utils, "_hf_api"):
+        monkeypatch.setattr(hub_utils, "_hf_api", None)
     monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", endpoint + "/{repo_id}/resolve/{revision}/{filename}")
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
