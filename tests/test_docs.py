@@ -140,3 +140,22 @@ def test_the_fence_scanner() -> None:
     found = _fences(text)
     assert [(line, lang) for line, lang, _ in found] == [(2, "python"), (7, "bash"), (10, "text")]
     assert _NOT_RUN_MARK.search(found[1][2]) and not _NOT_RUN_MARK.search(found[2][2])
+
+
+def test_coming_from_peft_names_only_what_exists() -> None:
+    """Every ``af.<name>`` and ``m.<method>`` (m: an AdapterModel) in the PEFT mapping tables exists, so the page
+    documents no API adaptfn does not have."""
+    import adaptfn as af
+
+    text = (DOCS / "from-peft.md").read_text(encoding="utf-8")
+    spans = re.findall(r"`([^`]+)`", "\n".join(line for line in text.splitlines() if line.startswith("|")))
+    functional = {m for s in spans for m in re.findall(r"\baf\.([A-Za-z_][\w.]*)", s)}
+    shell = {m for s in spans for m in re.findall(r"\bm\.([A-Za-z_]\w*)", s)}
+    assert len(functional) >= 12 and len(shell) >= 25
+    for dotted in sorted(functional):
+        obj = af
+        for part in dotted.split("."):
+            assert hasattr(obj, part), f"af.{dotted} does not exist"
+            obj = getattr(obj, part)
+    for name in sorted(shell):
+        assert hasattr(af.AdapterModel, name), f"AdapterModel.{name} does not exist"
