@@ -157,11 +157,10 @@ def _entry_info(a: Adapter, path: str) -> dict[str, Any]:
     if e.kind:
         info["r"] = e.r
         info["scaling"] = e.scaling
-        rank_and_alpha = getattr(a.config, "rank_and_alpha", None)
-        if callable(rank_and_alpha):
-            r, alpha = rank_and_alpha(path)
-            info["alpha"] = alpha
-            info["r_config"] = r
+        if a.method == "lora":  # per-module rank / alpha from rank_pattern / alpha_pattern
+            info["alpha"] = a.config.rank_and_alpha(path)[1]
+        elif getattr(a.config, "lora_alpha", None) is not None:  # AdaLoRA: one alpha
+            info["alpha"] = a.config.lora_alpha
         A, B = leaves.get("lora_A"), leaves.get("lora_B")
         if A is not None and B is not None:
             dims = (A.shape[-1], B.shape[0])

@@ -85,11 +85,20 @@ def test_inspect_text_and_json(work, capsys):
     assert info["unknown_config_fields"] == {"future_field": {"x": 1}}
 
 
-def test_inspect_ia3_groups_by_kind(work, capsys):
+def test_inspect_ia3_and_adalora(work, capsys, tmp_path):
     rc, out, _ = run(capsys, "inspect", work["dir"] / "ia3", "--json")
     kinds = {t["module"]: t["kind"] for t in json.loads(out)["targets"]}
     assert rc == 0 and json.loads(out)["method"] == "ia3" and set(kinds) == {"v_proj", "fc2"}
     assert kinds["v_proj"] != kinds["fc2"]  # output vector vs feedforward (input) vector
+    fn, _ = af.functional(work["model"])
+    ada = af.init(fn, af.AdaLoraConfig(init_r=4, target_r=2, lora_alpha=16, target_modules=["q_proj"], total_step=10),
+                  generator=gen(3))
+    af.save(ada, tmp_path / "ada")
+    rc, out, _ = run(capsys, "inspect", tmp_path / "ada", "--json")
+    t = json.loads(out)["targets"][0]
+    assert rc == 0 and json.loads(out)["method"] == "adalora" and t["ranks"] == [4] and t["alphas"] == [16]
+    rc, out, _ = run(capsys, "diff", tmp_path / "ada", tmp_path / "ada", "--json")
+    assert rc == 0 and json.loads(out)["identical"]
 
 
 def test_inspect_from_the_hub_with_revision_subfolder_token(work, capsys, monkeypatch, tmp_path):
