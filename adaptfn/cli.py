@@ -25,11 +25,20 @@ import torch
 
 from .adapter import GATE, SCALING, Adapter
 from .errors import AdaptfnError
+from .functional import functional
+from .io import _from_peft, _resolve, read_config, read_tensors, save
+from .methods import get_method
+from .transforms import inject, merge, select
 
 __all__ = ["main", "EXIT_OK", "EXIT_USAGE", "EXIT_BAD_INPUT", "EXIT_MISMATCH"]
 
 EXIT_OK, EXIT_USAGE, EXIT_BAD_INPUT, EXIT_MISMATCH = 0, 1, 2, 3
 _METHOD_NAMES = {"lora": "LoRA", "ia3": "IA3", "adalora": "AdaLoRA"}
+
+
+def _package() -> Any:
+    """The ``adaptfn`` package (read at call time: ``af.combine`` may be added, or patched, after import)."""
+    return sys.modules[__package__]
 
 
 class BadInput(Exception):
@@ -115,8 +124,6 @@ class _Loaded:
     """An adapter with where it came from: the files, their sizes, the raw config."""
 
     def __init__(self, source: str, args: argparse.Namespace) -> None:
-        from .io import _from_peft, _resolve, read_config, read_tensors
-
         self.source = source
         self.config_path, self.weights_path = _resolve(
             source, args.adapter_name, args.revision, args.subfolder, args.token, None, False, args.allow_pickle)
@@ -262,8 +269,6 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 def _dense_delta(a: Adapter, path: str) -> torch.Tensor | None:
     """The module's delta as one dense tensor: ``scaling * B @ A`` ([out, in]) for the LoRA family, the
     scaling vector minus 1 for IA3; None for entries without a delta."""
-    from .methods import get_method
-
     e = a.entries[path]
     if not e.kind:
         return None
@@ -478,9 +483,6 @@ def merge_into(model: torch.nn.Module, adapter: Adapter, progress: Any = None) -
     """
     from torch import nn
 
-    from .functional import functional
-    from .transforms import inject, merge, select
-
     fn, params = functional(model)
     inject(fn, adapter)  # checks the adapter against the model (IncompatibleAdapterError) before any write
     aliases: dict[int, list[str]] = {}
@@ -529,9 +531,6 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     if os.path.isfile(args.out):
         raise BadInput(f"--out {args.out!r} is a file; it must be a folder")
     model = _load_base(args, ld, base)
-    from .functional import functional
-    from .transforms import inject
-
     inject(functional(model)[0], ld.adapter)  # the adapter fits the model (IncompatibleAdapterError) or nothing runs
     with torch.no_grad():  # page the weights in (a fresh checkpoint may be memory-mapped, untouched), then measure
         for t in model.state_dict().values():
@@ -572,8 +571,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
 # -- combine -------------------------------------------------------------------------------------------
 def _cmd_combine(args: argparse.Namespace) -> int:
-    import adaptfn as af
-
+    af = _package()
     combine = getattr(af, "combine", None)
     if combine is None:
         raise BadInput("combine needs af.combine (adaptfn's adapter algebra: PEFT's add_weighted_adapter as a pure "
@@ -589,7 +587,7 @@ def _cmd_combine(args: argparse.Namespace) -> int:
     if args.seed is not None:
         kwargs["generator"] = torch.Generator().manual_seed(args.seed)
     combined = combine(adapters, list(args.weights), **kwargs)
-    af.save(combined, args.out)
+    save(combined, args.out)
     out = {"sources": args.sources, "weights": args.weights, "how": args.how, "out": args.out,
            "modules": len(combined.paths), "parameters": combined.num_parameters()}
     if args.json:
@@ -623,8 +621,6 @@ def _looks_community(path: str) -> str | None:
 
 
 def _cmd_convert(args: argparse.Namespace) -> int:
-    import adaptfn as af
-
     supported = "supported: --from peft (or auto) --to peft (a canonical re-save of a PEFT adapter)"
     if args.to.lower() not in _FORMATS_TO:
         raise BadInput(f"convert --to {args.to}: this format is not supported; {supported}")
@@ -639,7 +635,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     ld = _load(args.source, args)
     if os.path.realpath(args.out) == os.path.realpath(ld.folder):
         raise BadInput(f"--out {args.out!r} is the source folder; write the converted adapter elsewhere")
-    af.save(ld.adapter, args.out)
+    save(ld.adapter, args.out)
     out = {"source": args.source, "from": "peft", "to": "peft", "out": args.out,
            "files": sorted(os.listdir(args.out)), "modules": len(ld.adapter.paths)}
     if args.json:
@@ -669,9 +665,6 @@ def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 def _cmd_verify(args: argparse.Namespace) -> int:
     import copy
-
-    from .functional import functional
-    from .transforms import inject, merge
 
     ld = _load(args.source, args)
     base = _base_name(args, ld)
@@ -746,12 +739,10 @@ def _nonneg_float(s: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
-
     p = _Parser(prog="adaptfn", description="Inspect, compare, merge, combine, convert and verify PEFT-format "
                 "adapters (a folder or a Hub repo id).",
                 epilog="exit status: 0 ok, 1 usage, 2 bad input, 3 verify: errors above the tolerance")
-    p.add_argument("--version", action="version", version=f"adaptfn {__version__}")
+    p.add_argument("--version", action="version", version=f"adaptfn {_package().__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     c = sub.add_parser("inspect", help="method, base model, targets, ranks, parameters, files of an adapter")

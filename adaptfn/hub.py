@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 import tempfile
 from collections.abc import Mapping
 from typing import Any
 
 from .adapter import GATE, SCALING, Adapter
 from .errors import AdapterFileError, AdaptfnError, ConfigError
+from .io import save
 
-__all__ = ["push_to_hub", "model_card", "upload_adapter_folder"]
+__all__ = ["push_to_hub", "model_card", "upload_adapter_folder", "check_push_args"]
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 CARD_NAME = "README.md"
@@ -176,15 +178,14 @@ def _versions() -> list[str]:
         try:
             out.append(f"- {dist} {metadata.version(dist)}")
         except metadata.PackageNotFoundError:
-            if dist == "adaptfn":
-                from . import __version__
-
-                out.append(f"- adaptfn {__version__}")
+            if dist == "adaptfn":  # (a source checkout that is not installed)
+                out.append(f"- adaptfn {sys.modules[__package__].__version__}")
     return out
 
 
 # -- uploading -----------------------------------------------------------------------------------------
-def _check_args(where: str, repo_id: Any, private: Any, revision: Any, commit_message: Any, token: Any) -> None:
+def check_push_args(where: str, repo_id: Any, private: Any, revision: Any, commit_message: Any, token: Any) -> None:
+    """Check :func:`push_to_hub`'s arguments (a :class:`adaptfn.ConfigError` starting with ``where``)."""
     if not isinstance(repo_id, str) or not _REPO_ID.match(repo_id) or "--" in repo_id or ".." in repo_id:
         raise ConfigError(f"{where}: repo_id must be 'namespace/name' (letters, digits, '-', '_', '.'), got "
                           f"{repo_id!r}")
@@ -294,10 +295,8 @@ def push_to_hub(adapter: Adapter | Mapping[str, Adapter], repo_id: str, private:
         True
     """
     where = "push_to_hub"
-    _check_args(where, repo_id, private, revision, commit_message, token)
+    check_push_args(where, repo_id, private, revision, commit_message, token)
     items = _adapters_of(adapter, where)
-    from .io import save
-
     with tempfile.TemporaryDirectory(prefix="adaptfn-push-") as tmp:
         try:
             save(adapter if isinstance(adapter, Mapping) else items["default"], tmp)

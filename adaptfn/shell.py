@@ -32,6 +32,7 @@ import contextlib
 import dataclasses
 import inspect
 import os
+import tempfile
 import threading
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -43,6 +44,7 @@ from torch import nn
 from .adapter import GATE, SCALING, Adapter, Entry
 from .errors import AdaptfnError, ConfigError, IncompatibleAdapterError
 from .functional import functional
+from .hub import check_push_args, upload_adapter_folder
 from .initialize import init
 from .io import config_from, from_state_dict, load, save
 from .io import state_dict as adapter_state_dict
@@ -1427,12 +1429,8 @@ class AdapterModel(nn.Module):
             >>> af.load("user/opt-shell").paths[0]
             'model.decoder.layers.0.self_attn.q_proj'
         """
-        import tempfile
-
-        from .hub import _check_args, upload_adapter_folder
-
         where = "push_to_hub"
-        _check_args(where, repo_id, private, revision, commit_message, token)
+        check_push_args(where, repo_id, private, revision, commit_message, token)
         self._need_adapters(where)
         with tempfile.TemporaryDirectory(prefix="adaptfn-push-") as tmp:
             self.save_pretrained(tmp, selected_adapters=selected_adapters)
