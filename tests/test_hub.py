@@ -5,16 +5,24 @@
     ``X-Repo-Commit``, ``ETag`` / ``X-Linked-Etag`` / ``X-Linked-Size``, ``Content-Length``, same-host
     redirects for the LFS files, and the ``X-Error-Code`` 401/404 answers (RepoNotFound, RevisionNotFound,
     EntryNotFound). ``HF_ENDPOINT`` (and the ``huggingface_hub.constants`` read from it at import) point at it.
+    Uploads (``create_repo``, ``create_branch``, ``upload_folder`` / ``create_commit``): ``POST /api/repos/create``,
+    ``/api/models/{repo}/branch/{branch}``, ``/preupload/{revision}`` (every file "regular": its bytes travel
+    base64 in the commit; the LFS / Xet transfers are huggingface_hub's own and not exercised here),
+    ``/commit/{revision}`` (NDJSON) and ``/api/validate-yaml``; writes need a token from ``FakeHub.writers``
+    (401 without one, 403 for another namespace).
 (a) a populated HF cache in offline mode (``local_files_only=True`` and ``HF_HUB_OFFLINE=1``), filled by a
     real download from (b), and one laid out by hand (``models--user--repo/{refs,snapshots,blobs}``).
 """
 
 from __future__ import annotations
 
+import base64
 import functools
 import hashlib
+import json
 import os
 import socket
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import quote, unquote, urlsplit
@@ -74,6 +82,8 @@ class FakeHub:
         self.repos: dict[str, dict] = {}
         self.log: list[tuple[str, str, str | None]] = []  # (method, path, authorization header)
         self.forced: dict[str, int] = {}  # file path -> HTTP status to answer instead
+        self.writers: dict[str, str] = {}  # write token -> the namespace it may write to
+        self.messages: dict[str, str] = {}  # commit -> its message (uploaded commits)
         self._n = 0
         self._lock = threading.Lock()
         self.server: ThreadingHTTPServer | None = None
@@ -127,6 +137,83 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self):
         self._serve(body=True)
 
+    def do_POST(self):
+        hub = self.hub
+        with hub._lock:
+            hub.log.append((self.command, self.path, self.headers.get("authorization")))
+        data = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        parts = urlsplit(self.path).path.split("/")
+        if parts[1:3] == ["api", "validate-yaml"]:
+            return self._json(200, {"errors": [], "warnings": []})
+        if parts[1:4] == ["api", "repos", "create"]:
+            payload = json.loads(data)
+            repo = f"{payload['organization']}/{payload['name']}"
+            if not self._may_write(repo):
+                return None
+            with hub._lock:
+                if repo in hub.repos:
+                    return self._json(409, {"error": "You already created this model repo",
+                                            "url": f"{hub.endpoint}/{repo}"})
+                token = self.headers["authorization"].removeprefix("Bearer ")
+                hub.publish(repo, {".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"},
+                            token=token if payload.get("visibility") == "private" else None)
+            return self._json(200, {"url": f"{hub.endpoint}/{repo}"})
+        if len(parts) < 7 or parts[1:3] != ["api", "models"]:
+            return self._send(404, {}, b"not found")
+        repo, action, revision = f"{parts[3]}/{parts[4]}", parts[5], unquote("/".join(parts[6:]))
+        r = hub.repos.get(repo)
+        if r is None:
+            return self._error(404, "RepoNotFound", True)
+        if not self._may_write(repo):
+            return None
+        if action == "branch":
+            with hub._lock:
+                if revision in r["refs"]:
+                    return self._json(409, {"error": "Reference already exists"})
+                start = (json.loads(data) if data else {}).get("startingPoint") or "main"
+                r["refs"][revision] = r["refs"].get(start) or start
+            return self._json(200, {})
+        if revision not in r["refs"]:
+            return self._error(404, "RevisionNotFound", True)
+        if action == "preupload":
+            files = [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False, "oid": None}
+                     for f in json.loads(data)["files"]]
+            return self._json(200, {"files": files})
+        if action == "commit":
+            lines = [json.loads(line) for line in data.splitlines() if line.strip()]
+            header = next(x["value"] for x in lines if x["key"] == "header")
+            with hub._lock:
+                files = dict(r["commits"][r["refs"][revision]])
+                for x in lines:
+                    if x["key"] == "file":
+                        files[x["value"]["path"]] = base64.b64decode(x["value"]["content"])
+                    elif x["key"] == "deletedFile":
+                        files.pop(x["value"]["path"], None)
+                    elif x["key"] != "header":
+                        return self._json(400, {"error": f"the fake Hub takes no {x['key']!r} operations"})
+                commit = hub.publish(repo, files, refs=(revision,), token=r["token"])
+                hub.messages[commit] = header["summary"]
+            return self._json(200, {"commitUrl": f"{hub.endpoint}/{repo}/commit/{commit}", "commitOid": commit,
+                                    "pullRequestUrl": None})
+        return self._send(404, {}, b"not found")
+
+    def _may_write(self, repo):
+        """True when the request's token may write to ``repo``; else answers 401 / 403 and returns False."""
+        auth = self.headers.get("authorization") or ""
+        namespace = self.hub.writers.get(auth.removeprefix("Bearer ")) if auth.startswith("Bearer ") else None
+        if namespace is None:
+            self._json(401, {"error": "Invalid credentials in Authorization header"},
+                       {"X-Error-Message": "Invalid credentials in Authorization header"})
+            return False
+        if repo.split("/")[0] != namespace:
+            self._json(403, {"error": f"You don't have the rights to create a model under the namespace "
+                                      f"{repo.split('/')[0]!r}"})
+            return False
+        return True
+
+    def _json(self, status, obj, extra=None):
+        self._send(status, {"Content-Type": "application/json", **(extra or {})}, json.dumps(obj).encode())
+
     def _send(self, status, headers, data=b"", body=True):
         self.send_response(status)
         for k, v in headers.items():
@@ -173,10 +260,16 @@ class _Handler(BaseHTTPRequestHandler):
 
 def _online(monkeypatch, endpoint):
     """Point huggingface_hub at ``endpoint`` and turn offline mode off, for this test only."""
-    from huggingface_hub import close_session, constants
+    from huggingface_hub import close_session, constants, hf_api
 
     monkeypatch.setenv("HF_ENDPOINT", endpoint)
     monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+    # huggingface_hub's module-level functions (list_repo_tree, model_info, ...) are methods of one HfApi made at
+    # import, which keeps the endpoint of that moment
+    monkeypatch.setattr(hf_api.api, "endpoint", endpoint)
+    hub_utils = sys.modules.get("transformers.utils.hub")  # transformers keeps its own HfApi, made on first use
+    if hub_utils is not None and hasattr(hub_utils, "_hf_api"):
+        monkeypatch.setattr(hub_utils, "_hf_api", None)
     monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", endpoint + "/{repo_id}/resolve/{revision}/{filename}")
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
@@ -474,3 +567,132 @@ def test_offline_cache_with_corrupt_blob(tmp_path, monkeypatch):
     with pytest.raises(af.AdapterFileError) as ei:
         af.load("someone/broken", cache_dir=cache)
     assert WEIGHTS in str(ei.value)
+
+
+# -- (c) uploads: af.push_to_hub and AdapterModel.push_to_hub ----------------------------------------
+def _files_at(hub, repo, ref="main"):
+    r = hub.repos[repo]
+    return r["commits"][r["refs"][ref]]
+
+
+def test_push_to_hub_uploads_a_peft_folder_with_a_card(hub, tmp_path):
+    from huggingface_hub import ModelCard
+
+    a, _, _ = _adapters()
+    hub.writers["hf_write"] = "user"
+    info = af.push_to_hub(a, "user/pushed", token="hf_write")
+    files = _files_at(hub, "user/pushed")
+    assert {CONFIG, WEIGHTS, "README.md"} <= set(files)
+    assert info.oid == hub.repos["user/pushed"]["refs"]["main"]
+    assert info.commit_url.endswith(f"/user/pushed/commit/{info.oid}")
+    assert hub.messages[info.oid] == "Upload adapter with adaptfn"
+    assert same(af.load("user/pushed", cache_dir=hub.cache), a)
+    card = ModelCard(files["README.md"].decode())
+    assert card.data.library_name == "peft" and "adaptfn" in card.data.tags and "lora" in card.data.tags
+    assert 'af.load("user/pushed")' in card.text and "PeftModel.from_pretrained" in card.text
+    assert "q_proj` ×2" in card.text and "| rank | 4 |" in card.text
+    # the writes carried the token
+    assert all(auth == "Bearer hf_write" for m, _, auth in hub.log if m == "POST")
+
+
+def test_push_to_hub_revision_and_commit_message(hub, tmp_path):
+    a, b, c = _adapters()
+    hub.writers["hf_write"] = "user"
+    af.push_to_hub(a, "user/revs", token="hf_write")
+    info = af.push_to_hub(b, "user/revs", revision="v2", commit_message="rank 4, second seed", token="hf_write")
+    assert hub.messages[info.oid] == "rank 4, second seed"
+    assert same(af.load("user/revs", cache_dir=hub.cache), a)  # main untouched
+    assert same(af.load("user/revs", revision="v2", cache_dir=hub.cache), b)
+    af.push_to_hub(c, "user/revs", revision="v2", token="hf_write")  # the branch exists now: a new commit on it
+    assert same(af.load("user/revs", revision="v2", cache_dir=hub.cache), c)
+    assert same(af.load("user/revs", revision=info.oid, cache_dir=hub.cache), b)
+    assert any("/branch/v2" in p for p in hub.requested("POST"))
+
+
+def test_push_to_hub_auth_errors(hub, tmp_path, monkeypatch):
+    a, _, _ = _adapters()
+    hub.writers["hf_write"] = "user"
+    for token in (None, "hf_wrong"):
+        with pytest.raises(af.AdapterFileError, match="not authenticated") as ei:
+            af.push_to_hub(a, "user/denied", token=token)
+        assert "user/denied" in str(ei.value) and "Traceback" not in str(ei.value)
+    with pytest.raises(af.AdapterFileError, match="may not write"):
+        af.push_to_hub(a, "someone-else/repo", token="hf_write")
+    assert "user/denied" not in hub.repos and "someone-else/repo" not in hub.repos
+    monkeypatch.setenv("HF_TOKEN", "hf_write")  # token=True: the stored token
+    af.push_to_hub(a, "user/denied", token=True)
+    assert same(af.load("user/denied", cache_dir=hub.cache), a)
+
+
+def test_push_to_hub_private_repo(hub, tmp_path):
+    a, _, _ = _adapters()
+    hub.writers["hf_write"] = "user"
+    af.push_to_hub(a, "user/secret", private=True, token="hf_write")
+    with pytest.raises(af.AdapterFileError, match="user/secret"):
+        af.load("user/secret", cache_dir=hub.cache)
+    assert same(af.load("user/secret", token="hf_write", cache_dir=hub.cache), a)
+
+
+def test_push_to_hub_without_xet_uses_create_commit(hub, tmp_path, monkeypatch):
+    """huggingface_hub's single-commit path (hf_xet not installed): the card's YAML is validated first."""
+    import huggingface_hub.hf_api
+
+    monkeypatch.setattr(huggingface_hub.hf_api, "is_xet_available", lambda: False)
+    a, _, _ = _adapters()
+    hub.writers["hf_write"] = "user"
+    af.push_to_hub(a, "user/legacy", token="hf_write")
+    assert any(p == "/api/validate-yaml" for p in hub.requested("POST"))
+    assert same(af.load("user/legacy", cache_dir=hub.cache), a)
+
+
+def test_push_to_hub_keeps_a_card_the_folder_has(hub, tmp_path):
+    from adaptfn.hub import upload_adapter_folder
+
+    a, _, _ = _adapters()
+    hub.writers["hf_write"] = "user"
+    folder = tmp_path / "mine"
+    af.save(a, folder)
+    (folder / "README.md").write_text("# my own card\n")
+    upload_adapter_folder(folder, "user/carded", a, token="hf_write")
+    assert _files_at(hub, "user/carded")["README.md"] == b"# my own card\n"
+
+
+def test_push_to_hub_bad_arguments_send_nothing(hub):
+    a, b, _ = _adapters()
+    bad = [dict(repo_id="no-namespace"), dict(repo_id="user/bad--name"), dict(repo_id="user/x", private="yes"),
+           dict(repo_id="user/x", revision=""), dict(repo_id="user/x", token=3)]
+    for kw in bad:
+        with pytest.raises(af.ConfigError):
+            af.push_to_hub(a, **kw)
+    with pytest.raises(af.ConfigError, match="stacked"):
+        af.push_to_hub(af.stack([a, b]), "user/x")
+    with pytest.raises(af.ConfigError):
+        af.push_to_hub(af.select({"a": a, "b": b}, ["a", "b"]), "user/x")  # an AdapterSum
+    assert hub.log == []
+
+
+def test_push_to_hub_offline_is_a_typed_error(hub, monkeypatch):
+    a, _, _ = _adapters()
+    _offline(monkeypatch)
+    with pytest.raises(af.AdapterFileError, match="offline"):
+        af.push_to_hub(a, "user/x", token="hf_write")
+
+
+def test_adapter_model_push_to_hub_uploads_adapters_only(hub, tmp_path):
+    a, b, _ = _adapters()
+    hub.writers["hf_write"] = "user"
+    m = af.AdapterModel(tiny_opt())
+    m.load_adapter(peft_config=a.config, adapter_state_dict=af.state_dict(a), adapter_name="first")
+    m.load_adapter(peft_config=b.config, adapter_state_dict=af.state_dict(b), adapter_name="second")
+    m.set_adapter("second")
+    m.push_to_hub("user/shell", commit_message="two adapters", token="hf_write")
+    files = _files_at(hub, "user/shell")
+    assert set(files) == {".gitattributes", "README.md", CONFIG, WEIGHTS, f"first/{CONFIG}", f"first/{WEIGHTS}"}
+    assert same(af.load("user/shell", cache_dir=hub.cache), b)  # the active adapter at the root
+    assert same(af.load("user/shell", adapter_name="first", cache_dir=hub.cache), a)
+    card = files["README.md"].decode()
+    assert "Adapter `second` (root folder)" in card and "Adapter `first` (sub-folder `first/`)" in card
+    with pytest.raises(af.AdapterFileError, match="not authenticated"):
+        m.push_to_hub("user/shell2")
+    with pytest.raises(af.ConfigError, match="push_to_hub"):
+        af.AdapterModel(tiny_opt()).push_to_hub("user/empty", token="hf_write")  # no adapters

@@ -825,8 +825,8 @@ def test_bad_arguments_raise_typed_errors_before_any_change(tmp_path) -> None:
         with pytest.raises(af.ConfigError, match="^" + msg):
             call()
         _same_snapshot(before, _snapshot(am))
-    with pytest.raises(af.ConfigError, match="^push_to_hub: not available"):  # not the base model's upload
-        am.push_to_hub("user/repo")
+    with pytest.raises(af.ConfigError, match="^push_to_hub: private must be"):  # checked before any upload
+        am.push_to_hub("user/repo", private="yes")  # (uploads: tests/test_hub.py)
     with pytest.raises(af.ConfigError, match="^enable_peft_hotswap: not supported"):
         am.enable_peft_hotswap(target_rank=16)
     open(tmp_path / "file", "w").close()

@@ -56,19 +56,26 @@ class AdaLoraConfig(LoraFamilyConfig):
     """AdaLoRA config with PEFT's field names and defaults (``peft.AdaLoraConfig``, a LoraConfig subclass).
 
     Arguments:
-        target_r: target average rank per module after pruning. init_r: every module's starting rank.
-        tinit: warm-up steps without pruning. tfinal: final steps at the target budget (masks frozen).
-        deltaT: steps between two re-allocations during the pruning phase. beta1 / beta2: EMA factors of
-        the sensitivity and its uncertainty. orth_reg_weight: weight of the orthogonality regulariser
-        (:func:`adaptfn.adalora.orth_reg`). total_step: total training steps (required, > tinit + tfinal).
+        target_r: target average rank per module after pruning.
+        init_r: every module's starting rank.
+        tinit: warm-up steps without pruning.
+        tfinal: final steps at the target budget (masks frozen).
+        deltaT: steps between two re-allocations during the pruning phase.
+        beta1: EMA factor of the sensitivity.
+        beta2: EMA factor of its uncertainty.
+        orth_reg_weight: weight of the orthogonality regulariser (:func:`adaptfn.adalora.orth_reg`).
+        total_step: total training steps (required, > tinit + tfinal).
         rank_pattern: ``None`` while training; for a pruned adapter, ``{"<path>.lora_E": [bool] * init_r}``
-        (PEFT's format; the saved tensors then hold only the kept triplets).
-        LoRA fields (inherited in PEFT): lora_alpha (scale numerator), lora_dropout (needs an explicit
-        generator, see :func:`adaptfn.inject`), target_modules / exclude_modules / layers_to_transform /
-        layers_pattern (PEFT's targeting rules), fan_in_fan_out (set from the module type, as PEFT does),
-        bias ("none", "all", "lora_only"), modules_to_save, init_lora_weights (True: ``E`` zeros, ``A`` and
-        ``B`` ~ N(0, 0.02); False: all standard normal). ``r``, ``use_rslora`` and ``alpha_pattern`` are
-        kept for the round trip but, as in PEFT, have no effect on AdaLoRA.
+            (PEFT's format; the saved tensors then hold only the kept triplets).
+        lora_alpha: scale numerator (a LoRA field, inherited in PEFT).
+        lora_dropout: needs an explicit generator, see :func:`adaptfn.inject`.
+        target_modules: PEFT's targeting rules, as for LoRA (also ``exclude_modules``,
+            ``layers_to_transform``, ``layers_pattern``).
+        fan_in_fan_out: set from the module type, as PEFT does.
+        bias: "none", "all" or "lora_only"; modules_to_save as for LoRA.
+        init_lora_weights: True: ``E`` zeros, ``A`` and ``B`` ~ N(0, 0.02); False: all standard normal.
+        r: kept for the round trip but, as in PEFT, without effect on AdaLoRA (so are ``use_rslora`` and
+            ``alpha_pattern``).
 
     Example:
         >>> cfg = af.AdaLoraConfig(init_r=12, target_r=4, lora_alpha=32, target_modules=["q_proj", "v_proj"],

@@ -50,16 +50,20 @@ class LoraConfig(LoraFamilyConfig):
     are :class:`adaptfn.methods.common.LoraFamilyConfig`'s.
 
     Arguments:
-        r: rank. lora_alpha: scale numerator. lora_dropout: dropout on the LoRA input (only with an
-        explicit generator, see :func:`adaptfn.inject`). target_modules: list of names/suffixes, a regex
-        (``re.fullmatch``) or ``"all-linear"``. exclude_modules: same rules, wins over targets.
+        r: rank.
+        lora_alpha: scale numerator (the scale is ``lora_alpha / r``).
+        lora_dropout: dropout on the LoRA input (only with an explicit generator, see :func:`adaptfn.inject`).
+        target_modules: list of names/suffixes, a regex (``re.fullmatch``) or ``"all-linear"``.
+        exclude_modules: same rules, wins over targets.
         fan_in_fan_out: base weight stored [in, out] (GPT-2 Conv1D; set automatically there).
         bias: "none", "all" (every ``*.bias`` is trained) or "lora_only" (biases of targeted modules).
-        use_rslora: scale by ``lora_alpha / sqrt(r)``. modules_to_save: modules trained in full
-        (replacements). layers_to_transform / layers_pattern: restrict list targets to these block
-        indices. rank_pattern / alpha_pattern: per-module r / alpha, keys matched as ``(.*\\.)?(key)$``.
-        init_lora_weights: True (A kaiming-uniform, B zeros), "gaussian" (A ~ N(0, 1/r)) or False
-        (both random: for tests).
+        use_rslora: scale by ``lora_alpha / sqrt(r)``.
+        modules_to_save: modules trained in full (replacements).
+        layers_to_transform: restrict list targets to these block indices (with ``layers_pattern``).
+        rank_pattern: per-module r, keys matched as ``(.*\\.)?(key)$``.
+        alpha_pattern: per-module alpha, keys matched the same way.
+        init_lora_weights: True (A kaiming-uniform, B zeros), "gaussian" (A ~ N(0, 1/r)) or False (both
+            random: for tests).
 
     Example:
         >>> cfg = af.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])

@@ -1,0 +1,176 @@
+"""Render a benchmark run (the JSON of ``python -m bench --json FILE``) as Markdown tables and SVG charts.
+
+The documentation's Performance page is built from ``bench/latest.json`` by the mkdocs hook
+``docs/_hooks/hooks.py`` with these functions, so its numbers are never typed by hand:
+``python -m bench --json bench/latest.json`` refreshes them. ``python -m bench.report FILE`` prints the
+Markdown.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+from typing import Any
+
+from bench.harness import fmt_time
+
+__all__ = ["markdown", "charts", "load"]
+
+
+def load(path: str) -> dict[str, Any]:
+    """Read and check a results file: ``{"args": ..., "results": [{scenario, medians, ratios, targets, ...}]}``."""
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    if not isinstance(data, dict) or not isinstance(data.get("results"), list) or not data["results"]:
+        raise ValueError(f"{path}: not a benchmark results file (python -m bench --json {path})")
+    for r in data["results"]:
+        missing = {"scenario", "medians", "ratios", "targets"} - set(r)
+        if missing:
+            raise ValueError(f"{path}: result {r.get('scenario')!r} lacks {sorted(missing)}")
+    return data
+
+
+def _fmt_ratio(v: float) -> str:
+    return f"{v:.3f}"
+
+
+def _workload(args: dict[str, Any]) -> str:
+    return (f"transformers OPT from config: hidden {args.get('hidden')}, {args.get('layers')} layers, "
+            f"{args.get('heads')} heads, ffn {args.get('ffn')}, vocab {args.get('vocab')}; batch "
+            f"{args.get('batch')} x {args.get('seq')} tokens; LoRA r={args.get('r')}, alpha={args.get('alpha'):g} on "
+            f"q/k/v/out_proj, fc1, fc2; {args.get('threads')} torch threads on {args.get('device')}; "
+            f"{args.get('repeats')} timed rounds after {args.get('warmup')} warm-up (medians)")
+
+
+def markdown(data: dict[str, Any], chart_dir: str = "") -> str:
+    """The tables (and chart references, under ``chart_dir``) for a results dict from :func:`load`."""
+    args, meta, results = data.get("args", {}), data.get("meta") or {}, data["results"]
+    out: list[str] = []
+    if meta:
+        v = meta.get("versions", {})
+        out += ["| run | |", "|---|---|",
+                f"| date | {meta.get('date', '?')} |",
+                f"| machine | {meta.get('cpu', '?')}, {meta.get('cpu_count', '?')} logical CPUs; "
+                f"{meta.get('platform', '?')} |",
+                "| software | " + ", ".join(f"{k} {val}" for k, val in v.items() if val) +
+                f", Python {meta.get('python', '?')} |",
+                f"| wall time | {meta.get('wall_s', 0) / 60:.1f} min |"]
+        if meta.get("loadavg_end"):
+            out.append("| load average at the end (1, 5, 15 min) | "
+                       + ", ".join(f"{x:.2f}" for x in meta["loadavg_end"]) + " |")
+        out.append("")
+    if args:
+        out += [f"Workload: {_workload(args)}.", ""]
+    if args.get("tiny"):
+        out += ["!!! warning \"A smoke run\"", "    This file comes from `python -m bench --tiny` (tiny sizes, one "
+                "repeat): the numbers say nothing about speed.", ""]
+    ok_total = sum(1 for r in results for k, t in r["targets"].items() if k in r["ratios"] and r["ratios"][k] <= t)
+    n_total = sum(1 for r in results for k in r["targets"] if k in r["ratios"])
+    out += ["## Ratios against their targets", "",
+            f"{ok_total} of {n_total} targeted ratios are within their target in this run (ratios of medians; "
+            "lower is better).", ""]
+    if chart_dir is not None:
+        out += [f"![Ratios of medians per scenario, with each target]({chart_dir}ratios.svg)", ""]
+    out += ["| scenario | ratio | value | target | within |", "|---|---|---|---|---|"]
+    for r in results:
+        for name, value in r["ratios"].items():
+            target = r["targets"].get(name)
+            within = "" if target is None else ("yes" if value <= target else "**no**")
+            out.append(f"| {r['scenario']} | {name} | {_fmt_ratio(value)} | "
+                       f"{'<= ' + format(target, 'g') if target is not None else ''} | {within} |")
+    out += ["", "## Medians per scenario", ""]
+    scaling = _scaling_points(results)
+    for r in results:
+        out += [f"### {r['scenario']}", "", "| contender | median |", "|---|---|"]
+        out += [f"| {name} | {fmt_time(s).strip()} |" for name, s in r["medians"].items()]
+        out.append("")
+        notes = list(r.get("notes") or []) + [f"`{k}` = {_fmt_extra(v)}" for k, v in (r.get("extra") or {}).items()]
+        if notes:
+            out += [f"- {n}" for n in notes] + [""]
+        if scaling and r is scaling[0] and chart_dir is not None:
+            out += [f"![Time of one mixed batch against the number of distinct adapters]({chart_dir}scaling.svg)",
+                    ""]
+    return "\n".join(out).rstrip() + "\n"
+
+
+def _fmt_extra(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}"
+    if isinstance(v, dict):
+        return ", ".join(f"{k}: {_fmt_extra(x)}" for k, x in v.items())
+    return str(v)
+
+
+def _scaling_points(results: list[dict[str, Any]]) -> tuple[dict[str, Any], list[tuple[int, float]]] | None:
+    """(result, [(N, seconds)]) for the scaling scenario (medians named ``N=<int>``), if the run has it."""
+    for r in results:
+        pts = []
+        for name, s in r["medians"].items():
+            if name.startswith("N=") and name[2:].isdigit():
+                pts.append((int(name[2:]), s))
+        if len(pts) >= 2:
+            return r, sorted(pts)
+    return None
+
+
+def _svg(fig: Any) -> bytes:
+    buf = io.StringIO()
+    fig.savefig(buf, format="svg", metadata={"Date": None})
+    return buf.getvalue().encode()
+
+
+def charts(data: dict[str, Any]) -> dict[str, bytes]:
+    """SVG charts: ``ratios.svg`` (every ratio with its target) and, when the run has scenario 9,
+    ``scaling.svg`` (time against the number of distinct adapters)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = data["results"]
+    out: dict[str, bytes] = {}
+    with matplotlib.rc_context({"svg.hashsalt": "adaptfn-bench", "font.size": 9}):
+        names, values, bounds = [], [], []
+        for r in results:
+            for k, v in r["ratios"].items():
+                names.append(f"{r['scenario']}: {k}")
+                values.append(v)
+                bounds.append(r["targets"].get(k))
+        height = max(3.0, 0.28 * len(names) + 1.2)
+        fig, ax = plt.subplots(figsize=(9, height))
+        ys = list(range(len(values)))[::-1]
+        colors = ["#43a047" if b is None or v <= b else "#e53935" for v, b in zip(values, bounds)]
+        ax.barh(ys, values, color=colors, height=0.7)
+        for y, b in zip(ys, bounds):
+            if b is not None:
+                ax.plot([b, b], [y - 0.42, y + 0.42], color="black", lw=1.6)
+        ax.axvline(1.0, color="grey", lw=0.8, ls="--")
+        ax.set_yticks(ys, names)
+        ax.set_xscale("log")
+        ax.set_xlabel("ratio of medians (log scale; lower is better; black tick: the target; dashed: 1)")
+        ax.set_title("adaptfn vs PEFT vs the base model")
+        fig.tight_layout()
+        out["ratios.svg"] = _svg(fig)
+        plt.close(fig)
+        scaling = _scaling_points(results)
+        if scaling:
+            r, pts = scaling
+            fig, ax = plt.subplots(figsize=(6, 3.4))
+            ax.plot([n for n, _ in pts], [s * 1e3 for _, s in pts], marker="o", color="#1e88e5")
+            ax.set_xscale("log", base=2)
+            ax.set_xticks([n for n, _ in pts], [str(n) for n, _ in pts])
+            ax.set_ylim(bottom=0)
+            ax.set_xlabel("distinct adapters in the batch (N)")
+            ax.set_ylabel("median time of one call (ms)")
+            ax.set_title(r["scenario"])
+            fig.tight_layout()
+            out["scaling.svg"] = _svg(fig)
+            plt.close(fig)
+    return out
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        raise SystemExit("usage: python -m bench.report RESULTS.json")
+    sys.stdout.write(markdown(load(sys.argv[1])))
