@@ -26,7 +26,8 @@ import torch
 from .adapter import GATE, SCALING, Adapter
 from .errors import AdaptfnError
 from .functional import functional
-from .io import _from_peft, _resolve, read_config, read_tensors, save
+from .io import _resolve, load, save
+from .io import state_dict as adapter_state_dict
 from .methods import get_method
 from .transforms import inject, merge, select
 
@@ -125,13 +126,15 @@ class _Loaded:
 
     def __init__(self, source: str, args: argparse.Namespace) -> None:
         self.source = source
-        self.config_path, self.weights_path = _resolve(
+        # one consistent version of the folder (af.load checks the pair, even during a save) ...
+        self.adapter: Adapter = load(source, adapter_name=args.adapter_name, revision=args.revision,
+                                     subfolder=args.subfolder, token=args.token, allow_pickle=args.allow_pickle)
+        # ... and where it came from (the same files, from the cache or the folder: sizes, the raw config)
+        self.config_path, self.weights_path, _ = _resolve(
             source, args.adapter_name, args.revision, args.subfolder, args.token, None, False, args.allow_pickle)
-        self.method, self.config = read_config(self.config_path)
-        with open(self.config_path, encoding="utf-8") as f:
-            self.raw_config = json.load(f)
-        self.state_dict = read_tensors(self.weights_path)
-        self.adapter: Adapter = _from_peft(self.method, self.config, self.state_dict, self.weights_path)
+        self.method, self.config = get_method(self.adapter.method), self.adapter.config
+        self.raw_config = self.config.to_dict()
+        self.state_dict = adapter_state_dict(self.adapter)
         self.folder = os.path.dirname(self.config_path)
 
     def files(self) -> dict[str, int]:

@@ -121,9 +121,25 @@ def _serialize(tensors: dict[str, torch.Tensor], config_json: bytes, where: str)
 
     meta = {"format": "pt", _files.DIGEST_KEY: _files.digest(config_json)}
     try:
-        return st_save(tensors, metadata=meta)
+        return _sorted_metadata(st_save(tensors, metadata=meta))
     except (ValueError, RuntimeError, TypeError) as e:
         raise ConfigError(f"{where}: the adapter's tensors cannot be written as safetensors ({e})") from None
+
+
+def _sorted_metadata(data: bytes) -> bytes:
+    """``data`` with the header's metadata keys in sorted order: safetensors writes them in a hash map's
+    order, which changes from call to call, so the same adapter would not give the same bytes. The header
+    keeps its length (the same JSON, reordered; space-padded as safetensors pads it)."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    meta = header.pop("__metadata__", None)
+    if not meta:
+        return data
+    new = json.dumps({"__metadata__": dict(sorted(meta.items())), **header}, separators=(",", ":"),
+                     ensure_ascii=False).encode()
+    if len(new) > n:  # pragma: no cover - the same entries never encode longer
+        return data
+    return data[:8] + new + b" " * (n - len(new)) + data[8 + n:]
 
 
 def save(adapter: Adapter | Mapping[str, Adapter], directory: str | os.PathLike[str], *,

@@ -765,10 +765,12 @@ class AdapterModel(nn.Module):
         which returns silently, an existing ``adapter_name`` raises.
 
         Arguments:
-            adapters: names of existing adapters of one method. weights: one number per adapter.
+            adapters: names of existing adapters of one method.
+            weights: one number per adapter.
             adapter_name: the new adapter's name.
-            combination_type, svd_rank, svd_clamp, svd_full_matrices, svd_driver, density,
-                majority_sign_method: as :func:`adaptfn.combine` (``combination_type`` is its ``how``).
+            combination_type: :func:`adaptfn.combine`'s ``how``.
+            svd_rank, svd_clamp, svd_full_matrices, svd_driver, density, majority_sign_method: as
+                :func:`adaptfn.combine`.
 
         Returns:
             None.

@@ -43,6 +43,8 @@ def work(tmp_path_factory):
     b = af.init(fn, af.LoraConfig(r=2, lora_alpha=8, target_modules=["q_proj", "fc1"], init_lora_weights=False),
                 generator=gen(2))
     af.save(b, d / "b")
+    q = af.select(a, lambda p: "proj" in p)  # a's deltas only: what af.combine takes (no modules_to_save)
+    af.save(q, d / "q")
     ia3 = af.init(fn, af.IA3Config(target_modules=["v_proj", "fc2"], feedforward_modules=["fc2"]))
     ia3 = af.tree.map(lambda t: t * 1.5 if t.dim() else t, ia3)
     af.save(ia3, d / "ia3")
@@ -53,7 +55,7 @@ def work(tmp_path_factory):
 
     save_file({"lora_unet_down_blocks_0_attn1_to_q.lora_down.weight": torch.zeros(4, 8),
                "lora_unet_down_blocks_0_attn1_to_q.lora_up.weight": torch.zeros(8, 4)}, d / "kohya.safetensors")
-    return {"dir": d, "model": model, "a": af.load(d / "a"), "b": b, "ia3": ia3}
+    return {"dir": d, "model": model, "a": af.load(d / "a"), "b": b, "q": q, "ia3": ia3}
 
 
 def run(capsys, *argv):
@@ -208,15 +210,15 @@ def test_merge_bad_input(work, capsys, tmp_path):
 # -- combine ---------------------------------------------------------------------------------------------
 def test_combine(work, capsys, tmp_path):
     d = work["dir"]
-    rc, out, err = run(capsys, "combine", d / "a", d / "a", "--weights", "0.7", "0.3", "--how", "cat",
+    rc, out, err = run(capsys, "combine", d / "q", d / "b", "--weights", "0.7", "0.3", "--how", "cat",
                        "--out", tmp_path / "c", "--json")
-    if not hasattr(af, "combine"):
-        assert rc == 2 and "af.combine" in err and "nothing was written" in err and not (tmp_path / "c").exists()
-        return
     assert rc == 0, err
-    want = af.combine([work["a"], work["a"]], [0.7, 0.3], how="cat")
+    want = af.combine([work["q"], work["b"]], [0.7, 0.3], how="cat")
     got = af.load(tmp_path / "c")
     assert got.paths == want.paths and json.loads(out)["modules"] == len(want.paths)
+    assert all(torch.equal(got.leaves(p)[k], want.leaves(p)[k]) for p in want.paths for k in ("lora_A", "lora_B"))
+    rc, _, err = run(capsys, "combine", d / "a", d / "b", "--weights", "1", "1", "--out", tmp_path / "c4")
+    assert rc == 2 and "IncompatibleAdapterError" in err and "lm_head" in err and not (tmp_path / "c4").exists()
 
 
 def test_combine_passes_the_contract_arguments(work, capsys, tmp_path, monkeypatch):
@@ -384,8 +386,8 @@ def test_every_subcommand_as_a_subprocess(work, tmp_path):
         "diff": (entry + ["diff", str(d / "a"), str(d / "b")], 0),
         "merge": (py + ["merge", str(tmp_path / "big-lora"), "--base", str(tmp_path / "big"), "--out",
                         str(tmp_path / "m"), "--max-shard-size", "10MB", "--json"], 0),
-        "combine": (py + ["combine", str(d / "a"), str(d / "b"), "--weights", "1", "1", "--out", str(tmp_path / "c")],
-                    0 if hasattr(af, "combine") else 2),
+        "combine": (py + ["combine", str(d / "q"), str(d / "b"), "--weights", "1", "1", "--out", str(tmp_path / "c")],
+                    0),
         "convert": (entry + ["convert", str(d / "a"), "--to", "peft", "--out", str(tmp_path / "p")], 0),
         "verify": (py + ["verify", str(d / "corrupt"), "--base", str(d / "base")], 2),
     }
