@@ -28,6 +28,8 @@ from .io import from_state_dict as from_state_dict
 from .io import load as load
 from .io import save as save
 from .io import state_dict as state_dict
+from .kohya import from_kohya as from_kohya
+from .kohya import load_kohya as load_kohya
 from .methods import AdaLoraConfig as AdaLoraConfig
 from .methods import IA3Config as IA3Config
 from .methods import LoHaConfig as LoHaConfig

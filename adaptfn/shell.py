@@ -686,11 +686,12 @@ class AdapterModel(nn.Module):
             peft_model_id = _path(where, "peft_model_id", peft_model_id)
         try:
             if in_memory:  # the caller's tensors are copied: training must not write into them
-                adapter = from_state_dict(adapter_state_dict, peft_config)  # type: ignore[arg-type]
+                adapter = from_state_dict(adapter_state_dict, peft_config,  # type: ignore[arg-type]
+                                          model=self.base_model)
                 adapter = Adapter(adapter.method, adapter.config, dict(adapter.entries), {
                     p: {n: t.detach().to(device, copy=True) for n, t in d.items()} for p, d in adapter.tensors.items()})
             else:
-                adapter = load(peft_model_id, device=device, **hub)  # type: ignore[arg-type]
+                adapter = load(peft_model_id, device=device, model=self.base_model, **hub)  # type: ignore[arg-type]
             inject(self._fn()[0], adapter)  # checks it against the model
         except AdaptfnError as e:
             raise _prefixed(where, e) from None

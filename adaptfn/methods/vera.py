@@ -37,7 +37,7 @@ from torch import nn
 
 from .. import routing
 from .._where import is_target
-from ..adapter import COEF, Entry
+from ..adapter import COEF, GATE, Entry
 from ..errors import (
     AdapterFileError,
     ConfigError,
@@ -84,7 +84,7 @@ class VeraConfig(PeftConfigBase):
         >>> leaves = vera.leaves("model.decoder.layers.0.self_attn.q_proj")
         >>> {k: list(v.shape) for k, v in leaves.items()}      # fc1 is [37, 22]: max_out 37, max_in 22
         {'vera_lambda_b': [22], 'vera_lambda_d': [16], 'vera_A': [16, 22], 'vera_B': [37, 16], 'gate': []}
-        >>> vera.num_parameters() == 4 * (16 + 22) + 2 * (16 + 37)    # the vectors only
+        >>> vera.num_parameters() == 2 * (22 + 16) + 2 * (37 + 16)    # the vectors only (2 layers)
         True
     """
 
@@ -218,7 +218,9 @@ class Vera:
             k = (lb.dtype, lb.device)
             if k not in conv:
                 conv[k] = (A.to(device=lb.device, dtype=lb.dtype), B.to(device=lb.device, dtype=lb.dtype))
-            out[p] = {**leaves, "vera_A": conv[k][0], "vera_B": conv[k][1]}
+            rest = {n: t for n, t in leaves.items() if n != GATE}  # the gate stays last, as in a loaded adapter
+            out[p] = {**rest, "vera_A": conv[k][0], "vera_B": conv[k][1],
+                      **({GATE: leaves[GATE]} if GATE in leaves else {})}
         return out
 
     def shared_to_peft(self, config: VeraConfig, entries: Mapping[str, Entry],
