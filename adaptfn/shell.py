@@ -1614,10 +1614,10 @@ class AdapterModel(nn.Module):
 def _peft_module_type(method: str, module: nn.Module | None) -> str:
     """The ``module_type`` PEFT 0.21 reports for a layer of ``method`` wrapping ``module`` (its tuner layer's
     class name as its repr shows it: LoRA ``lora.Linear`` (GPT-2 ``Conv1D`` included) / ``lora.Embedding``,
-    IA3 ``Linear``, AdaLoRA ``adalora.SVDLinear``)."""
+    IA3 ``Linear``, AdaLoRA ``adalora.SVDLinear``; the others ``<method>.Linear`` / ``<method>.Embedding``, VeRA's
+    on a ``Conv1D`` included)."""
     kind = "Embedding" if isinstance(module, nn.Embedding) else "Linear"
-    return {"lora": f"lora.{kind}", "ia3": kind, "adalora": "adalora.SVDLinear"}.get(
-        method, f"{method}.{type(module).__name__}")
+    return {"lora": f"lora.{kind}", "ia3": kind, "adalora": "adalora.SVDLinear"}.get(method, f"{method}.{kind}")
 
 
 def _numel(p: torch.Tensor) -> int:

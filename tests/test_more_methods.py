@@ -200,6 +200,10 @@ def test_vera_projections_are_shared_frozen_and_stacked_once(opt_setup) -> None:
                                       if n.startswith("vera_lambda"))
     stacked = af.stack([a1, a2])
     assert stacked.leaves(p)["vera_A"].stride(0) == 0  # an expanded view, no copies
+    loop = [logits(fn, params, a, ids) for a in (a1, a2)]
+    torch.testing.assert_close(torch.func.vmap(lambda a: logits(fn, params, a, ids))(stacked), torch.stack(loop))
+    routed = af.inject(fn, stacked, route=torch.tensor([1, 0]))(params, input_ids=ids).logits
+    torch.testing.assert_close(routed, torch.stack([loop[1][0], loop[0][1]]))
     opt = af.optim.adamw(lr=0.1)
     g = torch.func.grad(lambda a: logits(fn, params, a, ids).square().mean())(a1)
     new, _ = opt.update(g, opt.init(a1), a1)
