@@ -1,4 +1,4 @@
-"""adaptfn: functional adapters (LoRA, ...) for PyTorch, in PEFT's file format.
+"""adaptfn: functional adapters (LoRA, IA3, AdaLoRA, LoHa, LoKr, OFT, VeRA) for PyTorch, in PEFT's file format.
 
 An adapter is an immutable pytree; pure functions inject, merge, select, mask, scale and combine it into
 a functional model call. See ``docs/`` and ``docs/design.md`` for the contract.
@@ -31,9 +31,15 @@ from .io import from_state_dict as from_state_dict
 from .io import load as load
 from .io import save as save
 from .io import state_dict as state_dict
+from .kohya import from_kohya as from_kohya
+from .kohya import load_kohya as load_kohya
 from .methods import AdaLoraConfig as AdaLoraConfig
 from .methods import IA3Config as IA3Config
+from .methods import LoHaConfig as LoHaConfig
+from .methods import LoKrConfig as LoKrConfig
 from .methods import LoraConfig as LoraConfig
+from .methods import OFTConfig as OFTConfig
+from .methods import VeraConfig as VeraConfig
 from .shell import AdapterModel as AdapterModel
 from .shell import from_pretrained as from_pretrained
 from .stacking import stack as stack

@@ -11,6 +11,7 @@ from .adapter import GATE, Adapter
 from .errors import ConfigError
 from .functional import FunctionalModel
 from .methods import method_for_config
+from .methods.base import SharedTensors
 
 __all__ = ["init"]
 
@@ -72,4 +73,6 @@ def init(
         ref = next(iter(leaves.values()))
         leaves[GATE] = torch.ones((), dtype=torch.float32, device=ref.device)
         tensors[path] = leaves
+    if isinstance(method, SharedTensors):  # tensors every module shares (VeRA's projections)
+        tensors = method.shared_init(config, model, entries, tensors)
     return Adapter(method.name, config, entries, tensors)

@@ -40,7 +40,7 @@ from ._leaves import check_leaves, storage_safe
 from .adapter import COEF, GATE, Adapter, AdapterSum, Entry, gate_on, replace
 from .errors import AdapterFileError, AdaptfnError, ConfigError, IncompatibleAdapterError
 from .methods import get_method, method_for_config, method_for_peft_type
-from .methods.base import PeftConfigBase
+from .methods.base import PeftConfigBase, SharedTensors
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -89,6 +89,8 @@ def state_dict(adapter: Adapter) -> dict[str, torch.Tensor]:
             mid = _BASE_LAYER if name in e.tied else "."
             key = f"{path}{mid}{name}" if path else (f"base_layer.{name}" if name in e.tied else name)
             out[PREFIX + key] = leaves[name]
+    if isinstance(method, SharedTensors):  # tensors every module shares, written once (VeRA's projections)
+        out.update(method.shared_to_peft(adapter.config, adapter.entries, adapter.tensors))
     return out
 
 
@@ -251,8 +253,10 @@ def _resolve(source: str, adapter_name: str | None, revision: str | None, subfol
             return cfg, binf, True
         raise AdapterFileError(f"{folder}: no {SAFETENSORS_NAME} (or {BIN_NAME}) next to {CONFIG_NAME}")
     if os.path.exists(local):
+        hint = (" A single .safetensors file with lora_unet_ / lora_te_ keys is a kohya-ss / A1111 LoRA: read it "
+                "with af.load_kohya(path, model).") if local.endswith(".safetensors") else ""
         raise AdapterFileError(f"{source}: is a file, not an adapter folder (pass the folder that holds {CONFIG_NAME} "
-                               f"and {SAFETENSORS_NAME})")
+                               f"and {SAFETENSORS_NAME}).{hint}")
     if _looks_local(source):
         raise AdapterFileError(f"{source}: not found: no such local folder (the path does not exist"
                                + (f", resolved from {os.getcwd()}" if not os.path.isabs(local) else "") + ")")
@@ -479,13 +483,21 @@ def _saved_module(config: Any, rest: str) -> tuple[str, str] | None:
     return None
 
 
-def _from_peft(method: Any, config: Any, sd: Mapping[str, torch.Tensor], source: str) -> Adapter:
-    """Build an adapter from a PEFT state dict (keys with the ``base_model.model.`` prefix)."""
+def _from_peft(method: Any, config: Any, sd: Mapping[str, torch.Tensor], source: str,
+               model: Any = None) -> Adapter:
+    """Build an adapter from a PEFT state dict (keys with the ``base_model.model.`` prefix, plus a method's
+    shared keys, see :class:`adaptfn.methods.base.SharedTensors`). ``model`` (an ``nn.Module`` or None) is
+    handed to a method that may need it to regenerate shared tensors the file lacks."""
     suffixes = method.delta_suffixes()
+    shared_keys = method.shared_keys() if isinstance(method, SharedTensors) else ()
+    shared: dict[str, torch.Tensor] = {}
     deltas: dict[str, dict[str, torch.Tensor]] = {}
     repl: dict[str, dict[str, torch.Tensor]] = {}
     tied: dict[str, set[str]] = {}
     for key, t in sd.items():
+        if key in shared_keys:
+            shared[key] = t
+            continue
         if not key.startswith(PREFIX):
             raise AdapterFileError(f"{source}: key {key!r} does not start with {PREFIX!r} (not a PEFT adapter file)")
         rest = key[len(PREFIX):]
@@ -522,15 +534,28 @@ def _from_peft(method: Any, config: Any, sd: Mapping[str, torch.Tensor], source:
         tied_names = tuple(n for n in names if n in tied.get(path, ()))
         # PEFT never trains a base layer's weight: those keys are there for resized vocabularies
         frozen = tuple(n for n in tied_names if not (n == "bias" and getattr(config, "bias", "none") != "none"))
-        entries[path] = Entry(e.kind, e.r, e.scaling, e.fan_in_fan_out, names, tied_names, e.options, frozen)
+        entries[path] = Entry(e.kind, e.r, e.scaling, e.fan_in_fan_out, names, tied_names, e.options,
+                              e.frozen + frozen)
         tensors.setdefault(path, {}).update(found)
     if not entries:
         raise AdapterFileError(f"{source}: the weights file holds no adapter tensors")
+    if isinstance(method, SharedTensors):
+        entries, tensors = method.shared_from_peft(config, shared, entries, tensors, source, _module(model, source))
     for leaves in tensors.values():
         ref = next(iter(leaves.values()))
         leaves[GATE] = torch.ones((), dtype=torch.float32, device=ref.device)
     order = sorted(entries)
     return Adapter(method.name, config, {p: entries[p] for p in order}, {p: tensors[p] for p in order})
+
+
+def _module(model: Any, where: str) -> Any:
+    """``model=`` of the load functions: an ``nn.Module``, the fn of :func:`adaptfn.functional` (its model) or None."""
+    if model is None or isinstance(model, torch.nn.Module):
+        return model
+    inner = getattr(model, "model", None)
+    if isinstance(inner, torch.nn.Module):
+        return inner
+    raise ConfigError(f"{where}: model must be an nn.Module or the fn of af.functional, got {type(model).__name__}")
 
 
 def load(
@@ -544,6 +569,8 @@ def load(
     allow_pickle: bool = False,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
+    *,
+    model: Any = None,
 ) -> Adapter:
     """Load a PEFT-format adapter from a folder or a Hub repo.
 
@@ -556,6 +583,9 @@ def load(
         allow_pickle: read ``adapter_model.bin`` when no safetensors file exists (with
             ``torch.load(weights_only=True)``); refused by default.
         device, dtype: where and in which floating dtype to put the tensors.
+        model: keyword only, optional: the model (``nn.Module`` or the ``fn`` of :func:`adaptfn.functional`), needed
+            only where the file leaves out tensors PEFT regenerates from the model (a VeRA adapter saved with
+            ``save_projection=False``).
 
     Returns:
         An :class:`Adapter`. The config keeps fields adaptfn does not know, and writes them back.
@@ -590,12 +620,13 @@ def load(
             raise ConfigError(f"{where}: {name} must be True or False, got {v!r}")
     dev = _device_arg(where, device)
     dtype = _dtype_arg(where, dtype)
+    model = _module(model, where)
     cfg_path, w_path, local = _resolve(source, adapter_name, revision, subfolder, token, cache_dir,
                                        local_files_only, allow_pickle)
 
     def use(data: bytes, tensors: Any) -> Adapter:
         method, config = parse_config(data, cfg_path)
-        return _from_peft(method, config, tensors(), w_path)
+        return _from_peft(method, config, tensors(), w_path, model)
 
     if w_path.endswith(".safetensors"):
         folder = os.path.dirname(cfg_path)
@@ -651,7 +682,7 @@ def _plain(v: Any) -> Any:
     return v
 
 
-def from_state_dict(state_dict: Mapping[str, torch.Tensor], config: Any) -> Adapter:
+def from_state_dict(state_dict: Mapping[str, torch.Tensor], config: Any, *, model: Any = None) -> Adapter:
     """An adapter from tensors held in memory: PEFT's key names plus a config.
 
     The in-memory twin of :func:`load` (what ``PeftModel.load_adapter(adapter_state_dict=...)`` and
@@ -664,6 +695,7 @@ def from_state_dict(state_dict: Mapping[str, torch.Tensor], config: Any) -> Adap
         state_dict: ``{key: Tensor}``; the tensors are used as they are (not copied).
         config: an adaptfn config (:class:`adaptfn.LoraConfig`, ...), a ``dict`` with PEFT's
             ``adapter_config.json`` fields (``peft_type`` included), or a ``peft`` config object.
+        model: keyword only, optional: as in :func:`load` (a VeRA state dict without its projections).
 
     Returns:
         An :class:`Adapter`, checked as :func:`load` checks a file.
@@ -686,14 +718,16 @@ def from_state_dict(state_dict: Mapping[str, torch.Tensor], config: Any) -> Adap
         raise ConfigError(f"{where}: state_dict entries must be str -> Tensor; not so for {bad[:3]!r}")
     if not state_dict:
         raise ConfigError(f"{where}: state_dict is empty")
-    prefixed = [k.startswith(PREFIX) for k in state_dict]
+    model = _module(model, where)
+    shared = method.shared_keys() if isinstance(method, SharedTensors) else ()
+    prefixed = [k.startswith(PREFIX) for k in state_dict if k not in shared]
     if not all(prefixed):
         if any(prefixed):
             raise ConfigError(f"{where}: some keys start with {PREFIX!r} and some do not (e.g. "
                               f"{next(k for k in state_dict if not k.startswith(PREFIX))!r}); use one form")
-        state_dict = {PREFIX + k: v for k, v in state_dict.items()}
+        state_dict = {k if k in shared else PREFIX + k: v for k, v in state_dict.items()}
     try:
-        adapter = _from_peft(method, cfg, state_dict, where)
+        adapter = _from_peft(method, cfg, state_dict, where, model)
         check_leaves(adapter, where)
     except (AdapterFileError, IncompatibleAdapterError) as e:  # the same checks as a file, as bad arguments
         raise ConfigError(str(e)) from None

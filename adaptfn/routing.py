@@ -39,7 +39,7 @@ from .errors import ConfigError, IncompatibleAdapterError
 
 __all__ = ["DENSE_LIMIT", "GROUPED_TOKENS", "BaseGemm", "check_route", "rows_view", "row_scale", "in_place_ok",
            "base_gemm", "lowrank_then_base", "accumulate_base", "same_inputs", "lowrank_add", "lowrank",
-           "embedding_lowrank"]
+           "embedding_lowrank", "pick_rows", "dense_rows"]
 
 # use the dense kernel while (rows * tokens-per-row * adapters) <= DENSE_LIMIT * rows (transforms, autograd)
 DENSE_LIMIT = 64
@@ -491,3 +491,20 @@ def embedding_lowrank(ids: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale
     h = A.transpose(1, 2)[ic[:, None], ib] * s[:, None, None]  # [bsz, L, r]
     delta = torch.bmm(h, B[ic].transpose(1, 2))
     return delta.reshape(*ids.shape, B.shape[1])
+
+
+def pick_rows(t: torch.Tensor, idx: torch.Tensor, off: torch.Tensor | float = 0.0) -> torch.Tensor:
+    """``t[idx[i]]`` per row (``t`` [N, ...] stacked per adapter), ``off`` where ``idx[i] == -1``: [bsz, ...]."""
+    picked = t[idx.clamp(min=0)]
+    keep = (idx >= 0).reshape(-1, *([1] * (t.dim() - 1)))
+    if isinstance(off, torch.Tensor):
+        return torch.where(keep, picked, off.to(picked.dtype))
+    return picked * keep.to(picked.dtype) if off == 0.0 else torch.where(keep, picked, off)
+
+
+def dense_rows(x: torch.Tensor, W: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Per-row ``x_i @ W[j]^T`` with ``j = idx[i]`` (zero where ``idx[i] == -1``), for methods whose delta is a
+    dense weight per adapter (LoHa, LoKr): ``x`` [bsz * k, ..., in], ``W`` [N, out, in] -> [..., out]."""
+    xb = rows_view(x, idx.shape[0])
+    Wr = pick_rows(W, idx)  # [bsz, out, in]
+    return torch.bmm(xb.to(W.dtype), Wr.transpose(1, 2)).reshape(*x.shape[:-1], W.shape[1])

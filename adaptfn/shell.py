@@ -688,11 +688,12 @@ class AdapterModel(nn.Module):
             peft_model_id = _path(where, "peft_model_id", peft_model_id)
         try:
             if in_memory:  # the caller's tensors are copied: training must not write into them
-                adapter = from_state_dict(adapter_state_dict, peft_config)  # type: ignore[arg-type]
+                adapter = from_state_dict(adapter_state_dict, peft_config,  # type: ignore[arg-type]
+                                          model=self.base_model)
                 adapter = Adapter(adapter.method, adapter.config, dict(adapter.entries), {
                     p: {n: t.detach().to(device, copy=True) for n, t in d.items()} for p, d in adapter.tensors.items()})
             else:
-                adapter = load(peft_model_id, device=device, **hub)  # type: ignore[arg-type]
+                adapter = load(peft_model_id, device=device, model=self.base_model, **hub)  # type: ignore[arg-type]
             inject(self._fn()[0], adapter)  # checks it against the model
         except AdaptfnError as e:
             raise _prefixed(where, e) from None
@@ -1639,10 +1640,10 @@ class AdapterModel(nn.Module):
 def _peft_module_type(method: str, module: nn.Module | None) -> str:
     """The ``module_type`` PEFT 0.21 reports for a layer of ``method`` wrapping ``module`` (its tuner layer's
     class name as its repr shows it: LoRA ``lora.Linear`` (GPT-2 ``Conv1D`` included) / ``lora.Embedding``,
-    IA3 ``Linear``, AdaLoRA ``adalora.SVDLinear``)."""
+    IA3 ``Linear``, AdaLoRA ``adalora.SVDLinear``; the others ``<method>.Linear`` / ``<method>.Embedding``, VeRA's
+    on a ``Conv1D`` included)."""
     kind = "Embedding" if isinstance(module, nn.Embedding) else "Linear"
-    return {"lora": f"lora.{kind}", "ia3": kind, "adalora": "adalora.SVDLinear"}.get(
-        method, f"{method}.{type(module).__name__}")
+    return {"lora": f"lora.{kind}", "ia3": kind, "adalora": "adalora.SVDLinear"}.get(method, f"{method}.{kind}")
 
 
 def _numel(p: torch.Tensor) -> int:

@@ -10,7 +10,9 @@ a module, its slice of that module's leaves is zeros and its ``gate`` is 0 (gate
 adapter: a stacked gate is [N]), so it contributes exactly nothing there, under ``vmap``, ``grad`` and
 ``route=`` alike; the zeros are padding, as rank padding is, and cost what padding costs. Scale weights
 (``coef`` leaves, :func:`adaptfn.scale`) stack too: an adapter without one gets 1 (0 where it lacks the
-module). :func:`unstack` gives back each adapter's own modules, entries and leaves.
+module). :func:`unstack` gives back each adapter's own modules, entries and leaves. A frozen leaf
+(``Entry.frozen``) that every adapter holds as the same tensor object (VeRA's shared projections) is stacked as
+an expanded view of that one tensor (no copies).
 """
 
 from __future__ import annotations
@@ -131,7 +133,11 @@ def stack(adapters: Sequence[Adapter]) -> Adapter:
                 raise IncompatibleAdapterError(
                     f"stack: leaf {p}.{name} has different shapes: "
                     + ", ".join(f"item {i}: {shape_str(t.shape)}" for i, t in enumerate(parts)))
-            leaf[name] = torch.stack(parts)
+            if name in e0.frozen and all(t is parts[0] for t in parts[1:]):
+                # one frozen tensor every adapter shares (VeRA's projections): a view, not N copies
+                leaf[name] = parts[0].unsqueeze(0).expand(len(parts), *parts[0].shape)
+            else:
+                leaf[name] = torch.stack(parts)
         if e0.kind:
             lead = leaf.get("lora_A", gate0)
             sdt = torch.float64 if lead.dtype == torch.float64 else torch.float32

@@ -33,8 +33,9 @@ def inject(fn: FunctionalModel, adapter: AdapterLike, *, generator: torch.Genera
     Arguments:
         fn: from :func:`adaptfn.functional` (or another ``inject``).
         adapter: an :class:`Adapter` or :class:`AdapterSum`, checked against the model now.
-        generator: enables LoRA dropout (``lora_dropout``), drawing masks from this generator. None
-            (default): no dropout, the deterministic inference forward.
+        generator: enables the training dropouts (LoRA's ``lora_dropout``, LoHa / LoKr's ``module_dropout`` and
+            ``rank_dropout``, VeRA's ``vera_dropout``), drawing from this generator. None (default): no dropout,
+            the deterministic inference forward.
         route: with a stacked adapter (:func:`adaptfn.stack`): a LongTensor [batch], row ``i`` of the batch
             uses adapter ``route[i]`` (-1: the base model alone); the base layers run once for the whole
             batch, only the low-rank part is per row. ``"all"``: every adapter on the same inputs; the

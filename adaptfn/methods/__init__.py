@@ -12,9 +12,14 @@ from ..errors import ConfigError
 from .adalora import AdaLora, AdaLoraConfig
 from .base import CAPABILITIES, COMBINE, Method, PeftConfigBase, require
 from .ia3 import IA3, IA3Config
+from .loha import LoHa, LoHaConfig
+from .lokr import LoKr, LoKrConfig
 from .lora import Lora, LoraConfig
+from .oft import OFT, OFTConfig
+from .vera import Vera, VeraConfig
 
-__all__ = ["LoraConfig", "IA3Config", "AdaLoraConfig", "Method", "register", "get_method", "method_for_config",
+__all__ = ["LoraConfig", "IA3Config", "AdaLoraConfig", "LoHaConfig", "LoKrConfig", "OFTConfig", "VeraConfig", "Method",
+           "register", "get_method", "method_for_config",
            "method_for_peft_type", "known_configs", "require"]
 
 _METHODS: dict[str, Method] = {}
@@ -87,3 +92,7 @@ def known_configs() -> list[str]:
 register(Lora())
 register(IA3())
 register(AdaLora())
+register(LoHa())
+register(LoKr())
+register(OFT())
+register(Vera())

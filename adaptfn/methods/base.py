@@ -12,6 +12,10 @@ A method is one object with the static knowledge of one adapter kind:
 * ``check`` -- whether an entry fits a module of a model;
 * ``pad`` / ``unpad`` -- rank padding for :func:`adaptfn.stack`.
 
+Optional part: a method whose PEFT file holds tensors shared by every module (VeRA's ``base_model.vera_A`` /
+``base_model.vera_B``, outside the ``base_model.model.`` keys of the modules) also satisfies :class:`SharedTensors`;
+the file functions (:func:`adaptfn.state_dict`, :func:`adaptfn.load`, :func:`adaptfn.from_state_dict`) call it.
+
 Optional capabilities are declared in ``capabilities``; :func:`require` refuses the rest with a typed
 error that names the method. Adding a method is one file in ``methods/`` plus one ``register`` call.
 
@@ -36,9 +40,9 @@ import torch
 from ..adapter import Entry
 from ..errors import ConfigError
 
-__all__ = ["PeftConfigBase", "Method", "CallBase", "ROUTE", "SCALE", "COMBINE", "CAPABILITIES", "CombineSpec",
-           "require", "need", "is_int", "is_real", "check_bool", "check_optional_str", "check_int", "check_names",
-           "check_regex", "INT64_MAX", "FLOAT32_MAX", "TASK_TYPES"]
+__all__ = ["PeftConfigBase", "Method", "SharedTensors", "CallBase", "ROUTE", "SCALE", "COMBINE", "CAPABILITIES",
+           "CombineSpec", "require", "need", "is_int", "is_real", "check_bool", "check_optional_str", "check_int",
+           "check_names", "check_regex", "INT64_MAX", "FLOAT32_MAX", "TASK_TYPES"]
 
 _JSON_TYPES = (str, int, float, bool, type(None), list, dict)
 # PEFT's TaskType values (peft.utils.peft_types.TaskType); PEFT refuses any other task_type
@@ -295,6 +299,40 @@ class Method(Protocol):
 
     def unpad(self, entry: Entry, leaves: Mapping[str, torch.Tensor], r: int) -> dict[str, torch.Tensor]:
         """The leaves cut back to rank ``r`` (the inverse of :meth:`pad`)."""
+        ...
+
+
+@runtime_checkable
+class SharedTensors(Protocol):
+    """The optional part of the protocol for a method whose PEFT file holds tensors shared by all modules (VeRA's
+    random projections), under keys outside ``base_model.model.``. In the adapter each entry carries them as
+    leaves (the same tensor objects, listed in ``Entry.frozen``: not trained, not counted), so transforms, stacks
+    and ``vmap`` see one self-contained tree per module; only the file holds them once.
+    """
+
+    def shared_keys(self) -> tuple[str, ...]:
+        """The file's keys of the shared tensors (``"base_model.vera_A"``, ...): :func:`adaptfn.load` hands them
+        to :meth:`shared_from_peft` instead of reading them as module keys."""
+        ...
+
+    def shared_to_peft(self, config: Any, entries: Mapping[str, Entry],
+                       tensors: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """The shared tensors to write (full keys), from the delta entries' leaves; ``{}`` when the config says
+        not to save them. Raises :class:`ConfigError` when the entries disagree on them."""
+        ...
+
+    def shared_init(self, config: Any, model: torch.nn.Module, entries: Mapping[str, Entry],
+                    tensors: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[str, dict[str, torch.Tensor]]:
+        """Fresh leaves completed with the shared tensors PEFT makes for ``model`` (called by :func:`adaptfn.init`
+        after :meth:`Method.init_leaves`)."""
+        ...
+
+    def shared_from_peft(self, config: Any, shared: Mapping[str, torch.Tensor], entries: Mapping[str, Entry],
+                         tensors: Mapping[str, Mapping[str, torch.Tensor]], source: str,
+                         model: torch.nn.Module | None) -> tuple[dict[str, Entry], dict[str, dict[str, torch.Tensor]]]:
+        """The entries and leaves completed with the shared tensors read from the file (``shared``: its shared
+        keys), or regenerated for ``model`` as PEFT does when the file has none; bad or missing ones raise
+        :class:`adaptfn.AdapterFileError` naming ``source``."""
         ...
 
 

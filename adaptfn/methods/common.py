@@ -33,7 +33,8 @@ PATTERN_KEY = r"(.*\.)?({})$"  # how PEFT matches rank_pattern / alpha_pattern k
 __all__ = ["LoraFamilyConfig", "PEFT_UNSUPPORTED", "SEQ_CLS_HEAD_NAMES", "EMBEDDING_LAYER_NAMES", "is_conv1d",
            "linear_dims", "adapter_dtype", "weight_needs_transpose", "expand_all_linear", "linear_targets",
            "plan_embedding_saves", "plan_replacements", "dropout_options", "dropout", "MODULE_PATH",
-           "module_path"]
+           "module_path", "check_targeting", "check_patterns", "LycorisFamilyConfig", "module_kept", "rank_keep",
+           "not_conv1d"]
 
 SEQ_CLS_HEAD_NAMES = ("score", "classifier")
 
@@ -324,7 +325,8 @@ def _module_tensors(module: nn.Module) -> list[str]:
 
 def plan_replacements(config: Any, model: nn.Module, entries: dict[str, Entry]) -> dict[str, Entry]:
     """Add the replacement part of a plan: ``modules_to_save`` copies (untied) and trained biases
-    (``bias="lora_only"``: the targeted modules' biases, ``"all"``: every ``*.bias``)."""
+    (``bias="lora_only"`` or another ``"<method>_only"``: the targeted modules' biases, ``"all"``: every
+    ``*.bias``)."""
     out = dict(entries)
     saved = _saved_modules(config, model)
     modules = dict(model.named_modules(remove_duplicate=False))
@@ -343,7 +345,7 @@ def plan_replacements(config: Any, model: nn.Module, entries: dict[str, Entry]) 
             return
         out[path] = dataclasses.replace(e, replaced=e.replaced + ("bias",), tied=e.tied + (("bias",) if tied else ()))
 
-    if bias == "lora_only":
+    if bias.endswith("_only"):  # "lora_only", "oft_only", "vera_only" (PEFT reads any "*_only" alike)
         for path in entries:
             if getattr(modules[path], "bias", None) is not None:
                 add_bias(path, True)
@@ -353,3 +355,138 @@ def plan_replacements(config: Any, model: nn.Module, entries: dict[str, Entry]) 
                 path = name[: -len(".bias")] if "." in name else ""
                 add_bias(path, path in entries)
     return out
+
+
+# -- shared by the methods beyond the LoRA family (LoHa, LoKr, OFT, VeRA) ---------------------------------------
+def check_targeting(cfg: Any) -> None:
+    """PEFT's targeting fields, as :class:`LoraFamilyConfig` checks them: ``target_modules`` /
+    ``exclude_modules`` (a list of names or a regex str), ``modules_to_save`` (a list), ``layers_to_transform``
+    (an int >= 0 or a list of them, only with list targets) and ``layers_pattern`` (only with it)."""
+    cls = type(cfg)
+    check_names(cls, "target_modules", cfg.target_modules)
+    check_names(cls, "exclude_modules", cfg.exclude_modules)
+    check_names(cls, "modules_to_save", cfg.modules_to_save, regex=False)
+    check_names(cls, "layers_pattern", cfg.layers_pattern)
+    for m in cfg.modules_to_save or ():
+        check_regex(cls, "modules_to_save", m, r"(^|.*\.){}($|\..*)")
+    lp = cfg.layers_pattern
+    for m in ([lp] if isinstance(lp, str) else lp or ()):
+        check_regex(cls, "layers_pattern", m, r"(?:^|.*?\.){}\.(?P<idx>\d+)\.")
+    layers = cfg.layers_to_transform
+    need(layers is None or (is_int(layers) and layers >= 0) or (
+        isinstance(layers, (list, tuple)) and all(is_int(i) and i >= 0 for i in layers)),
+        cls, "layers_to_transform", f"must be an int >= 0, a list of them or None, got {layers!r}")
+    need(not (isinstance(cfg.target_modules, str) and layers is not None), cls, "layers_to_transform",
+         "cannot be used when target_modules is a regex str")
+    need(not (cfg.layers_pattern and layers is None), cls, "layers_pattern",
+         "is only used together with layers_to_transform")
+
+
+def check_patterns(cfg: Any) -> None:
+    """``rank_pattern`` (module name -> positive int) and ``alpha_pattern`` (module name -> finite number), keys
+    valid as PEFT uses them (``(.*\\.)?(key)$``)."""
+    cls = type(cfg)
+    for field, ok, what in (("rank_pattern", lambda v: is_int(v) and 0 < v <= INT64_MAX, "a positive int"),
+                            ("alpha_pattern", lambda v: is_real(v) and abs(v) <= FLOAT32_MAX, "a finite number")):
+        pat = getattr(cfg, field)
+        need(isinstance(pat, Mapping), cls, field, f"must be a dict module name -> value, got {type(pat).__name__}")
+        for k, v in pat.items():
+            need(isinstance(k, str) and ok(v), cls, field, f"the value for {k!r} must be {what}, got {v!r}")
+            check_regex(cls, field, k, PATTERN_KEY)
+
+
+def not_conv1d(method: str, path: str, module: nn.Module) -> None:
+    """Raise for a transformers ``Conv1D`` target: PEFT 0.21 cannot put this method on one, so a file adaptfn
+    wrote for it would not load in PEFT."""
+    if is_conv1d(module):
+        raise IncompatibleAdapterError(
+            f"target module {path!r} is a transformers Conv1D (GPT-2 style); PEFT's {method} supports nn.Linear "
+            "(and convolutions) only, so adaptfn does not put it there either (its file would not load in PEFT)")
+
+
+@dataclasses.dataclass(frozen=True)
+class LycorisFamilyConfig(PeftConfigBase):
+    """The fields LoHa and LoKr share (PEFT's ``LycorisConfig`` plus the common LyCORIS options), with PEFT's
+    names and defaults.
+
+    Arguments:
+        r: rank of each low-rank factor pair. alpha: scale numerator: the delta is multiplied by ``alpha / r``
+            (per module from ``rank_pattern`` / ``alpha_pattern``, keys matched as ``(.*\\.)?(key)$``).
+        rank_dropout: in training (an explicit generator, see :func:`adaptfn.inject`), each output row of the
+            delta weight is kept with probability ``1 - rank_dropout``. module_dropout: in training, the whole
+            delta is skipped with this probability. use_effective_conv2d: the CP decomposition for convolutions
+            with kernels larger than 1 (PEFT's; for convolution targets). target_modules, exclude_modules,
+            layers_to_transform, layers_pattern, modules_to_save: PEFT's targeting rules. init_weights: True
+            (the adapted model starts equal to the base) or False (every factor random: for tests).
+    """
+
+    r: int = 8
+    alpha: float = 8
+    rank_dropout: float = 0.0
+    module_dropout: float = 0.0
+    use_effective_conv2d: bool = False
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    init_weights: bool | str = True
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+    rank_pattern: dict[str, int] = dataclasses.field(default_factory=dict)
+    alpha_pattern: dict[str, float] = dataclasses.field(default_factory=dict)
+    modules_to_save: list[str] | None = None
+
+    def validate(self) -> None:
+        cls = type(self)
+        check_int(cls, "r", self.r, 1)
+        need(is_real(self.alpha) and abs(self.alpha) <= FLOAT32_MAX, cls, "alpha",
+             f"must be a finite number (within float32's range), got {self.alpha!r}")
+        for name in ("rank_dropout", "module_dropout"):
+            v = getattr(self, name)
+            need(is_real(v) and 0 <= v < 1, cls, name, f"must be a number in [0, 1), got {v!r}")
+        check_bool(cls, "use_effective_conv2d", self.use_effective_conv2d)
+        if not isinstance(self.init_weights, str):
+            check_bool(cls, "init_weights", self.init_weights)
+        check_targeting(self)
+        check_patterns(self)
+
+    def rank_and_alpha(self, path: str) -> tuple[int, float]:
+        """The module's ``(r, alpha)``: ``rank_pattern`` / ``alpha_pattern`` where a key matches."""
+        rk = pattern_key(list(self.rank_pattern), path)
+        ak = pattern_key(list(self.alpha_pattern), path)
+        return (self.rank_pattern[rk] if rk is not None else self.r,
+                self.alpha_pattern[ak] if ak is not None else self.alpha)
+
+    def dropout_options(self) -> tuple[tuple[str, Any], ...]:
+        """The static ``Entry.options`` for the dropouts (only the non-zero ones)."""
+        return tuple((n, float(getattr(self, n))) for n in ("module_dropout", "rank_dropout") if getattr(self, n))
+
+
+def _concrete(t: torch.Tensor) -> bool:
+    return not (torch.compiler.is_compiling() or torch._C._functorch.is_functorch_wrapped_tensor(t))
+
+
+def module_kept(entry: Entry, generator: torch.Generator | None) -> bool | torch.Tensor:
+    """LyCORIS module dropout, PEFT's draw: in training (a generator given) and when the entry has a module or
+    rank dropout, one ``rand(1)`` from ``generator``; the delta is kept when it exceeds ``module_dropout``.
+    ``True`` / ``False`` for a concrete draw (a dropped module then draws nothing more, as in PEFT), else a
+    0-d bool tensor to multiply by."""
+    if generator is None:
+        return True
+    p = entry.option("module_dropout", 0.0)
+    if not p and not entry.option("rank_dropout", 0.0):
+        return True
+    u = torch.rand(1, generator=generator, device=generator.device)
+    kept = (u > p).reshape(())
+    return bool(kept) if _concrete(u) else kept
+
+
+def rank_keep(entry: Entry, generator: torch.Generator | None, n: int, dtype: torch.dtype, device: Any,
+              normalize: bool) -> torch.Tensor | None:
+    """LyCORIS rank dropout, PEFT's draw: a [n, 1] multiplier of the delta weight's output rows, 1 where
+    ``rand(n) > rank_dropout``, divided by its mean when ``normalize``; None outside training or without it."""
+    p = entry.option("rank_dropout", 0.0)
+    if generator is None or not p:
+        return None
+    drop = (torch.rand(n, generator=generator, device=generator.device) > p).to(dtype)
+    if normalize:
+        drop = drop / drop.mean()
+    return drop.to(device).reshape(n, 1)
