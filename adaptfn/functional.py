@@ -14,6 +14,7 @@ threads never share a copy.
 from __future__ import annotations
 
 import functools
+import inspect
 import threading
 import types
 import weakref
@@ -165,10 +166,15 @@ def _install(module: nn.Module, path: str) -> _Slot:
     slot = _Slot()
     module.__dict__[MODULE_PATH] = path  # read by error messages (see methods.common.module_path)
     base_forward = module.forward
+    first = _first_input(type(module))
 
-    def forward(x: Any, *args: Any, **kwargs: Any) -> Any:
+    def forward(*args: Any, **kwargs: Any) -> Any:
         if not slot.active:
-            return base_forward(x, *args, **kwargs)
+            return base_forward(*args, **kwargs)
+        if args:
+            x, args = args[0], args[1:]
+        else:  # the first input passed by name (mha(query=q, key=k, value=v))
+            x = kwargs.pop(first)
 
         # the bound forward itself when x is the only argument (lets a method recognise a plain base layer); with
         # more arguments (nn.MultiheadAttention's key, value, masks) a ModuleCall, which also holds them
@@ -183,6 +189,16 @@ def _install(module: nn.Module, path: str) -> _Slot:
 
     module.__dict__["forward"] = forward
     return slot
+
+
+@functools.cache
+def _first_input(cls: type) -> str:
+    """The name of the first argument of ``cls.forward`` after ``self`` (``input``, ``query``, ...)."""
+    try:
+        params = list(inspect.signature(cls.forward).parameters)
+    except (TypeError, ValueError):
+        return "input"
+    return params[1] if len(params) > 1 else "input"
 
 
 def _forward_with(spec: tuple, x: Any, /, *args: Any, **kwargs: Any) -> Any:

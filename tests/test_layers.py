@@ -281,3 +281,25 @@ def test_combine_refusals_name_the_layer() -> None:
         af.combine([a, b], [0.5, 0.5], how="svd")
     c = af.combine([a, b], [0.5, 0.5], how="linear")
     assert tuple(c.leaves("0")["lora_B"].shape) == (6, 1, 1, 1)
+
+
+class KwAttn(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.mha = nn.MultiheadAttention(6, 2, batch_first=True)
+        self.conv = nn.Conv1d(6, 6, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.mha(query=x, key=x, value=x, need_weights=False)[0]
+        return self.conv(out[0].T).T[None]  # the conv sees an unbatched [C, L] input
+
+
+def test_inputs_by_keyword_and_unbatched_inputs() -> None:
+    torch.manual_seed(0)
+    model = KwAttn().eval()
+    fn, params = af.functional(model)
+    a = af.init(fn, af.LoraConfig(r=2, target_modules=["mha", "conv"], init_lora_weights=False), generator=gen(0))
+    x = torch.randn(1, 5, 6)
+    with torch.no_grad():
+        assert_close(af.inject(fn, a)(params, x), fn(af.merge(params, a), x), "inject vs merge")
+    assert_close(af.inject(fn, a)(params, x.requires_grad_()), fn(af.merge(params, a), x), "low-rank pair")

@@ -6,6 +6,15 @@ called by :class:`adaptfn.methods.ia3.IA3` for entries whose options name a conv
 Merging scales the weight [out, in / groups, *k]: an output vector its rows (and the bias), an input vector its
 columns (for ``groups > 1`` each output group reads its own input channels: the vector is laid out per group, as
 PEFT does).
+
+Example:
+
+    >>> from torch import nn
+    >>> net = nn.Sequential(nn.Conv2d(3, 6, 3, groups=3), nn.Conv3d(6, 4, 1))
+    >>> cfg = af.IA3Config(target_modules=["0", "1"], feedforward_modules=["0"], init_ia3_weights=False)
+    >>> a = af.init(af.functional(net)[0], cfg, generator=torch.Generator().manual_seed(0))
+    >>> {p: list(a.leaves(p)["ia3_l"].shape) for p in a.paths}    # "0" scales its input, "1" its output
+    {'0': [1, 3, 1, 1], '1': [1, 4, 1, 1, 1]}
 """
 
 from __future__ import annotations

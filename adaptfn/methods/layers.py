@@ -60,7 +60,8 @@ from .common import expand_all_linear, is_conv1d
 __all__ = ["CONV_KINDS", "MHA", "ModuleCall", "conv_kind", "is_mha", "layer_name", "conv_nd", "conv_dims",
            "conv_a", "conv_b", "conv_lowrank", "conv_delta", "conv_groups", "conv_lowrank_routed", "conv_fn",
            "check_mha", "mha_call", "mha_routed", "mha_out_proj_of", "merge_weight_names", "channel_view",
-           "pad_grouped", "unpad_grouped", "CONV_ROUTE_KERNELS", "plan_targets", "layer_option"]
+           "pad_grouped", "unpad_grouped", "CONV_ROUTE_KERNELS", "plan_targets", "layer_option",
+           "weight_kernel_ok", "conv_with_delta", "conv_routed_merged"]
 
 CONV_KINDS: dict[str, int] = {"conv1d": 1, "conv2d": 2, "conv3d": 3}
 """Entry kind -> number of spatial dimensions."""
@@ -180,10 +181,98 @@ def conv_lowrank(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, module: nn.M
 def conv_delta(A: torch.Tensor, B: torch.Tensor, nd: int) -> torch.Tensor:
     """The delta ``B . A`` as a conv weight [out, in, *k] (``groups=1``), computed as PEFT's
     ``get_delta_weight`` computes it (a 1x1 Conv2d: a matrix product; otherwise ``conv(A^T, B)^T``), so merged
-    weights match PEFT's bit for bit."""
+    weights match PEFT's bit for bit.
+
+    Example (``B(A(x))`` is the convolution of ``x`` with the delta, the base's geometry kept):
+
+        >>> from torch import nn
+        >>> conv = nn.Conv2d(3, 5, 3, stride=2, padding=1, dilation=2)
+        >>> A, B = torch.randn(2, 3, 3, 3), torch.randn(5, 2, 1, 1)
+        >>> x = torch.randn(4, 3, 9, 9)
+        >>> delta = conv_delta(A, B, 2)
+        >>> delta.shape
+        torch.Size([5, 3, 3, 3])
+        >>> lowrank = conv_lowrank(x, A, B, conv, 2)
+        >>> torch.allclose(lowrank, conv._conv_forward(x, delta, None), atol=1e-5)
+        True
+    """
     if nd == 2 and tuple(A.shape[2:]) == (1, 1):
         return (B.flatten(1) @ A.flatten(1))[:, :, None, None]
     return _CONV_FNS[nd](A.transpose(0, 1), B).transpose(0, 1)
+
+
+_CONV_FORWARDS = {nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward}
+
+
+def weight_kernel_ok(call_base: Any, module: nn.Module, x: Any, *others: torch.Tensor, merges: int = 1) -> bool:
+    """Whether a convolution's LoRA may run as one convolution with the weight ``W + s * B . A`` (see
+    :func:`conv_with_delta`): ``call_base`` is the plain ``nn.ConvNd.forward`` of this exact module, inference
+    (nothing needs autograd), no torch.func transform, torch.compile or autocast, one dtype throughout, and the
+    delta is cheaper to form than the low-rank pair is to run (batch x output pixels above the output channels:
+    forming ``B . A`` costs ``out * in * k * r``, running ``A`` then ``B`` costs ``rows * r * (in * k + out)``;
+    ``merges``: how many deltas the call forms, one per adapter a routed batch uses)."""
+    if getattr(call_base, "__self__", None) is not module or getattr(call_base, "__func__", None) not in _CONV_FORWARDS:
+        return False
+    if _transforming() or type(x) is not torch.Tensor:
+        return False
+    m: Any = module
+    w = m.weight
+    if type(w) not in (torch.Tensor, nn.Parameter) or m.groups != 1:
+        return False
+    dt = x.dtype
+    if w.dtype != dt or any(t.dtype != dt for t in others) or (m.bias is not None and m.bias.dtype != dt):
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or any(t.requires_grad for t in others)):
+        return False
+    if torch.is_autocast_enabled(x.device.type) or x.dim() < 2:
+        return False
+    k = w[0].numel()  # in * prod(kernel)
+    out = int(w.shape[0])
+    rows = x.numel() // max(1, int(x.shape[1]) * math.prod(m.stride))
+    return rows * (k + out) > merges * out * k
+
+
+def conv_with_delta(module: nn.Module, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float) -> torch.Tensor:
+    """``module(x)`` with the weight ``W + s * B . A`` (one GEMM forms it: ``addmm(W, B, A, alpha=s)`` on the
+    flattened [out, in * k] layout, ``groups=1``), in one convolution: what the merged model computes, without
+    running the low-rank pair."""
+    m: Any = module
+    w = m.weight
+    out = int(w.shape[0])
+    merged = torch.addmm(w.reshape(out, -1), B.reshape(out, -1), A.reshape(A.shape[0], -1), alpha=s)
+    return m._conv_forward(x, merged.view(w.shape), m.bias)
+
+
+def conv_routed_merged(module: nn.Module, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: torch.Tensor,
+                       route: torch.Tensor) -> torch.Tensor:
+    """The ``merged`` route kernel (inference, ``groups=1``): the rows of each adapter used run one convolution
+    with that adapter's ``W + s_j * B_j . A_j`` (rows routed to -1: with ``W``), so the whole batch costs one base
+    convolution plus one ``B . A`` product per adapter used. A: [N, r, in, *k]. B: [N, out, r, 1...]. scale: [N]."""
+    m: Any = module
+    w = m.weight
+    out, r = int(w.shape[0]), int(A.shape[1])
+    rows = x.shape[0]
+    idx = _row_index(route, rows)
+    wf = w.reshape(out, -1)
+    y: torch.Tensor | None = None
+    for j in torch.unique(idx).tolist():
+        sel = (idx == j).nonzero().squeeze(1)
+        n, first = int(sel.numel()), int(sel[0])
+        contiguous = int(sel[-1]) - first + 1 == n  # route="all" and sorted routes: slices, no gathers
+        xs = x if n == rows else (x.narrow(0, first, n) if contiguous else x.index_select(0, sel))
+        wj = w if j < 0 else torch.addmm(wf, B[j].reshape(out, r), A[j].reshape(r, -1),
+                                         alpha=float(scale[j])).view(w.shape)
+        yj = m._conv_forward(xs, wj, m.bias)
+        if n == rows:
+            return yj
+        if y is None:
+            y = yj.new_empty(rows, *yj.shape[1:])
+        if contiguous:
+            y.narrow(0, first, n).copy_(yj)
+        else:
+            y.index_copy_(0, sel, yj)
+    assert y is not None
+    return y
 
 
 def _row_index(route: torch.Tensor, rows: int) -> torch.Tensor:

@@ -23,6 +23,39 @@ Shapes (PEFT's, per module; ``g`` is the convolution's ``groups``, ``k`` its ker
   it for any file it loads, so adaptfn computes it too (:data:`PEFT_OUT_PROJ_FACTOR`): a file means the same in
   both libraries, both ways.
 
+Example (shapes as PEFT saves them):
+
+    >>> from torch import nn
+    >>> net = nn.ModuleDict({"conv": nn.Conv2d(4, 6, 3, stride=2, groups=2), "attn": nn.MultiheadAttention(6, 2)})
+    >>> a = af.init(af.functional(net)[0], af.LoraConfig(r=4, target_modules=["conv", "attn"]))
+    >>> [(p, e.kind) for p, e in a.entry_items]
+    [('attn', 'mha'), ('conv', 'conv2d')]
+    >>> for k, v in af.state_dict(a).items():
+    ...     print(k, list(v.shape))
+    base_model.model.attn.lora_A.weight [4, 6]
+    base_model.model.attn.lora_B.weight [18, 4]
+    base_model.model.attn.base_layer.out_proj.lora_A.weight [4, 6]
+    base_model.model.attn.base_layer.out_proj.lora_B.weight [6, 4]
+    base_model.model.conv.lora_A.weight [4, 4, 3, 3]
+    base_model.model.conv.lora_B.weight [6, 2, 1, 1]
+
+    A convolution's delta merges as a conv weight (``groups=1``); a grouped one runs unmerged only:
+
+    >>> seq = nn.Sequential(nn.Conv2d(4, 6, 3, stride=2, groups=2), nn.Conv2d(6, 5, 3, dilation=2, padding=2))
+    >>> fn2, params2 = af.functional(seq)
+    >>> b = af.init(fn2, af.LoraConfig(r=2, target_modules=["0", "1"], init_lora_weights=False),
+    ...             generator=torch.Generator().manual_seed(0))
+    >>> x = torch.randn(3, 4, 9, 9)
+    >>> af.inject(fn2, b)(params2, x).shape
+    torch.Size([3, 5, 4, 4])
+    >>> dense = af.select(b, ["1"])
+    >>> torch.allclose(fn2(af.merge(params2, dense), x), af.inject(fn2, dense)(params2, x), atol=1e-5)
+    True
+    >>> af.merge(params2, b)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    adaptfn.errors.IncompatibleAdapterError: merge: module '0': the weight [6, 2, 3, 3] is a grouped convolution's ...
+
 Variants plug in per kind: :meth:`ConvLora.lowrank` (the unscaled ``B(A(x))``) and :meth:`ConvLora.delta_weight`
 (the delta as a conv weight) are what a weight-decomposed variant (DoRA's conv form: the column norm of
 ``W + s * delta`` per output channel) needs next to the base output.
@@ -138,8 +171,15 @@ class ConvLora:
             return self._routed(entry, leaves, on, generator, call_base, module, x, route)
         if A.dim() != self.nd + 2:
             raise stacked_called_directly(module_path(module))
+        if x.dim() == self.nd + 1:  # an unbatched input: a batch of one
+            return self.forward(lora, entry, leaves, on, generator, call_base, module, x.unsqueeze(0), None)[0]
         s = lora._scale(entry, leaves, on)
         c = leaves.get(COEF)
+        if (type(s) is float and (generator is None or not entry.option("dropout", 0.0))
+                and layers.weight_kernel_ok(call_base, module, x, A, B, *(() if c is None else (c,)))):
+            # inference: one convolution with W + s * B . A (the merged model's computation; cheaper than the
+            # low-rank pair whenever the batch has more output pixels than the layer has output channels)
+            return layers.conv_with_delta(module, x, A if c is None else A * c.to(A.dtype), B, s)
         out = call_base(x)
         h = dropout(entry, generator, x if x.dtype == A.dtype else x.to(A.dtype))
         h = layers.conv_a(h, A, module, self.nd)  # [n, r, *sp], fresh
@@ -164,6 +204,9 @@ class ConvLora:
         if A.dim() != self.nd + 3:
             raise single_for_route()
         s = _routed_scale(entry, leaves, on, A.shape[0], A.device)
+        if ((generator is None or not entry.option("dropout", 0.0)) and layers.conv_groups(A, B, self.nd) == 1
+                and layers.weight_kernel_ok(call_base, module, x, A, B, s, merges=int(torch.unique(route).numel()))):
+            return layers.conv_routed_merged(module, x, A, B, s, route)  # inference: one conv per adapter's rows
         out = call_base(x)
         h = dropout(entry, generator, x if x.dtype == A.dtype else x.to(A.dtype))
         delta = layers.conv_lowrank_routed(h, A, B, s, route, module, self.nd)
