@@ -15,6 +15,8 @@ Timed, interleaved:
 * mixed batch: each of the 4 rows with one of 4 adapters (one row per adapter): ``route=`` vs PEFT's
   ``adapter_names=``. adaptfn's ``merged`` kernel runs one convolution per adapter's rows with that adapter's
   ``W + s_j * B_j . A_j``; PEFT runs the base conv on the batch and each adapter's pair on its rows.
+* a training step (forward and backward of ``sample.square().mean()`` into the LoRA weights): adaptfn's
+  ``torch.func.grad`` over the adapter vs PEFT's ``loss.backward()``; both run the low-rank pair here (autograd).
 """
 
 from __future__ import annotations
@@ -89,6 +91,23 @@ def scenario_conv(w: Any) -> Result:
                 torch.cuda.synchronize()
         return go
 
+    def peft_step() -> None:
+        pm.zero_grad(set_to_none=True)
+        pm(x, t, e).sample.square().mean().backward()
+
+    def loss(a: Any) -> torch.Tensor:
+        return injected_with(a)(params, x, t, e).sample.square().mean()
+
+    def injected_with(a: Any) -> Any:
+        return af.inject(fn, a)
+
+    train = adapters[0]
+    grad = torch.func.grad(loss)
+    for p in pm.parameters():
+        p.requires_grad_(False)
+    for name, p in pm.named_parameters():
+        if ".lora_" in name and f".{names[0]}." in name:
+            p.requires_grad_(True)
     with torch.inference_mode():
         ref = pm(x, t, e).sample
         err = float((injected(params, x, t, e).sample - ref).abs().max() / ref.abs().max())
@@ -100,10 +119,13 @@ def scenario_conv(w: Any) -> Result:
         "adaptfn": run(lambda: injected(params, x, t, e)),
         "peft adapter_names": run(lambda: pm(x, t, e, adapter_names=names)),
         "route": run(lambda: routed(params, x, t, e)),
+        "peft train step": peft_step,
+        "adaptfn train step": lambda: grad(train),
     }, args.repeats, args.warmup)
     res = Result("12 conv LoRA, UNet", med,
                  {"adaptfn/peft": med["adaptfn"] / med["peft"], "adaptfn/base": med["adaptfn"] / med["base"],
-                  "route/peft": med["route"] / med["peft adapter_names"], "route/base": med["route"] / med["base"]},
+                  "route/peft": med["route"] / med["peft adapter_names"], "route/base": med["route"] / med["base"],
+                  "train adaptfn/peft": med["adaptfn train step"] / med["peft train step"]},
                  {"adaptfn/peft": 1.0, "route/peft": 1.0},
                  notes=[f"{'tiny' if tiny else 'default'} UNet, batch {bsz} x 4 x {size} x {size}, r={r}, "
                         f"{len(adapters[0].paths)} conv targets; mixed batch: {n} adapters, one row each"],
