@@ -1,7 +1,8 @@
 """``functional(model) -> (fn, params)`` and the call machinery behind injected adapters.
 
 How a call runs. Each thread keeps one **structural copy** of the model: new module objects sharing the
-model's tensors, whose Linear / Embedding / Conv1D modules get an instance ``forward`` (a slot) that
+model's tensors, whose Linear / Embedding / Conv1D / ConvNd / MultiheadAttention modules get an instance
+``forward`` (a slot) that
 composes the base forward with whatever adapter methods are bound to it. An adapter's leaves are bound
 to the slots of its target modules for the duration of one call (so they stay inputs of the call:
 vmap, grad and torch.compile see them), and only the tensors that differ from what the copy already
@@ -13,6 +14,7 @@ threads never share a copy.
 from __future__ import annotations
 
 import functools
+import inspect
 import threading
 import types
 import weakref
@@ -29,8 +31,9 @@ from . import _fsdp, quant, routing
 from ._leaves import check_leaves
 from .adapter import COEF, GATE, Adapter, coef_value, gate_on
 from .errors import ConfigError, IncompatibleAdapterError, shape_str, stacked_called_directly
-from .methods import Method, get_method
+from .methods import get_method
 from .methods.common import MODULE_PATH, is_conv1d
+from .methods.layers import ModuleCall, conv_kind, is_mha
 
 __all__ = ["FunctionalModel", "functional", "structural_copy"]
 
@@ -156,37 +159,53 @@ class _Base:
 
 
 def _adaptable(m: nn.Module) -> bool:
-    return isinstance(m, (nn.Linear, nn.Embedding)) or is_conv1d(m)
+    return isinstance(m, (nn.Linear, nn.Embedding)) or is_conv1d(m) or conv_kind(m) is not None or is_mha(m)
 
 
 def _install(module: nn.Module, path: str) -> _Slot:
     slot = _Slot()
     module.__dict__[MODULE_PATH] = path  # read by error messages (see methods.common.module_path)
     base_forward = module.forward
+    first = _first_input(type(module))
 
-    def forward(x: Any, *args: Any, **kwargs: Any) -> Any:
+    def forward(*args: Any, **kwargs: Any) -> Any:
         if not slot.active:
-            return base_forward(x, *args, **kwargs)
+            return base_forward(*args, **kwargs)
+        if args:
+            x, args = args[0], args[1:]
+        else:  # the first input passed by name (mha(query=q, key=k, value=v))
+            x = kwargs.pop(first)
 
-        if args or kwargs:
-            def f(inp: Any) -> Any:
-                return base_forward(inp, *args, **kwargs)
-        else:
-            f = base_forward  # the bound forward itself: lets a method recognise a plain base layer
+        # the bound forward itself when x is the only argument (lets a method recognise a plain base layer); with
+        # more arguments (nn.MultiheadAttention's key, value, masks) a ModuleCall, which also holds them
+        f: Any = ModuleCall(base_forward, args, kwargs) if args or kwargs else base_forward
         if len(slot.active) == 1:  # the common case, without building partials
             method, entry, leaves, on, gen, route = slot.active[0]
             return method.forward(entry, leaves, on, gen, f, module, x, route)
+        fn: Any = base_forward
         for method, entry, leaves, on, gen, route in slot.active:
-            f = functools.partial(_forward_with, method, entry, leaves, on, gen, f, module, route)
-        return f(x)
+            fn = functools.partial(_forward_with, (method, entry, leaves, on, gen, fn, module, route))
+        return fn(x, *args, **kwargs)
 
     module.__dict__["forward"] = forward
     return slot
 
 
-def _forward_with(method: Method, entry: Any, leaves: Any, on: Any, gen: Any, call_base: Any, module: nn.Module,
-                  route: Any, x: Any) -> Any:
-    """One method composed over ``call_base`` (several adapters on one module: each wraps the previous)."""
+@functools.cache
+def _first_input(cls: type) -> str:
+    """The name of the first argument of ``cls.forward`` after ``self`` (``input``, ``query``, ...)."""
+    try:
+        params = list(inspect.signature(cls.forward).parameters)
+    except (TypeError, ValueError):
+        return "input"
+    return params[1] if len(params) > 1 else "input"
+
+
+def _forward_with(spec: tuple, x: Any, /, *args: Any, **kwargs: Any) -> Any:
+    """One method composed over an inner forward (several adapters on one module: each wraps the previous),
+    called with the module's arguments; ``spec``: (method, entry, leaves, on, generator, inner, module, route)."""
+    method, entry, leaves, on, gen, inner, module, route = spec
+    call_base = ModuleCall(inner, args, kwargs) if args or kwargs else inner
     return method.forward(entry, leaves, on, gen, call_base, module, x, route)
 
 

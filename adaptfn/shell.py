@@ -50,6 +50,7 @@ from .hub import check_push_args, upload_adapter_folder
 from .initialize import init
 from .io import config_from, from_state_dict, load, save
 from .io import state_dict as adapter_state_dict
+from .methods.layers import merge_weight_names
 from .transforms import inject, merge, select
 
 _SEP = "::"
@@ -1321,7 +1322,8 @@ class AdapterModel(nn.Module):
         fn, params = self._fn()
         for n in names:  # quantized weights first: af.merge would requantize them, then the write is refused
             for path, e in self._tree(n).entries.items():
-                for k in ([f"{path}.weight"] if e.kind else []) + [f"{path}.{r}" if path else r for r in e.replaced]:
+                deltas = [f"{path}.{w}" for w in merge_weight_names(e.kind)] if e.kind else []
+                for k in deltas + [f"{path}.{r}" if path else r for r in e.replaced]:
                     self._owner(where, k)
         new: dict[str, torch.Tensor] = params
         if names:

@@ -16,6 +16,7 @@ from .errors import ConfigError, IncompatibleAdapterError
 from .functional import FunctionalModel
 from .methods import get_method, require
 from .methods.base import ROUTE
+from .methods.layers import merge_weight_names
 
 __all__ = ["inject", "merge", "select", "mask", "AdapterLike"]
 
@@ -174,21 +175,29 @@ def _merge_deltas(out: dict[str, torch.Tensor], parts: tuple[Adapter, ...]) -> N
             on = gate_on(leaves[GATE])
             if on is False or (on is True and coef_value(leaves.get(COEF)) == 0.0):
                 continue
-            key = f"{path}.weight"
-            if key not in out:
-                raise IncompatibleAdapterError(f"merge: adapter targets {path!r} but params has no {key!r}")
-            if _fsdp.is_dtensor(out[key]):
-                raise IncompatibleAdapterError(
-                    f"merge: {key} is sharded by FSDP (a DTensor); merge into the full weights (e.g. "
-                    "torch.distributed.checkpoint.state_dict.get_model_state_dict(model, options="
-                    "StateDictOptions(full_state_dict=True)))")
-            if own is None:
+            for name in merge_weight_names(e.kind):  # "weight" (nn.MultiheadAttention: in_proj_weight, out_proj.weight)
+                key = f"{path}.{name}"
+                if key not in out:
+                    raise IncompatibleAdapterError(f"merge: adapter targets {path!r} but params has no {key!r}")
+                if _fsdp.is_dtensor(out[key]):
+                    raise IncompatibleAdapterError(
+                        f"merge: {key} is sharded by FSDP (a DTensor); merge into the full weights (e.g. "
+                        "torch.distributed.checkpoint.state_dict.get_model_state_dict(model, options="
+                        "StateDictOptions(full_state_dict=True)))")
+            if own is None:  # module path -> names of its tensors and of its children's ("out_proj.weight")
                 own = {}
                 for k in out:
                     mod, _, name = k.rpartition(".")
                     own.setdefault(mod, []).append(name)
+                    parent, _, child = mod.rpartition(".")
+                    if mod:
+                        own.setdefault(parent, []).append(f"{child}.{name}")
             mine = {n: out[f"{path}.{n}"] for n in own.get(path, ())}
-            for n, t in method.merge(e, leaves, on, mine).items():
+            try:
+                merged = method.merge(e, leaves, on, mine)
+            except IncompatibleAdapterError as err:
+                raise IncompatibleAdapterError(f"merge: module {path!r}: {err}") from None
+            for n, t in merged.items():
                 out[f"{path}.{n}"] = t
 
 

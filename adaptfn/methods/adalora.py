@@ -7,6 +7,11 @@ For a target Linear / GPT-2 Conv1D with ``in`` inputs and ``out`` outputs, PEFT'
   rank the adapter started with, never saved) and ``alpha = lora_alpha`` (``r`` when ``lora_alpha <= 0``);
 * merge: ``W + B @ (A * E) * alpha / (ranknum + 1e-5)`` (transposed for Conv1D's [in, out] weight).
 
+An ``nn.Conv2d`` target (``groups=1``; PEFT's ``SVDConv2d``) has ``lora_A`` [r, in * kh * kw]: ``B @ (A * E)``
+reshaped to the weight [out, in, kh, kw] is the delta, computed unmerged as two convolutions (``A * E`` as an
+[r, in, kh, kw] kernel with the base's geometry, then ``B`` as a 1x1); PEFT's AdaLoRA has no Conv1d / Conv3d
+layers, and neither has adaptfn's.
+
 Training prunes singular triplets by setting entries of ``E`` to zero (shapes never change); see
 :mod:`adaptfn.methods.adalora_alloc` (``af.adalora``) for the regulariser and the rank allocator. A
 pruned adapter saved by PEFT carries ``rank_pattern`` (per-module boolean masks, keys
@@ -31,6 +36,7 @@ from .. import routing
 from .._where import is_target
 from ..adapter import COEF, SCALING, Entry
 from ..errors import AdapterFileError, IncompatibleAdapterError, shape_str, single_for_route, stacked_called_directly
+from . import layers
 from .base import ROUTE, SCALE, CallBase, check_int, is_int, is_real, need
 from .common import (
     LoraFamilyConfig,
@@ -39,7 +45,6 @@ from .common import (
     dropout_options,
     is_conv1d,
     linear_dims,
-    linear_targets,
     module_path,
     plan_replacements,
     weight_needs_transpose,
@@ -152,6 +157,21 @@ class AdaLoraConfig(LoraFamilyConfig):
         return self.init_r if m is None else sum(m)
 
 
+def _dims(module: nn.Module) -> tuple[int, int]:
+    """``(in, out)`` of the delta ``B @ (A * E)``: a Linear's / Conv1D's, or an nn.Conv2d's flattened kernel
+    (``in = in_channels * kh * kw``)."""
+    if isinstance(module, nn.Conv2d):
+        n_in, n_out, _, k = layers.conv_dims(module)
+        return n_in * k[0] * k[1], n_out
+    return linear_dims(module)
+
+
+def _kernel(AE: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """``A * E`` [..., r, in * kh * kw] as a conv kernel [..., r, in, kh, kw]."""
+    n_in, _, _, k = layers.conv_dims(module)
+    return AE.reshape(*AE.shape[:-1], n_in, *k)
+
+
 def make_entry(config: AdaLoraConfig, r: int, fan_in_fan_out: bool | None) -> Entry:
     """The :class:`Entry` of one module of rank ``r``: ``ranknum`` is ``init_r`` (PEFT keeps it through
     pruning); ``alpha`` is ``lora_alpha``, or the module's rank when ``lora_alpha <= 0`` (PEFT)."""
@@ -177,8 +197,16 @@ class AdaLora:
         if config.target_modules is None:
             need(False, AdaLoraConfig, "target_modules",
                  "is None; name the modules to adapt (PEFT guesses them per architecture, adaptfn does not)")
-        config, found = linear_targets(config, model, "AdaLoRA")
-        entries = {path: make_entry(config, config.rank_for(path), fif) for path, fif in found}
+        config, found = layers.plan_targets(config, model, "AdaLoRA", {"linear", "conv2d"},
+                                            "nn.Linear, transformers Conv1D and nn.Conv2d (PEFT 0.21's AdaLoRA layers)")
+        modules = dict(model.named_modules())
+        for path, _, layer in found:
+            if layer == "conv2d" and layers.conv_dims(modules[path])[2] != 1:
+                raise IncompatibleAdapterError(
+                    f"target module {path!r} is a {layers.layer_name(modules[path])}; AdaLoRA supports nn.Conv2d "
+                    "with groups=1 only (its delta B @ (A * E) is a full [out, in, kh, kw] kernel; PEFT's SVDConv2d "
+                    "fails on grouped convolutions too)")
+        entries = {path: make_entry(config, config.rank_for(path), fif) for path, fif, _ in found}
         return config, plan_replacements(config, model, entries)
 
     def init_leaves(self, config: AdaLoraConfig, path: str, entry: Entry, module: nn.Module,
@@ -186,7 +214,7 @@ class AdaLora:
         """PEFT's initialisation: ``E`` zeros, ``A`` [r, in] and ``B`` [out, r] ~ N(0, 0.02) (so the
         adapted model starts equal to the base); ``init_lora_weights=False``: all three standard normal."""
         w = module.weight
-        n_in, n_out = linear_dims(module)
+        n_in, n_out = _dims(module)
         r = entry.r
         kw: dict[str, Any] = dict(dtype=torch.float32, device=w.device)
         if config.init_lora_weights:
@@ -237,16 +265,19 @@ class AdaLora:
         """
         A, E, B = leaves["lora_A"], leaves["lora_E"], leaves["lora_B"]
         if route is not None:
-            return self._routed(entry, leaves, on, generator, call_base, x, route)
+            return self._routed(entry, leaves, on, generator, call_base, module, x, route)
         if A.dim() != 2:
             raise stacked_called_directly(module_path(module))
         out = call_base(x)
         h = dropout(entry, generator, x if x.dtype == A.dtype else x.to(A.dtype))
-        delta = (h @ (A * E).T) @ B.T  # [..., out]
+        if isinstance(module, nn.Conv2d):  # (A * E) as an [r, in, kh, kw] kernel, then B as a 1x1
+            delta = layers.conv_lowrank(h, _kernel(A * E, module), B[:, :, None, None], module, 2)
+        else:
+            delta = (h @ (A * E).T) @ B.T  # [..., out]
         return (out + self._scaled(entry, leaves, on, delta)).to(out.dtype)
 
     def _routed(self, entry: Entry, leaves: Mapping[str, torch.Tensor], on: Any, generator: Any,
-                call_base: CallBase, x: torch.Tensor, route: torch.Tensor) -> torch.Tensor:
+                call_base: CallBase, module: nn.Module, x: torch.Tensor, route: torch.Tensor) -> torch.Tensor:
         """Row i of the batch gets adapter ``route[i]``'s delta: ``A * E`` [N, r, in] and ``B`` [N, out, r]
         through the per-row low-rank kernels, scaled by the stack's ``scaling`` leaf [N] (0 where a gate is
         off or ``route[i] == -1``)."""
@@ -261,6 +292,9 @@ class AdaLora:
             s = s * on
         out = call_base(x)
         h = dropout(entry, generator, x if x.dtype == A.dtype else x.to(A.dtype))
+        if isinstance(module, nn.Conv2d):
+            low = layers.conv_lowrank_routed(h, _kernel(A * E, module), B[..., None, None], s, route, module, 2)
+            return (out + low).to(out.dtype)
         return (out + routing.lowrank(h, A * E, B, s, route)).to(out.dtype)
 
     def merge(self, entry: Entry, leaves: Mapping[str, torch.Tensor], on: Any,
@@ -270,6 +304,11 @@ class AdaLora:
         weight = tensors["weight"]
         A, E, B = leaves["lora_A"], leaves["lora_E"], leaves["lora_B"]
         delta = B @ (A * E)  # [out, in]
+        if weight.dim() == 4:  # nn.Conv2d: [out, in * kh * kw] is the kernel, flattened (PEFT's SVDConv2d)
+            if delta.numel() != weight.numel() or delta.shape[0] != weight.shape[0]:
+                raise IncompatibleAdapterError(f"delta {shape_str(delta.shape)} does not fit the conv weight "
+                                               f"{shape_str(weight.shape)}")
+            return {"weight": weight + self._scaled(entry, leaves, on, delta).reshape(weight.shape).to(weight.dtype)}
         if weight_needs_transpose(weight.shape, delta.shape, entry.fan_in_fan_out):
             delta = delta.T
         return {"weight": weight + self._scaled(entry, leaves, on, delta).to(weight.dtype)}
@@ -280,10 +319,12 @@ class AdaLora:
 
     # -- checks against a model -------------------------------------------------------------------
     def check(self, path: str, entry: Entry, leaves: Mapping[str, torch.Tensor], module: nn.Module) -> None:
-        if not (isinstance(module, nn.Linear) or is_conv1d(module)):
+        conv = layers.conv_kind(module)
+        if not (isinstance(module, nn.Linear) or is_conv1d(module) or (conv == "conv2d" and module.groups == 1)):
             raise IncompatibleAdapterError(
-                f"module {path!r}: the adapter has an AdaLoRA delta but the model has a {type(module).__name__}")
-        n_in, n_out = linear_dims(module)
+                f"module {path!r}: the adapter has an AdaLoRA delta but the model has a {layers.layer_name(module)} "
+                "(AdaLoRA adapts nn.Linear, transformers Conv1D and nn.Conv2d with groups=1)")
+        n_in, n_out = _dims(module)
         A, E, B = leaves["lora_A"], leaves["lora_E"], leaves["lora_B"]
         if A.shape[-1] != n_in or B.shape[-2] != n_out:
             raise IncompatibleAdapterError(

@@ -6,6 +6,9 @@ For a target Linear / GPT-2 Conv1D with ``in`` inputs and ``out`` outputs:
   last axis of the output;
 * a feedforward target (matched by ``feedforward_modules``): ``y = base(x * l)`` with ``ia3_l`` [1, in].
 
+``nn.Conv2d`` / ``nn.Conv3d`` targets scale channels, with ``ia3_l`` [1, n, 1, 1(, 1)]
+(:mod:`adaptfn.methods.ia3_conv`).
+
 Merging folds the vector into the weight (rows for an output vector, columns for an input vector; the
 other way round for Conv1D's [in, out] weight) and, for ordinary targets, into the bias too:
 ``W' = W * l``, ``b' = b * l``. A masked-off entry contributes nothing: the vector is read as ones, so
@@ -34,9 +37,11 @@ from .. import routing
 from .._where import is_target
 from ..adapter import COEF, Entry
 from ..errors import AdapterFileError, IncompatibleAdapterError, shape_str, single_for_route, stacked_called_directly
+from . import layers
 from .base import COMBINE, ROUTE, SCALE, CallBase, PeftConfigBase, check_bool, check_names, need
-from .common import adapter_dtype, is_conv1d, linear_dims, linear_targets, module_path, plan_replacements
+from .common import adapter_dtype, is_conv1d, linear_dims, module_path, plan_replacements
 from .ia3_combine import combine_ia3
+from .ia3_conv import CONV_IA3, IA3_CONV_KINDS
 
 __all__ = ["IA3Config", "IA3", "OUT", "IN"]
 
@@ -130,15 +135,20 @@ class IA3:
             need(False, IA3Config, "feedforward_modules",
                  "is None; PEFT would pick them from a per-architecture table, adaptfn asks you to name them "
                  "([] when no target is a feedforward module)")
-        config, found = linear_targets(config, model, "IA3")
-        entries = {path: Entry(kind=IN if config.is_feedforward(path) else OUT, r=0, scaling=1.0, fan_in_fan_out=fif)
-                   for path, fif in found}
+        config, found = layers.plan_targets(
+            config, model, "IA3", {"linear", *IA3_CONV_KINDS},
+            "nn.Linear, transformers Conv1D, nn.Conv2d and nn.Conv3d (PEFT 0.21's IA3 layers)")
+        entries = {path: Entry(kind=IN if config.is_feedforward(path) else OUT, r=0, scaling=1.0, fan_in_fan_out=fif,
+                               options=() if layer == "linear" else (("layer", layer),))
+                   for path, fif, layer in found}
         return config, plan_replacements(config, model, entries)
 
     def init_leaves(self, config: IA3Config, path: str, entry: Entry, module: nn.Module,
                     generator: torch.Generator | None, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
         """``ia3_l``: ones ([out, 1], or [1, in] for feedforward), or standard normal with
         ``init_ia3_weights=False`` (PEFT's draws)."""
+        if entry.options:  # a convolution
+            return CONV_IA3.init_leaves(config, entry, module, generator, dtype)
         w = module.weight
         n_in, n_out = linear_dims(module)
         shape = (1, n_in) if entry.kind == IN else (n_out, 1)
@@ -150,11 +160,12 @@ class IA3:
 
     # -- compute -----------------------------------------------------------------------------------
     @staticmethod
-    def _vector(leaves: Mapping[str, torch.Tensor], on: Any, module: nn.Module | None = None) -> torch.Tensor:
+    def _vector(leaves: Mapping[str, torch.Tensor], on: Any, module: nn.Module | None = None,
+                dims: int = 2) -> torch.Tensor:
         """The flat vector [n], moved toward ones by a scale weight; ones where the gate is off (under
-        vmap/grad/compile)."""
+        vmap/grad/compile). ``dims``: a single adapter's ``ia3_l`` dimensions (a convolution's: 4 or 5)."""
         v = leaves["ia3_l"]
-        if v.dim() != 2:
+        if v.dim() != dims:
             raise stacked_called_directly(None if module is None else module_path(module))
         v = v.flatten()
         c = leaves.get(COEF)
@@ -202,6 +213,8 @@ class IA3:
         Returns:
             The module output [..., out], in the base output's dtype.
         """
+        if entry.options:  # a convolution
+            return CONV_IA3.forward(self, entry, leaves, on, call_base, module, x, route)
         if route is not None:
             return self._routed(entry, leaves, on, call_base, x, route)
         v = self._vector(leaves, on, module)
@@ -243,6 +256,8 @@ class IA3:
             ['model.decoder.layers.0.fc2.weight', 'model.decoder.layers.0.self_attn.v_proj.bias',
              'model.decoder.layers.0.self_attn.v_proj.weight']
         """
+        if entry.options:  # a convolution
+            return CONV_IA3.merge(self, entry, leaves, on, tensors)
         v = self._vector(leaves, on)
         w = tensors["weight"]
         ax = self._axis(entry, tuple(w.shape), v.numel())
@@ -259,9 +274,12 @@ class IA3:
 
     # -- checks against a model -------------------------------------------------------------------
     def check(self, path: str, entry: Entry, leaves: Mapping[str, torch.Tensor], module: nn.Module) -> None:
+        if entry.options:  # a convolution
+            return CONV_IA3.check(path, entry, leaves, module)
         if not (isinstance(module, nn.Linear) or is_conv1d(module)):
             raise IncompatibleAdapterError(
-                f"module {path!r}: the adapter has an IA3 vector but the model has a {type(module).__name__}")
+                f"module {path!r}: the adapter has an IA3 vector for an nn.Linear but the model has a "
+                f"{layers.layer_name(module)}")
         n_in, n_out = linear_dims(module)
         v = leaves["ia3_l"]
         want = (1, n_in) if entry.kind == IN else (n_out, 1)
@@ -293,6 +311,12 @@ class IA3:
                 f"{source}: key {path}.ia3_l is for module {path!r}, which adapter_config.json's "
                 f"target_modules={config.target_modules!r} does not target")
         kind = IN if config.is_feedforward(path) else OUT
+        layer = CONV_IA3.file_layer(v, path, source)
+        if layer is not None:
+            if layer not in IA3_CONV_KINDS:
+                raise AdapterFileError(f"{source}: module {path!r}: ia3_l {shape_str(v.shape)} is an nn.Conv"
+                                       f"{layer[4]}d's vector, which IA3 does not support")
+            return Entry(kind=kind, r=0, scaling=1.0, fan_in_fan_out=False, options=(("layer", layer),)), {"ia3_l": v}
         if v.dim() != 2 or (kind == IN and v.shape[0] != 1) or (kind == OUT and v.shape[1] != 1):
             want = "[1, in] (a feedforward module)" if kind == IN else "[out, 1] (not a feedforward module)"
             raise AdapterFileError(

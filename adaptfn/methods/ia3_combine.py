@@ -59,6 +59,6 @@ def combine_ia3(method: Any, adapters: Sequence[Adapter], weights: Sequence[floa
         for w, _, v in parts:
             acc += v * w
         e = parts[0][1]
-        entries[p] = Entry(kind=e.kind, r=0, scaling=1.0, fan_in_fan_out=e.fan_in_fan_out)
+        entries[p] = Entry(kind=e.kind, r=0, scaling=1.0, fan_in_fan_out=e.fan_in_fan_out, options=e.options)
         tensors[p] = {"ia3_l": acc, GATE: torch.ones((), dtype=torch.float32, device=acc.device)}
     return Adapter(method.name, new_config, entries, tensors)

@@ -1,4 +1,5 @@
-"""LoRA: ``y = base(x) + scaling * B(A(dropout(x)))`` on Linear, GPT-2 Conv1D and Embedding modules.
+"""LoRA: ``y = base(x) + scaling * B(A(dropout(x)))`` on Linear, GPT-2 Conv1D and Embedding modules, and
+(:mod:`adaptfn.methods.lora_layers`) on ``nn.Conv1d/2d/3d`` and ``nn.MultiheadAttention``.
 
 Shapes (PEFT's): ``lora_A`` [r, in], ``lora_B`` [out, r]; for embeddings ``lora_A`` [r, num_embeddings]
 and ``lora_B`` [embedding_dim, r] (PEFT's ``lora_embedding_A`` / ``lora_embedding_B``). Scaling is
@@ -25,6 +26,7 @@ from .. import routing
 from .._where import is_target
 from ..adapter import COEF, GATE, SCALING, Entry
 from ..errors import AdapterFileError, IncompatibleAdapterError, shape_str, single_for_route, stacked_called_directly
+from . import layers, lora_layers
 from .base import COMBINE, ROUTE, SCALE, CallBase
 from .common import (
     LoraFamilyConfig,
@@ -89,9 +91,20 @@ class Lora:
     def plan(self, config: LoraConfig, model: nn.Module) -> tuple[LoraConfig, dict[str, Entry]]:
         config = expand_all_linear(config, model)
         entries: dict[str, Entry] = {}
+        modules = dict(model.named_modules())
         for path, mod in model.named_modules():
             if not path or not is_target(config, path):
                 continue
+            layer = lora_layers.kind_of(mod)  # convolutions, nn.MultiheadAttention
+            if layer is not None:
+                entries[path] = lora_layers.KINDS[layer].plan_entry(config, path, mod)
+                continue
+            owner = layers.mha_out_proj_of(path, modules)
+            if owner is not None:
+                raise IncompatibleAdapterError(
+                    f"target module {path!r} is the out_proj of nn.MultiheadAttention {owner!r}, whose forward never "
+                    f"calls it; target {owner!r} instead (LoRA on its in_proj and out_proj, as PEFT), or exclude "
+                    f"{path!r} (exclude_modules)")
             if isinstance(mod, nn.Embedding):
                 kind, fif = "embedding", False
             elif is_conv1d(mod):
@@ -100,8 +113,9 @@ class Lora:
                 kind, fif = "linear", False
             else:
                 raise IncompatibleAdapterError(
-                    f"target module {path!r} is a {type(mod).__name__}; LoRA supports nn.Linear, "
-                    "transformers Conv1D and nn.Embedding (check target_modules / exclude_modules)")
+                    f"target module {path!r} is a {layers.layer_name(mod)}; LoRA supports nn.Linear, transformers "
+                    "Conv1D, nn.Embedding, nn.Conv1d/2d/3d and nn.MultiheadAttention (check target_modules / "
+                    "exclude_modules)")
             r, alpha = config.rank_and_alpha(path)
             entries[path] = Entry(kind=kind, r=r, scaling=config.scaling(r, alpha), fan_in_fan_out=fif,
                                   options=dropout_options(config))
@@ -116,6 +130,8 @@ class Lora:
 
     def init_leaves(self, config: LoraConfig, path: str, entry: Entry, module: nn.Module,
                     generator: torch.Generator | None, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
+        if entry.kind in lora_layers.KINDS:
+            return lora_layers.KINDS[entry.kind].init_leaves(config, entry, module, generator, dtype)
         w = module.weight
         dt = dtype or adapter_dtype(w)
         if entry.kind == "embedding":
@@ -154,6 +170,9 @@ class Lora:
     def forward(self, entry: Entry, leaves: Mapping[str, torch.Tensor], on: Any, generator: Any,
                 call_base: CallBase, module: nn.Module, x: torch.Tensor,
                 route: torch.Tensor | None = None) -> torch.Tensor:
+        if entry.kind in lora_layers.KINDS:
+            kind = lora_layers.KINDS[entry.kind]
+            return kind.forward(self, entry, leaves, on, generator, call_base, module, x, route)
         A, B = leaves["lora_A"], leaves["lora_B"]
         if route is not None:
             return self._routed(entry, leaves, on, generator, call_base, module, x, route)
@@ -223,7 +242,10 @@ class Lora:
 
     def merge(self, entry: Entry, leaves: Mapping[str, torch.Tensor], on: Any,
               tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """``{"weight": W + scaling * B @ A}`` (transposed for Conv1D's [in, out] and embeddings' [num, dim])."""
+        """``{"weight": W + scaling * B @ A}`` (transposed for Conv1D's [in, out] and embeddings' [num, dim]; a
+        convolution's delta as a conv weight; nn.MultiheadAttention: ``in_proj_weight`` and ``out_proj.weight``)."""
+        if entry.kind in lora_layers.KINDS:
+            return lora_layers.KINDS[entry.kind].merge(self, entry, leaves, on, tensors)
         weight = tensors["weight"]
         A, B = leaves["lora_A"], leaves["lora_B"]
         delta = B @ A  # [out, in]
@@ -236,20 +258,26 @@ class Lora:
         return {"weight": weight + delta.to(weight.dtype)}
 
     def off(self, entry: Entry, leaves: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {**leaves, "lora_B": torch.zeros_like(leaves["lora_B"])}
+        off = {**leaves, "lora_B": torch.zeros_like(leaves["lora_B"])}
+        if "out_lora_B" in leaves:  # nn.MultiheadAttention's out_proj pair
+            off["out_lora_B"] = torch.zeros_like(leaves["out_lora_B"])
+        return off
 
     # -- checks against a model -------------------------------------------------------------------
     def check(self, path: str, entry: Entry, leaves: Mapping[str, torch.Tensor], module: nn.Module) -> None:
+        if entry.kind in lora_layers.KINDS:
+            return lora_layers.KINDS[entry.kind].check(path, entry, leaves, module)
         A, B = leaves["lora_A"], leaves["lora_B"]
         if entry.kind == "embedding":
             if not isinstance(module, nn.Embedding):
                 raise IncompatibleAdapterError(
-                    f"module {path!r}: the adapter has an embedding LoRA but the model has a {type(module).__name__}")
+                    f"module {path!r}: the adapter has an embedding LoRA but the model has a "
+                    f"{layers.layer_name(module)}")
             n_in, n_out = module.num_embeddings, module.embedding_dim
         else:
             if not (isinstance(module, nn.Linear) or is_conv1d(module)):
                 raise IncompatibleAdapterError(
-                    f"module {path!r}: the adapter has a linear LoRA but the model has a {type(module).__name__}")
+                    f"module {path!r}: the adapter has a linear LoRA but the model has a {layers.layer_name(module)}")
             n_in, n_out = linear_dims(module)
         if tuple(A.shape[-1:]) != (n_in,) or tuple(B.shape[-2:-1]) != (n_out,):
             raise IncompatibleAdapterError(
@@ -259,10 +287,13 @@ class Lora:
 
     # -- PEFT files ------------------------------------------------------------------------------
     def delta_suffixes(self) -> tuple[str, ...]:
-        return ("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B")
+        # nn.MultiheadAttention's out_proj keys first: they end like a Linear's
+        return (*lora_layers.MHA_SUFFIXES, "lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B")
 
     def to_peft(self, entry: Entry, leaves: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """PEFT's tensors; a scale weight is folded into ``lora_B`` (``B * w``)."""
+        if entry.kind in lora_layers.KINDS:
+            return lora_layers.KINDS[entry.kind].to_peft(entry, leaves)
         a, b = self._SUFFIX[entry.kind]
         B = leaves["lora_B"]
         c = leaves.get(COEF)
@@ -270,6 +301,9 @@ class Lora:
 
     def from_peft(self, config: LoraConfig, path: str, found: Mapping[str, torch.Tensor],
                   source: str) -> tuple[Entry, dict[str, torch.Tensor]]:
+        layer = lora_layers.kind_from_file(found)  # convolutions, nn.MultiheadAttention
+        if layer is not None and set(found) <= {"lora_A.weight", "lora_B.weight", *lora_layers.MHA_SUFFIXES}:
+            return lora_layers.KINDS[layer].from_peft(config, path, found, source)
         kind = "embedding" if "lora_embedding_A" in found or "lora_embedding_B" in found else "linear"
         a_key, b_key = self._SUFFIX[kind]
         for k in (a_key, b_key):
@@ -281,8 +315,9 @@ class Lora:
         A, B = found[a_key], found[b_key]
         if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
             raise AdapterFileError(
-                f"{source}: module {path!r}: {a_key} {shape_str(A.shape)} and {b_key} {shape_str(B.shape)} "
-                "are not a rank-r pair ([r, in] and [out, r])")
+                f"{source}: module {path!r}: {a_key} {shape_str(A.shape)} and {b_key} {shape_str(B.shape)} are not a "
+                "LoRA pair of a layer kind adaptfn (and PEFT) supports: [r, in] and [out, r] (Linear / Conv1D / "
+                "Embedding), [r, in, *kernel] and [out, r / groups, 1, ...] (nn.Conv1d/2d/3d)")
         if not is_target(config, path):
             raise AdapterFileError(
                 f"{source}: key {path}.{a_key} is for module {path!r}, which adapter_config.json's "
@@ -304,6 +339,8 @@ class Lora:
 
     # -- stacking --------------------------------------------------------------------------------
     def pad(self, entry: Entry, leaves: Mapping[str, torch.Tensor], r: int) -> dict[str, torch.Tensor]:
+        if entry.kind in lora_layers.KINDS:
+            return lora_layers.KINDS[entry.kind].pad(entry, leaves, r)
         A, B = leaves["lora_A"], leaves["lora_B"]
         extra = r - A.shape[0]
         if extra == 0:
@@ -311,6 +348,8 @@ class Lora:
         return {**leaves, "lora_A": F.pad(A, (0, 0, 0, extra)), "lora_B": F.pad(B, (0, extra))}
 
     def unpad(self, entry: Entry, leaves: Mapping[str, torch.Tensor], r: int) -> dict[str, torch.Tensor]:
+        if entry.kind in lora_layers.KINDS:
+            return lora_layers.KINDS[entry.kind].unpad(entry, leaves, r)
         return {**leaves, "lora_A": leaves["lora_A"][:r], "lora_B": leaves["lora_B"][:, :r]}
 
 

@@ -13,6 +13,14 @@ What PEFT 0.21 does, and so what this does (per combination type ``how``; ``s_i`
   ``s_i B_i A_i`` are merged as full matrices and factored back by a truncated SVD of rank
   ``R = svd_rank`` (default: the largest ``r``).
 
+Convolutions and ``nn.MultiheadAttention`` (PEFT 0.21's support, checked): ``cat`` and the non-svd merges work on
+a convolution's ``lora_A`` [r, in, *k] / ``lora_B`` [out, r, 1, ...] as on a Linear's (``cat`` not for grouped
+convolutions: PEFT concatenates their grouped ``lora_B`` as if ungrouped, which is not the weighted sum); the svd
+types only on ``nn.Conv2d`` with ``groups=1`` (the delta flattened to [out, in * kh * kw], factors reshaped back;
+PEFT fails on Conv1d / Conv3d / grouped ones): the rest raises :class:`IncompatibleAdapterError` naming the module
+and its layer kind. An ``nn.MultiheadAttention`` entry is two pairs (in_proj, then out_proj), each combined as a
+Linear's, in PEFT's order.
+
 A single adapter always combines with ``linear`` (PEFT does the same). The new config is the first adapter's with
 ``r = lora_alpha = R`` (so the new scaling is 1; but, as in PEFT, ``R / sqrt(R)`` when the first adapter uses
 rsLoRA, whose flag the new config keeps: then every type's result is ``sqrt(R)`` times what is said above), the
@@ -37,6 +45,7 @@ import torch
 from .._where import is_target
 from ..adapter import GATE, Adapter, Entry, gate_on
 from ..errors import ConfigError, IncompatibleAdapterError
+from . import layers
 from .base import CombineSpec
 from .common import dropout_options
 from .merging import MERGES, merge_tensors, svd_factors
@@ -103,9 +112,22 @@ def _read_gate(leaves: Any, where: str) -> bool:
     return on
 
 
-def _views(method: Any, a: Adapter) -> dict[str, tuple[Entry, torch.Tensor, torch.Tensor]]:
-    """Per delta module: (entry, A, B) as the adapter's PEFT file holds them (a masked module in its off form,
-    a scale weight folded into B), detached and contiguous."""
+# the (A, B) pairs of an entry in its PEFT tensors, by kind: (part, A key, B key, A leaf, B leaf)
+_PAIRS = {"embedding": (("", "lora_embedding_A", "lora_embedding_B", "lora_A", "lora_B"),),
+          layers.MHA: (("", "lora_A.weight", "lora_B.weight", "lora_A", "lora_B"),
+                       ("out", "base_layer.out_proj.lora_A.weight", "base_layer.out_proj.lora_B.weight", "out_lora_A",
+                        "out_lora_B"))}
+_LINEAR_PAIR = (("", "lora_A.weight", "lora_B.weight", "lora_A", "lora_B"),)
+
+
+def _pairs(kind: str) -> tuple[tuple[str, str, str, str, str], ...]:
+    return _PAIRS.get(kind, _LINEAR_PAIR)
+
+
+def _views(method: Any, a: Adapter) -> dict[tuple[str, str], tuple[Entry, torch.Tensor, torch.Tensor]]:
+    """Per delta module and pair (an nn.MultiheadAttention has two: ``""`` in_proj, ``"out"`` out_proj):
+    (entry, A, B) as the adapter's PEFT file holds them (a masked module in its off form, a scale weight folded
+    into B), detached and contiguous."""
     out = {}
     for path, e in a.entry_items:
         if not e.kind:
@@ -113,9 +135,27 @@ def _views(method: Any, a: Adapter) -> dict[str, tuple[Entry, torch.Tensor, torc
         leaves = a.leaves(path)
         on = _read_gate(leaves, "combine")
         d = method.to_peft(e, leaves if on else method.off(e, leaves))
-        a_key, b_key = method._SUFFIX[e.kind]
-        out[path] = (e, d[a_key].detach().contiguous(), d[b_key].detach().contiguous())
+        for part, a_key, b_key, _, _ in _pairs(e.kind):
+            out[(path, part)] = (e, d[a_key].detach().contiguous(), d[b_key].detach().contiguous())
     return out
+
+
+def _check_layer(how: str, p: str, kind: str, A: torch.Tensor, B: torch.Tensor) -> None:
+    """Refuse what PEFT's add_weighted_adapter cannot do (or does wrong) for a convolution."""
+    nd = layers.CONV_KINDS.get(kind)
+    if nd is None:
+        return
+    g = layers.conv_groups(A, B, nd)
+    if how == "cat" and g > 1:
+        raise IncompatibleAdapterError(
+            f"combine: module {p!r} is an nn.Conv{nd}d with groups={g}; how='cat' concatenates the ranks, which for a "
+            "grouped lora_B [out, r / groups, 1...] is not the weighted sum of the deltas (PEFT computes it anyway); "
+            "use a non-svd merge type ('linear', 'ties', ...)")
+    if how in SVD_TYPES and (nd != 2 or g > 1):
+        raise IncompatibleAdapterError(
+            f"combine: module {p!r} is an nn.Conv{nd}d" + (f" with groups={g}" if g > 1 else "")
+            + f"; how={how!r} (an SVD of the delta) is defined for nn.Conv2d with groups=1 only (PEFT 0.21 fails on "
+            "this layer); use 'cat' or a non-svd merge type")
 
 
 def _rank_of(config: Any) -> int:
@@ -124,22 +164,27 @@ def _rank_of(config: Any) -> int:
     return max(config.r, *rp.values()) if rp else config.r
 
 
-def _replay_init(kind: str, r: int, n_in: int, n_out: int, init: Any) -> None:
-    """Draw from torch's global generator what PEFT's creation of one module's new LoRA weights draws (the
-    values are not used: PEFT zeroes them): nn.Linear(in, r) and nn.Linear(r, out) initialise themselves,
-    then PEFT re-initialises A (embeddings: two randn, then B re-drawn)."""
+def _replay_init(kind: str, r: int, A: torch.Tensor, B: torch.Tensor, init: Any) -> None:
+    """Draw from torch's global generator what PEFT's creation of one pair of new LoRA weights (rank ``r``, shaped
+    like ``A`` / ``B`` but for the rank) draws (the values are not used: PEFT zeroes them): the layers
+    (nn.Linear(in, r), nn.Linear(r, out); convolutions: the conv A and the 1x1 conv B) initialise themselves, then
+    PEFT re-initialises A (embeddings: two randn, then B re-drawn)."""
+    n_in, n_out = int(A.shape[1]), int(B.shape[0])
     if kind == "embedding":
         torch.randn((r, n_in))
         torch.randn((n_out, r))
         if init:
             torch.empty(n_out, r).normal_()
         return
-    torch.empty(r, n_in).uniform_()
-    torch.empty(n_out, r).uniform_()
+    nd = layers.CONV_KINDS.get(kind)
+    g = layers.conv_groups(A, B, nd) if nd else 1
+    a_shape, b_shape = (r, *A.shape[1:]), (n_out, r // g, *B.shape[2:])
+    torch.empty(a_shape).uniform_()
+    torch.empty(b_shape).uniform_()
     if init is True:
-        torch.empty(r, n_in).uniform_()
+        torch.empty(a_shape).uniform_()
     elif init:
-        torch.empty(r, n_in).normal_()
+        torch.empty(a_shape).normal_()
 
 
 def combine_lora(method: Any, adapters: Sequence[Adapter], weights: Sequence[float], spec: CombineSpec) -> Adapter:
@@ -162,22 +207,28 @@ def combine_lora(method: Any, adapters: Sequence[Adapter], weights: Sequence[flo
     new_config = dataclasses.replace(configs[0], r=new_rank, lora_alpha=new_rank,
                                      target_modules=union_targets(configs), alpha_pattern={}, rank_pattern={})
     s0 = new_config.scaling(new_rank, new_rank)
-    paths = visit_order(sorted({p for v in views for p in v}), spec.order)
+    paths = visit_order(sorted({p for v in views for p, _ in v}), spec.order)
+    subs: dict[str, list[str]] = {}
+    for v in views:
+        for p, part in v:
+            if part not in subs.setdefault(p, []):
+                subs[p].append(part)
     plan = []
-    for p in paths:
+    for p, part in [(q, pt) for q in paths for pt in sorted(subs[q])]:
         if not is_target(new_config, p):
             raise IncompatibleAdapterError(
                 f"combine: module {p!r} of one adapter is not a target of the combined config (the first adapter's "
                 f"config with target_modules={new_config.target_modules!r}: its exclude_modules / "
                 "layers_to_transform rule it out; PEFT would drop it silently)")
-        parts = [(float(w), *v[p]) for w, v in zip(weights, views) if p in v]
+        parts = [(float(w), *v[(p, part)]) for w, v in zip(weights, views) if (p, part) in v]
         kinds = {e.kind for _, e, _, _ in parts}
         fifs = {e.fan_in_fan_out for _, e, _, _ in parts} - {None}
         if len(kinds) > 1 or len(fifs) > 1:
             raise IncompatibleAdapterError(f"combine: module {p!r} is adapted differently by the adapters "
                                            f"(kinds {sorted(kinds)}, fan_in_fan_out {sorted(fifs)})")
         _, e, A, B = parts[0]
-        n_in, n_out = int(A.shape[1]), int(B.shape[0])
+        _check_layer(how, p, e.kind, A, B)
+        n_in, n_out = int(A[0].numel()), int(B.shape[0])  # a convolution's: in * prod(kernel)
         if how in SVD_TYPES and new_rank > min(n_in, n_out):
             raise ConfigError(
                 f"combine: svd_rank={spec.svd_rank} (None: the largest adapter rank, {max(ranks)}) gives rank "
@@ -187,30 +238,35 @@ def combine_lora(method: Any, adapters: Sequence[Adapter], weights: Sequence[flo
             raise IncompatibleAdapterError(
                 f"combine: how={how!r} needs the same rank at each module; module {p!r} has ranks "
                 f"{[int(a.shape[0]) for _, _, a, _ in parts]} (use how='cat' or an svd type)")
-        plan.append((p, e.kind, next(iter(fifs), None), n_in, n_out, parts))
+        plan.append((p, part, e.kind, next(iter(fifs), None), A, B, parts))
     if how in RANDOM_TYPES and spec.generator is None:  # PEFT creates the new adapter's weights first
-        for _, kind, _, n_in, n_out, _ in plan:
-            _replay_init(kind, new_rank, n_in, n_out, new_config.init_lora_weights)
+        for _, _, kind, _, A, B, _ in plan:
+            _replay_init(kind, new_rank, A, B, new_config.init_lora_weights)
     entries: dict[str, Entry] = {}
     tensors: dict[str, dict[str, torch.Tensor]] = {}
     rank_pattern: dict[str, int] = {}
     alpha_pattern: dict[str, float] = {}
-    for p, kind, fif, n_in, n_out, parts in plan:
+    for p, part, kind, fif, A0, B0, parts in plan:
         if how == "cat":
             A_cat = torch.cat([A * w * e.scaling for w, e, A, _ in parts], dim=0)
             B_cat = torch.cat([B for _, _, _, B in parts], dim=1)
-            A_new = A_cat.new_zeros(new_rank, n_in)
-            B_new = B_cat.new_zeros(n_out, new_rank)
+            A_new = A_cat.new_zeros(new_rank, *A_cat.shape[1:])
+            B_new = B_cat.new_zeros(B_cat.shape[0], new_rank, *B_cat.shape[2:])
             A_new[: A_cat.shape[0]] = A_cat
             B_new[:, : B_cat.shape[1]] = B_cat
         elif how in SVD_TYPES:
             flip = bool(fif) or kind == "embedding"  # PEFT's delta is laid out as the base weight, then flipped back
-            deltas = [((B @ A).T if flip else B @ A) * e.scaling for _, e, A, B in parts]
+            if kind == "conv2d":  # PEFT's conv delta (a conv weight), flattened to [out, in * kh * kw]
+                deltas = [(layers.conv_delta(A, B, 2) * e.scaling).flatten(1) for _, e, A, B in parts]
+            else:
+                deltas = [((B @ A).T if flip else B @ A) * e.scaling for _, e, A, B in parts]
             wt = torch.tensor([w for w, _, _, _ in parts]).to(deltas[0].device)
             merged = merge_tensors(_SVD_MERGE[how], deltas, wt, spec.density, spec.majority_sign_method,
                                    spec.generator)
             A_new, B_new = svd_factors(merged.T if flip else merged, new_rank, spec.svd_clamp, spec.svd_full_matrices,
                                        spec.svd_driver)
+            if kind == "conv2d":
+                A_new, B_new = A_new.reshape(new_rank, *A0.shape[1:]), B_new.reshape(B0.shape[0], new_rank, 1, 1)
         else:
             wa, wb = [], []
             for w, e, _, _ in parts:
@@ -229,8 +285,12 @@ def combine_lora(method: Any, adapters: Sequence[Adapter], weights: Sequence[flo
             alpha = s0 * (math.sqrt(r) if new_config.use_rslora else r)
             rank_pattern[key], alpha_pattern[key] = r, alpha
         scaling = s0 if r == new_rank else new_config.scaling(r, alpha)
+        a_leaf, b_leaf = next((al, bl) for pt, _, _, al, bl in _pairs(kind) if pt == part)
+        if part and p in tensors:  # a module's later pair (nn.MultiheadAttention's out_proj)
+            tensors[p][a_leaf], tensors[p][b_leaf] = A_new, B_new
+            continue
         entry = Entry(kind=kind, r=r, scaling=scaling, fan_in_fan_out=fif, options=dropout_options(new_config))
-        leaves = {"lora_A": A_new, "lora_B": B_new, GATE: torch.ones((), dtype=torch.float32, device=A_new.device)}
+        leaves = {a_leaf: A_new, b_leaf: B_new, GATE: torch.ones((), dtype=torch.float32, device=A_new.device)}
         if p in frozen:
             fe, fl = frozen[p]
             entry = dataclasses.replace(entry, replaced=fe.frozen, tied=tuple(n for n in fe.tied if n in fe.frozen),

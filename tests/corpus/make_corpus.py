@@ -324,9 +324,10 @@ class Corpus:
         w("weights_pair_shapes", "lora", FILE_ERR, r"\[4, 22\].*\[22, 3\]", add={qb: torch.zeros(22, 3)})
         w("weights_rank_vs_r", "lora", FILE_ERR, "rank 4", config={"r": 2})
         w("weights_rank_vs_rank_pattern", "lora", FILE_ERR, "r=3", config={"rank_pattern": {"v_proj": 3}})
-        w("weights_3d", "lora", FILE_ERR, "rank-r pair", add={qa: torch.zeros(1, 4, 22)})
-        w("weights_1d", "lora", FILE_ERR, "rank-r pair", add={qa: torch.zeros(88)})
-        w("weights_0d", "lora", FILE_ERR, "rank-r pair", add={qa: torch.zeros(())})
+        # a 3-d lora_A is a Conv1d's: the message names the layer kind the file's layout would be
+        w("weights_3d", "lora", FILE_ERR, r"nn\.Conv1d LoRA's but lora_B \[22, 4\]", add={qa: torch.zeros(1, 4, 22)})
+        w("weights_1d", "lora", FILE_ERR, "not a LoRA pair of a layer kind", add={qa: torch.zeros(88)})
+        w("weights_0d", "lora", FILE_ERR, "not a LoRA pair of a layer kind", add={qa: torch.zeros(())})
         w("weights_mixed_kinds", "lora", FILE_ERR, "mixes LoRA kinds|no 'lora_embedding_B'",
           add={f"{PREFIX}{Q0}.lora_embedding_A": torch.zeros(4, 22)})
         w("weights_no_tensors", "lora", FILE_ERR, "no adapter tensors", edit=lambda sd: {}, sd_fragment="is empty")
