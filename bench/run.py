@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from bench import many, qlora
+from bench import dora, many, qlora
 from bench.harness import Result, interleaved, plot, table
 
 warnings.filterwarnings("ignore")
@@ -217,6 +217,7 @@ SCENARIOS = {
     "scaling": many.scenario_scaling,
     "qlora": qlora.scenario_qlora,
     "hetero": many.scenario_hetero,
+    "dora": dora.scenario_dora,
 }
 
 
