@@ -248,3 +248,22 @@ def test_merge_of_hand_made_params_falls_back_to_the_entry_flag() -> None:
         want = logits(af.inject(fn, a), params, ids)
         assert rel_err(logits(fn, af.merge(copies, a), ids), want) <= 1e-5
         assert rel_err(logits(fn, af.merge(params, a), ids), want) <= 1e-5
+
+
+def test_compiled_dora_switches_adapters_without_recompiling() -> None:
+    model, fn, params, (a, b) = _adapters("opt", 2, target_modules=["q_proj", "fc1"])
+    b = af.Adapter(b.method, a.config, dict(a.entries), {p: {n: t * 1.1 for n, t in a.leaves(p).items()}
+                                                         for p in a.paths})  # a's structure, other values
+    ids = ids_for(model, batch=2, seq=4)
+    compiles = []
+
+    def backend(gm: Any, example: Any) -> Any:
+        compiles.append(1)
+        return gm.forward
+
+    torch._dynamo.reset()
+    f = torch.compile(lambda ad: af.inject(fn, ad)(params, input_ids=ids).logits, fullgraph=True, backend=backend)
+    with torch.no_grad():
+        for ad in (a, b, a):
+            assert rel_err(f(ad), logits(af.inject(fn, ad), params, ids)) <= 1e-5
+    assert len(compiles) == 1

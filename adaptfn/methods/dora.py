@@ -215,7 +215,7 @@ def _factor_cached(spec: DoraKind, entry: Entry, module: nn.Module, leaves: Mapp
     c = leaves.get(COEF)
     w = module.weight
     keys = None
-    if type(s) is float and on is True:
+    if type(s) is float and on is True and not torch.compiler.is_compiling():
         keys = (w, A, B, m) if c is None else (w, A, B, m, c)
     return _FACTORS.memo(keys, (entry.kind, s, transposed, A.dtype),
                          lambda: _factor(spec, spec.orient(_weight(module, A.dtype), transposed), A, B, m, s, c, on))
@@ -391,7 +391,7 @@ def _routed(spec: DoraKind, entry: Entry, leaves: Mapping[str, torch.Tensor], on
     embedding = entry.kind == "embedding"
     transposed = True if embedding else is_conv1d(module)
     sources = None
-    if SCALING in leaves:  # the leaves themselves (``s`` is a new detached tensor at every call)
+    if SCALING in leaves and not torch.compiler.is_compiling():  # the leaves (``s`` is a new tensor each call)
         sources = (module.weight, A, B, m, leaves[SCALING], leaves[GATE]) + (() if c is None else (c,))
     fs = _FACTORS.memo(sources, ("stack", entry.kind, transposed, A.dtype),
                        lambda: _stack_factors(spec, spec.orient(_weight(module, A.dtype), transposed), A, B, m, s,
