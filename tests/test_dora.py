@@ -267,3 +267,23 @@ def test_compiled_dora_switches_adapters_without_recompiling() -> None:
         for ad in (a, b, a):
             assert rel_err(f(ad), logits(af.inject(fn, ad), params, ids)) <= 1e-5
     assert len(compiles) == 1
+
+
+def test_fused_kernel_equals_the_autograd_path_with_zero_magnitudes() -> None:
+    """The inference kernel starts its buffer with bias / f; a channel with f = 0 falls back to adding the bias."""
+    model, fn, params, (a, *_) = _adapters("gpt2", 1)
+    ids = ids_for(model, batch=2, seq=4)
+    p = "transformer.h.0.attn.c_attn"
+    m = a.leaves(p)["lora_magnitude"].clone()
+    m[:5] = 0
+    z = af.Adapter(a.method, a.config, dict(a.entries),
+                   {q: ({**a.leaves(q), "lora_magnitude": m} if q == p else dict(a.leaves(q))) for q in a.paths})
+    for ad in (a, z):
+        with torch.no_grad():
+            fused = logits(af.inject(fn, ad), params, ids)
+        slow = logits(af.inject(fn, ad), params, ids).detach()  # nothing needs a gradient: fused too
+        leaves = {q: {n: t.detach().clone().requires_grad_() if n == "lora_A" else t for n, t in ad.leaves(q).items()}
+                  for q in ad.paths}
+        grad_path = logits(af.inject(fn, af.Adapter(ad.method, ad.config, dict(ad.entries), leaves)), params, ids)
+        assert torch.isfinite(fused).all()
+        assert rel_err(fused, grad_path.detach()) <= 1e-5 and torch.equal(fused, slow)

@@ -16,7 +16,8 @@ bumps a version and the factor is recomputed).
 The output is assembled as PEFT assembles it: ``y = base(x) + (f - 1) * (base(x) - bias) + f * s * B A x``
 with ``f = m / ||W + s B A||_c`` (embeddings: ``y = f * base(x) + f * s * B A x``), so an entry that is off
 (``f`` exactly 1, the low-rank part exactly 0) gives the base output bit for bit under transforms too. Plain
-Linear / Conv1D layers in inference take a fused path: ``bias + f * (x W^T + s (x A^T) B^T)`` into one buffer.
+Linear / Conv1D layers in inference take a fused path: ``f * (bias / f + s (x A^T) B^T + x W^T)`` in one buffer
+(the base GEMM accumulating into it, one multiply at the end).
 
 Leaves: ``lora_A``, ``lora_B`` as LoRA's, plus ``lora_magnitude`` (PEFT's ``lora_magnitude_vector`` key):
 [out] for Linear / Conv1D, [embedding_dim] for embeddings ([N, ...] stacked). :func:`init_magnitude` is PEFT's
@@ -209,16 +210,33 @@ def _factor(spec: DoraKind, Wo: torch.Tensor, A: torch.Tensor, B: torch.Tensor, 
     return f
 
 
+def _cache_keys(module: nn.Module, leaves: Mapping[str, torch.Tensor], s: Any, on: Any) -> tuple | None:
+    if type(s) is not float or on is not True or torch.compiler.is_compiling():
+        return None
+    keys = (module.weight, leaves["lora_A"], leaves["lora_B"], leaves[MAGNITUDE])
+    c = leaves.get(COEF)
+    return keys if c is None else (*keys, c)
+
+
 def _factor_cached(spec: DoraKind, entry: Entry, module: nn.Module, leaves: Mapping[str, torch.Tensor], s: Any,
                    on: Any, transposed: bool) -> torch.Tensor:
     A, B, m = leaves["lora_A"], leaves["lora_B"], leaves[MAGNITUDE]
     c = leaves.get(COEF)
-    w = module.weight
-    keys = None
-    if type(s) is float and on is True and not torch.compiler.is_compiling():
-        keys = (w, A, B, m) if c is None else (w, A, B, m, c)
-    return _FACTORS.memo(keys, (entry.kind, s, transposed, A.dtype),
+    return _FACTORS.memo(_cache_keys(module, leaves, s, on), (entry.kind, s, transposed, A.dtype),
                          lambda: _factor(spec, spec.orient(_weight(module, A.dtype), transposed), A, B, m, s, c, on))
+
+
+def _bias_over_factor(module: nn.Module, leaves: Mapping[str, torch.Tensor], s: Any, f: torch.Tensor,
+                      bias: torch.Tensor, transposed: bool) -> torch.Tensor | None:
+    """``bias / f`` (so the fused kernel's buffer starts with it and one multiply by ``f`` ends it), or None
+    where ``f`` has a zero (then the bias is added after); cached with the factor."""
+    keys = _cache_keys(module, leaves, s, True)
+
+    def make() -> torch.Tensor | None:
+        bf = bias / f
+        return bf if bool(torch.isfinite(bf).all()) else None
+
+    return _FACTORS.memo(None if keys is None else (*keys, bias), ("bias/f", s, transposed, f.dtype), make)
 
 
 def _raw_scale(entry: Entry, leaves: Mapping[str, torch.Tensor]) -> Any:
@@ -280,17 +298,20 @@ def _linear(spec: DoraKind, entry: Entry, leaves: Mapping[str, torch.Tensor], on
         if gemm is not None and type(sl) is float:
             # inference on a plain Linear / Conv1D: s (x A^T) B^T, then x W^T accumulated into it, then the
             # factor and the bias, all in one [M, out] buffer
+            # (bias / f + s (x A^T) B^T + x W^T) * f: two GEMMs and one pass over [M, out] more than LoRA
             h2 = F.linear(x, A).view(-1, A.shape[0])
             if c is not None:
                 h2.mul_(c)
             if sl != 1.0:
                 h2.mul_(sl)
-            z = torch.mm(h2, B.T)
+            bias = gemm.bias
+            bf = None if bias is None else _bias_over_factor(module, leaves, s, f, bias, transposed)
+            z = torch.mm(h2, B.T) if bf is None else torch.addmm(bf, h2, B.T)
             w = gemm.weight
             z.addmm_(x.reshape(-1, x.shape[-1]), w if gemm.transposed else w.T)
             z.mul_(f)
-            if gemm.bias is not None:
-                z.add_(gemm.bias)
+            if bias is not None and bf is None:
+                z.add_(bias)
             return z.view(*x.shape[:-1], z.shape[-1])
     result = call_base(x)
     h = dropout(entry, generator, x if x.dtype == A.dtype else x.to(A.dtype))
