@@ -48,8 +48,23 @@ def register(modules: Mapping[str, nn.Module], tensors: Mapping[int, torch.Tenso
 
 
 def transposed(weight: torch.Tensor) -> bool | None:
-    """True when ``weight`` is a GPT-2 ``Conv1D`` weight ([in, out]), False for an ``nn.Linear`` weight, None
-    when it did not come from a model given to :func:`adaptfn.functional` (nor from a merge of one)."""
+    """The recorded layout of a weight.
+
+    Arguments:
+        weight: a tensor (from a ``params`` dict, a model, a merge).
+
+    Returns:
+        True for a GPT-2 ``Conv1D`` weight ([in, out]), False for an ``nn.Linear`` weight, None when it did not
+        come from a model given to :func:`adaptfn.functional` (nor from a merge of one).
+
+    Example:
+        >>> from adaptfn import _layout
+        >>> q = "model.decoder.layers.0.self_attn.q_proj.weight"                # a square nn.Linear weight
+        >>> _layout.transposed(params[q]), _layout.transposed(params[q].clone())
+        (False, None)
+        >>> _layout.transposed(af.merge(params, adapter)[q])                    # merged weights keep it
+        False
+    """
     try:
         return _STORED_IN_OUT.get(weight)
     except TypeError:  # not a tensor

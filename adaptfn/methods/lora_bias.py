@@ -7,6 +7,16 @@ does: zeros (``init_lora_weights=True``), else ``nn.Linear``'s default draw ``U(
 ``merge`` folds ``s * b`` into the base layer's bias (a base layer without a bias cannot be merged: PEFT refuses
 it too). A scale weight ``w`` multiplies it with the rest of the delta (saved as ``b * w``); a masked entry is
 written with zeros.
+
+Example:
+    >>> cfg = af.LoraConfig(r=2, target_modules=["q_proj"], lora_bias=True, init_lora_weights=False)
+    >>> a = af.init(fn, cfg, generator=torch.Generator().manual_seed(0))
+    >>> q = "model.decoder.layers.0.self_attn.q_proj"
+    >>> tuple(a.leaves(q)["lora_bias"].shape), sorted(k.rsplit(".", 2)[-2] for k in af.state_dict(a) if q in k)
+    ((22,), ['lora_A', 'lora_B', 'lora_B'])
+    >>> merged = af.merge(params, a)                         # the bias takes scaling * b
+    >>> bool((merged[q + ".bias"] != params[q + ".bias"]).any())
+    True
 """
 
 from __future__ import annotations
