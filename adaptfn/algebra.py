@@ -13,6 +13,10 @@ What "``w`` times" means per method (each method declares the ``"scale"`` capabi
   weight folded into ``lora_B`` (AdaLoRA: ``lora_E``), so PEFT computes the same.
 * IA3: the vector moves from ones toward ``l``: ``l_w = 1 + w (l - 1)`` (``torch.lerp``, exact at ``w`` = 0
   and 1); saved as ``l_w``.
+* DoRA (LoRA with ``use_dora=True``): the delta direction is weighted and the magnitude moves from the base
+  weight's norm toward ``m``: ``m_w / ||W + w s B A||_c * (W + w s B A)``, ``m_w = lerp(||W||_c, m, w)`` (exact
+  at 0 and 1); PEFT's file cannot hold ``m_w`` without the base weight, so saving a weight other than 1 raises
+  (see :mod:`adaptfn.methods.dora`). ``lora_bias``: the bias of ``lora_B`` is weighted with the rest.
 * A replacement (``modules_to_save``, a trained bias): ``base + w (replacement - base)`` (``torch.lerp``);
   PEFT's format cannot hold that without the base, so saving one with a weight other than 1 raises.
 
@@ -135,7 +139,7 @@ def scale(adapter: Any, w: Any) -> Any:
         return AdapterSum({n: scale(a, w) for n, a in parts.items()})
     if not isinstance(adapter, Adapter):
         raise ConfigError(f"scale: expected an Adapter or AdapterSum, got {type(adapter).__name__}")
-    require(get_method(adapter.method), SCALE, "af.scale")
+    require(get_method(adapter.method), SCALE, "af.scale", adapter.config)
     if isinstance(w, Mapping):
         rules = []
         for key, value in w.items():
@@ -241,7 +245,8 @@ def combine(adapters: Any, weights: Any, how: str = "cat", density: float | None
             raise IncompatibleAdapterError(f"combine: adapters[{i}] is {a.method}, adapters[0] is "
                                            f"{adapters[0].method}; only adapters of one method combine")
     method = get_method(adapters[0].method)
-    require(method, COMBINE, "af.combine")
+    for a in adapters:  # a variant (DoRA, lora_bias) may lack what its method declares
+        require(method, COMBINE, "af.combine", a.config)
     if isinstance(weights, torch.Tensor):
         weights = weights.detach().tolist() if weights.dim() == 1 else weights
     if not isinstance(weights, (list, tuple)):

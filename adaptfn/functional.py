@@ -27,7 +27,7 @@ import torch.utils._pytree as torch_pytree
 from torch import nn
 from torch.nn.utils.stateless import _reparametrize_module
 
-from . import _fsdp, quant, routing
+from . import _fsdp, _layout, quant, routing
 from ._leaves import check_leaves
 from .adapter import COEF, GATE, Adapter, coef_value, gate_on
 from .errors import ConfigError, IncompatibleAdapterError, shape_str, stacked_called_directly
@@ -135,6 +135,7 @@ class _Base:
         self.checked: weakref.WeakSet[Adapter] = weakref.WeakSet()  # adapters already checked against the model
         self.plans: dict[tuple, tuple] = {}  # call plans by adapter structure
         quant.register(model, self.modules, by_id)  # quantized layers: see adaptfn/quant.py
+        _layout.register(self.modules, by_id)  # which weights are stored [in, out]: see adaptfn/_layout.py
 
     def copy(self) -> _Copy:
         """This thread's structural copy (one per thread, whatever the adapters: every module an adapter

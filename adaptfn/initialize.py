@@ -12,6 +12,7 @@ from .errors import ConfigError
 from .functional import FunctionalModel
 from .methods import method_for_config
 from .methods.base import SharedTensors
+from .methods.common import with_task_defaults
 
 __all__ = ["init"]
 
@@ -28,13 +29,16 @@ def init(
     Arguments:
         fn: from :func:`adaptfn.functional`.
         config: an adapter config (e.g. :class:`adaptfn.LoraConfig`); ``"all-linear"`` targets are
-            expanded to module names, as PEFT saves them.
+            expanded to module names, as PEFT saves them, and PEFT's task defaults apply: ``task_type``
+            ``"SEQ_CLS"`` / ``"TOKEN_CLS"`` add ``"classifier"`` and ``"score"`` to ``modules_to_save``,
+            ``"QUESTION_ANS"`` adds ``"qa_outputs"`` (names the model lacks are skipped), as PEFT's task models do.
         generator: drives every random draw (deterministic for a seeded generator).
         dtype: leaf dtype; default as PEFT: the base weight's, float32 for fp16/bf16/quantized bases.
 
     Returns:
         An :class:`Adapter`: LoRA ``lora_A`` [r, in] kaiming-uniform (or N(0, 1/r) for "gaussian")
-        and ``lora_B`` [out, r] zeros, so the adapted model starts equal to the base;
+        and ``lora_B`` [out, r] zeros, so the adapted model starts equal to the base (``lora_bias``: zeros;
+        DoRA: the magnitude is the norm of each output channel of ``W + scaling * B @ A``, PEFT's init);
         ``modules_to_save`` and trained biases start as copies of the base tensors.
 
     Example:
@@ -49,6 +53,7 @@ def init(
         raise ConfigError(f"init: dtype must be a floating torch.dtype or None, got {dtype!r}")
     method = method_for_config(config)
     model = fn.model
+    config = with_task_defaults(config)  # PEFT's task models add their heads to modules_to_save
     config, entries = method.plan(config, model)
     if config.base_model_name_or_path is None:
         name = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)

@@ -57,7 +57,8 @@ def state_dict(adapter: Adapter) -> dict[str, torch.Tensor]:
     Masked-off deltas are written in their "off" form (LoRA: ``lora_B`` zeros), so the file computes
     what the adapter computes; scale weights (:func:`adaptfn.scale`) are folded into the method's tensors
     (LoRA: ``lora_B * w``). A masked-off replacement, or a replacement with a weight other than 1, cannot be
-    expressed in PEFT's format: drop it with :func:`adaptfn.select` first.
+    expressed in PEFT's format, nor can a masked or weighted DoRA module (its magnitude would depend on the base
+    weight): drop it with :func:`adaptfn.select` first (or merge).
     """
     if not isinstance(adapter, Adapter):
         if isinstance(adapter, AdapterSum):
@@ -73,7 +74,10 @@ def state_dict(adapter: Adapter) -> dict[str, torch.Tensor]:
         if not isinstance(on, bool):
             raise ConfigError("state_dict: cannot read gates under a transform (vmap/grad/compile)")
         if e.kind:
-            delta = method.to_peft(e, leaves if on else method.off(e, leaves))
+            try:
+                delta = method.to_peft(e, leaves if on else method.off(e, leaves))
+            except ConfigError as err:  # what the file cannot express (a weighted or masked DoRA module)
+                raise ConfigError(f"state_dict: module {path!r}: {err}") from None
             for suffix, t in delta.items():
                 out[f"{PREFIX}{path}.{suffix}"] = t
         for name in e.replaced:

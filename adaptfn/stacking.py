@@ -96,9 +96,8 @@ def stack(adapters: Sequence[Adapter]) -> Adapter:
                     f"and item {i} ({e.kind or 'replacement'} {e.replaced})")
         r = max(adapters[i].entries[p].r for i in have)
         fif = {adapters[i].entries[p].fan_in_fan_out for i in have} - {None}
-        if len(fif) > 1:
-            raise IncompatibleAdapterError(f"stack: module {p!r} has mixed fan_in_fan_out across adapters")
-        entries[p] = dataclasses.replace(e0, r=r, fan_in_fan_out=next(iter(fif), None))
+        # files disagree (PEFT writes one flag per adapter): the layout is then the model's (adaptfn._layout)
+        entries[p] = dataclasses.replace(e0, r=r, fan_in_fan_out=next(iter(fif)) if len(fif) == 1 else None)
         padded: dict[int, dict[str, torch.Tensor]] = {
             i: method.pad(adapters[i].entries[p], adapters[i].leaves(p), r) if e0.kind else dict(adapters[i].leaves(p))
             for i in have}

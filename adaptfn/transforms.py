@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from . import _fsdp, quant, routing
+from . import _fsdp, _layout, quant, routing
 from ._leaves import check_leaves
 from ._where import Where, matcher
 from .adapter import COEF, GATE, Adapter, AdapterSum, coef_value, components, gate_on, replace
@@ -77,7 +77,8 @@ def _check_route(parts: tuple[Adapter, ...], route: torch.Tensor | str, fn: Func
         raise ConfigError("route= needs one stacked adapter (af.stack([...])); got "
                           + ("an AdapterSum" if len(parts) != 1 else "an unstacked adapter"))
     a = parts[0]
-    require(get_method(a.method), ROUTE, "route=")
+    for config in (a.stack_info.configs if a.stack_info is not None else (a.config,)):
+        require(get_method(a.method), ROUTE, "route=", config)
     replaced = [f"{p}.{n}" for p, e in a.entry_items for n in e.replaced if n not in e.frozen]
     if replaced:
         raise ConfigError(f"route= applies per-row deltas only; this stack replaces tensors ({replaced[:3]}); "
@@ -164,8 +165,12 @@ def _merge_replacements(out: dict[str, torch.Tensor], params: Mapping[str, torch
 
 
 def _merge_deltas(out: dict[str, torch.Tensor], parts: tuple[Adapter, ...]) -> None:
-    """Fold each delta entry into its module's tensors in ``out`` (the method's ``merge``), in order."""
+    """Fold each delta entry into its module's tensors in ``out`` (the method's ``merge``), in order. A method
+    sees the module's current tensors and, as ``base_layer.<name>``, the ones before any delta of this merge
+    (DoRA's weight norm is PEFT's: of the unmerged weight). Merged weights keep the layout
+    (:mod:`adaptfn._layout`) of those they replace."""
     own: dict[str, list[str]] | None = None  # module path -> its tensor names, built on first use
+    before = dict(out)  # the tensors before any delta (replacements and dequantized stand-ins included)
     for a in parts:
         method = get_method(a.method)
         for path, e in a.entry_items:
@@ -192,12 +197,15 @@ def _merge_deltas(out: dict[str, torch.Tensor], parts: tuple[Adapter, ...]) -> N
                     parent, _, child = mod.rpartition(".")
                     if mod:
                         own.setdefault(parent, []).append(f"{child}.{name}")
-            mine = {n: out[f"{path}.{n}"] for n in own.get(path, ())}
+            names = own.get(path, ())
+            mine = {n: out[f"{path}.{n}"] for n in names}
+            mine.update({f"base_layer.{n}": before[f"{path}.{n}"] for n in names})
             try:
                 merged = method.merge(e, leaves, on, mine)
             except IncompatibleAdapterError as err:
                 raise IncompatibleAdapterError(f"merge: module {path!r}: {err}") from None
             for n, t in merged.items():
+                _layout.carry(mine.get(n), t)
                 out[f"{path}.{n}"] = t
 
 

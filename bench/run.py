@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from bench import conv, many, qlora
+from bench import conv, dora, many, qlora
 from bench.harness import Result, interleaved, plot, table
 
 warnings.filterwarnings("ignore")
@@ -218,6 +218,7 @@ SCENARIOS = {
     "qlora": qlora.scenario_qlora,
     "hetero": many.scenario_hetero,
     "conv": conv.scenario_conv,
+    "dora": dora.scenario_dora,
 }
 
 

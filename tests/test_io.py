@@ -257,11 +257,10 @@ def test_peft_written_config_round_trips_unchanged(tmp_path):
 
 
 @pytest.mark.parametrize("field,value", [
-    ("use_dora", True),
     ("init_lora_weights", "pissa"),
     ("init_lora_weights", "olora"),
-    ("lora_bias", True),
     ("layer_replication", [[0, 1]]),
+    ("kasa_config", {"k": 1}),
 ])
 def test_unsupported_numerics_fields_raise_config_error(saved, no_weights_read, field, value):
     folder, _ = saved

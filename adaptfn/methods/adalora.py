@@ -79,8 +79,9 @@ class AdaLoraConfig(LoraFamilyConfig):
         fan_in_fan_out: set from the module type, as PEFT does.
         bias: "none", "all" or "lora_only"; modules_to_save as for LoRA.
         init_lora_weights: True: ``E`` zeros, ``A`` and ``B`` ~ N(0, 0.02); False: all standard normal.
-        r: kept for the round trip but, as in PEFT, without effect on AdaLoRA (so are ``use_rslora`` and
-            ``alpha_pattern``).
+        r: kept for the round trip but, as in PEFT, without effect on AdaLoRA (so are ``use_rslora``,
+            ``alpha_pattern`` and ``lora_bias``: PEFT's AdaLoRA layers have no ``lora_B`` bias).
+        use_dora: ``True`` raises :class:`adaptfn.ConfigError`, as in PEFT.
 
     Example:
         >>> cfg = af.AdaLoraConfig(init_r=12, target_r=4, lora_alpha=32, target_modules=["q_proj", "v_proj"],
@@ -105,6 +106,8 @@ class AdaLoraConfig(LoraFamilyConfig):
         """The LoRA-family checks plus AdaLoRA's schedule fields (each raises naming the field)."""
         super().validate()
         cls = type(self)
+        # PEFT's AdaLoRA refuses DoRA; its layers ignore lora_bias (accepted here too: no bias, as in PEFT)
+        need(self.use_dora is False, cls, "use_dora", "AdaLoRA does not support DoRA (PEFT refuses it too)")
         need(is_int(self.total_step) and self.total_step > 0, cls, "total_step",  # type: ignore[operator]
              f"AdaLoRA needs the total number of training steps, a positive int; got {self.total_step!r}")
         check_int(cls, "init_r", self.init_r, 1)
@@ -308,10 +311,12 @@ class AdaLora:
             if delta.numel() != weight.numel() or delta.shape[0] != weight.shape[0]:
                 raise IncompatibleAdapterError(f"delta {shape_str(delta.shape)} does not fit the conv weight "
                                                f"{shape_str(weight.shape)}")
-            return {"weight": weight + self._scaled(entry, leaves, on, delta).reshape(weight.shape).to(weight.dtype)}
-        if weight_needs_transpose(weight.shape, delta.shape, entry.fan_in_fan_out):
+            # added in the wider dtype and rounded once, as PEFT's in-place ``weight += delta`` does
+            return {"weight": (weight + self._scaled(entry, leaves, on, delta).reshape(weight.shape)).to(weight.dtype)}
+        if weight_needs_transpose(weight, delta.shape, entry.fan_in_fan_out):
             delta = delta.T
-        return {"weight": weight + self._scaled(entry, leaves, on, delta).to(weight.dtype)}
+        # added in the wider dtype and rounded once, as PEFT's in-place ``weight += delta`` does
+        return {"weight": (weight + self._scaled(entry, leaves, on, delta)).to(weight.dtype)}
 
     def off(self, entry: Entry, leaves: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``E`` zeros: no delta (how a masked-off entry is written to a file)."""

@@ -49,14 +49,56 @@ _JSON_TYPES = (str, int, float, bool, type(None), list, dict)
 TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
 
 
+class _ConfigMeta(type):
+    """Lets a config's constructor take every field name PEFT's config class has, as a PEFT user passes them.
+
+    A PEFT field that is not one of the dataclass's fields goes to ``extra`` (so it is written back to
+    ``adapter_config.json``): one adaptfn does not implement (``unsupported``) is then checked against its
+    "off" value by ``__post_init__`` (a :class:`ConfigError` naming it otherwise), one without numerical effect
+    (``peft_only``) is kept as it is. ``peft_type`` must be the class's own, ``runtime_config`` (never saved by
+    PEFT) is accepted and dropped. Any other name raises :class:`ConfigError` naming it, instead of a bare
+    ``TypeError``."""
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        fields = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
+        moved: dict[str, Any] = {}
+        for name in [k for k in kwargs if k not in fields]:
+            value = kwargs.pop(name)
+            if name == "peft_type":
+                value = getattr(value, "value", value)  # PEFT's PeftType enum
+                if value != cls.peft_type:  # type: ignore[attr-defined]
+                    raise ConfigError(f"{cls.__name__}.peft_type={value!r}: this config is "
+                                      f"{cls.peft_type!r}")  # type: ignore[attr-defined]
+            elif name == "runtime_config":
+                continue
+            elif name in cls.unsupported or name in cls.peft_only:  # type: ignore[attr-defined]
+                moved[name] = value
+            else:
+                known = sorted(n for n in fields if n != "extra")
+                raise ConfigError(f"{cls.__name__}: {name!r} is a field neither of adaptfn's nor of PEFT's "
+                                  f"{cls.__name__} (adaptfn's fields: {', '.join(known)})")
+        if moved:
+            extra = dict(kwargs.get("extra") or {})
+            extra.update(moved)
+            kwargs["extra"] = extra
+        return super().__call__(*args, **kwargs)
+
+
 @dataclasses.dataclass(frozen=True)
-class PeftConfigBase:
+class PeftConfigBase(metaclass=_ConfigMeta):
     """Fields every PEFT config file carries. Subclasses add the method's fields with PEFT's names
-    and defaults. Unknown keys from a file (newer PEFT versions) are kept in ``extra`` and written back."""
+    and defaults. Unknown keys from a file (newer PEFT versions) are kept in ``extra`` and written back.
+
+    The constructor also takes the PEFT fields adaptfn keeps in ``extra`` (see ``unsupported`` and
+    ``peft_only``), so ``af.LoraConfig(**peft_kwargs)`` works for whatever PEFT accepts at its default: a
+    field whose value would change the numerics adaptfn does not implement raises :class:`ConfigError`
+    naming it, as the same field in a file or a ``from_dict`` does."""
 
     peft_type: ClassVar[str] = ""
     # fields PEFT knows that adaptfn does not implement: name -> the value meaning "off"
     unsupported: ClassVar[dict[str, Any]] = {}
+    # fields PEFT knows that change nothing adaptfn computes (kept in ``extra``, written back as they are)
+    peft_only: ClassVar[frozenset[str]] = frozenset({"auto_mapping", "peft_version"})
 
     task_type: str | None = None
     base_model_name_or_path: str | None = None
@@ -268,7 +310,9 @@ class Method(Protocol):
     def merge(self, entry: Entry, leaves: Mapping[str, torch.Tensor], on: Any,
               tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The module's tensors with the delta folded in: ``tensors`` is the module's own tensors by name
-        (``weight`` [out, in] or Conv1D [in, out], ``bias``, ...); returns the changed ones (new tensors)."""
+        (``weight`` [out, in] or Conv1D [in, out], ``bias``, ...), as earlier adapters of the same merge left
+        them, and under ``base_layer.<name>`` as they were before any delta of this merge (DoRA's weight norm
+        reads the unmerged weight, as PEFT's does); returns the changed ones (new tensors)."""
         ...
 
     def delta_suffixes(self) -> tuple[str, ...]:
@@ -336,14 +380,25 @@ class SharedTensors(Protocol):
         ...
 
 
-def require(method: Method, capability: str, what: str) -> None:
+def require(method: Method, capability: str, what: str, config: Any = None) -> None:
     """Raise :class:`ConfigError` naming the method unless it declares ``capability``.
+
+    A method whose config selects a variant with fewer capabilities (LoRA's ``use_dora=True``) has a
+    ``variant(config) -> (name, capabilities) | None``; given the adapter's ``config``, the variant's
+    declaration is the one checked, and its name is the one in the message.
 
     Arguments:
         method: a registered method. capability: one of :data:`CAPABILITIES`.
         what: the caller's name for the feature, e.g. ``"route="`` (starts the message).
+        config: the adapter's config (None: the method's own declaration).
     """
-    if capability not in method.capabilities:
-        have = ", ".join(sorted(method.capabilities)) or "none"
-        raise ConfigError(f"{what} is not supported for {method.name} adapters (the {method.name} method declares "
+    name, caps = method.name, method.capabilities
+    variant = getattr(method, "variant", None)
+    if config is not None and callable(variant):
+        found = variant(config)
+        if found is not None:
+            name, caps = found
+    if capability not in caps:
+        have = ", ".join(sorted(caps)) or "none"
+        raise ConfigError(f"{what} is not supported for {name} adapters (the {name} method declares "
                           f"the capabilities: {have})")

@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from .. import _layout
 from .._where import is_target, pattern_key
 from ..adapter import Entry
 from ..errors import IncompatibleAdapterError, shape_str
@@ -30,7 +31,8 @@ from .base import (
 
 PATTERN_KEY = r"(.*\.)?({})$"  # how PEFT matches rank_pattern / alpha_pattern keys
 
-__all__ = ["LoraFamilyConfig", "PEFT_UNSUPPORTED", "SEQ_CLS_HEAD_NAMES", "EMBEDDING_LAYER_NAMES", "is_conv1d",
+__all__ = ["LoraFamilyConfig", "PEFT_UNSUPPORTED", "SEQ_CLS_HEAD_NAMES", "EMBEDDING_LAYER_NAMES",
+           "TASK_MODULES_TO_SAVE", "with_task_defaults", "is_conv1d",
            "linear_dims", "adapter_dtype", "weight_needs_transpose", "expand_all_linear", "linear_targets",
            "plan_embedding_saves", "plan_replacements", "dropout_options", "dropout", "MODULE_PATH",
            "module_path", "check_targeting", "check_patterns", "LycorisFamilyConfig", "module_kept", "rank_keep",
@@ -59,9 +61,18 @@ def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
     return torch.float32
 
 
-def weight_needs_transpose(w_shape: Sequence[int], delta_shape: Sequence[int], fan_in_fan_out: bool | None) -> bool:
-    """Whether a [out, in] delta must be transposed to add to a weight of ``w_shape``."""
-    w, d = tuple(w_shape), tuple(delta_shape)
+def weight_needs_transpose(weight: torch.Tensor | Sequence[int], delta_shape: Sequence[int],
+                           fan_in_fan_out: bool | None) -> bool:
+    """Whether a [out, in] delta must be transposed to add to ``weight`` (a tensor, or just its shape).
+
+    The layout is decided per module from the model: a weight recorded by :func:`adaptfn.functional`
+    (:mod:`adaptfn._layout`) is transposed exactly when it is a GPT-2 ``Conv1D`` weight, whatever
+    ``fan_in_fan_out`` (the file's single flag) says. Otherwise a non-square weight's shape decides, and only a
+    square weight of unknown origin falls back to ``fan_in_fan_out``."""
+    known = _layout.transposed(weight) if isinstance(weight, torch.Tensor) else None
+    w, d = tuple(weight.shape if isinstance(weight, torch.Tensor) else weight), tuple(delta_shape)
+    if known is not None and w == (d[::-1] if known else d):
+        return known
     if d[0] != d[1]:
         if w == d:
             return False
@@ -131,11 +142,13 @@ class LoraFamilyConfig(PeftConfigBase):
             modules_to_save: modules trained in full (replacements). init_lora_weights: True, False or
             "gaussian" (each method documents its draws). layers_to_transform / layers_pattern: restrict
             list targets to these block indices. rank_pattern / alpha_pattern: per-module overrides, keys
-            matched as ``(.*\\.)?(key)$``. use_dora / lora_bias: PEFT fields adaptfn does not implement yet
-            (only False).
+            matched as ``(.*\\.)?(key)$``. use_dora: DoRA (LoRA only, see :mod:`adaptfn.methods.dora`).
+            lora_bias: a trained bias on ``lora_B`` (LoRA only; not with DoRA, and only with
+            ``init_lora_weights`` True or False, as PEFT requires).
     """
 
     unsupported: ClassVar[dict[str, Any]] = PEFT_UNSUPPORTED
+    peft_only: ClassVar[frozenset[str]] = PeftConfigBase.peft_only | {"megatron_core", "qalora_group_size"}
 
     r: int = 8
     lora_alpha: float = 8
@@ -159,9 +172,10 @@ class LoraFamilyConfig(PeftConfigBase):
         cls = type(self)
         for name in ("use_dora", "lora_bias", "fan_in_fan_out", "use_rslora"):
             check_bool(cls, name, getattr(self, name))
-        for name in ("use_dora", "lora_bias"):
-            need(getattr(self, name) is False, cls, name,
-                 f"{getattr(self, name)!r} is not supported by adaptfn yet (it changes the numerics); use False")
+        need(not (self.lora_bias and self.use_dora), cls, "lora_bias",
+             "True is not supported together with use_dora=True (PEFT refuses it too)")
+        need(not self.lora_bias or self.init_lora_weights in (True, False), cls, "lora_bias",
+             f"True needs init_lora_weights True or False (as PEFT requires), got {self.init_lora_weights!r}")
         check_int(cls, "r", self.r, 1)
         need(is_real(self.lora_alpha) and abs(self.lora_alpha) <= FLOAT32_MAX, cls, "lora_alpha",
              f"must be a finite number (within float32's range), got {self.lora_alpha!r}")
@@ -307,13 +321,36 @@ def plan_embedding_saves(config: Any, model: nn.Module, entries: dict[str, Entry
     return out
 
 
+# PEFT's task models add their heads to ``modules_to_save`` (peft_model.PeftModelForSequenceClassification,
+# ...ForTokenClassification: "classifier", "score"; ...ForQuestionAnswering: "qa_outputs"); the other task types
+# add nothing. A name a model lacks is skipped, as PEFT skips it.
+TASK_MODULES_TO_SAVE: dict[str, tuple[str, ...]] = {
+    "SEQ_CLS": ("classifier", "score"),
+    "TOKEN_CLS": ("classifier", "score"),
+    "QUESTION_ANS": ("qa_outputs",),
+}
+
+
+def with_task_defaults(config: Any) -> Any:
+    """``config`` with its ``task_type``'s head modules added to ``modules_to_save``, as PEFT's task model does
+    when it wraps a model (so a file PEFT loads as that task finds the head's weights). Names already there are
+    not repeated; a config without ``modules_to_save`` comes back as it is."""
+    names = TASK_MODULES_TO_SAVE.get(getattr(config, "task_type", None) or "", ())
+    if not names or not hasattr(config, "modules_to_save"):
+        return config
+    have = list(config.modules_to_save or [])
+    add = [n for n in names if n not in have]
+    return dataclasses.replace(config, modules_to_save=have + add) if add else config
+
+
 def _saved_modules(config: Any, model: nn.Module) -> list[str]:
     names = getattr(config, "modules_to_save", None) or []
     found: list[str] = []
     for path, _ in model.named_modules(remove_duplicate=False):
         if path and any(path.endswith(m) for m in names) and not any(path.startswith(f + ".") for f in found):
             found.append(path)
-    if names and not found:
+    optional = TASK_MODULES_TO_SAVE.get(getattr(config, "task_type", None) or "", ())
+    if any(m not in optional for m in names) and not found:
         raise IncompatibleAdapterError(
             f"modules_to_save={list(names)!r} matches no module of {type(model).__name__}")
     return found

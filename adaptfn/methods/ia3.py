@@ -33,7 +33,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from .. import routing
+from .. import _layout, routing
 from .._where import is_target
 from ..adapter import COEF, Entry
 from ..errors import AdapterFileError, IncompatibleAdapterError, shape_str, single_for_route, stacked_called_directly
@@ -224,8 +224,9 @@ class IA3:
         out = call_base(x)
         return (out * v).to(out.dtype)
 
-    def _axis(self, entry: Entry, w_shape: tuple[int, ...], n: int) -> int:
-        """Which axis of the stored weight the vector scales (0 or 1)."""
+    def _axis(self, entry: Entry, w_shape: tuple[int, ...], n: int, weight: torch.Tensor | None = None) -> int:
+        """Which axis of the stored weight the vector scales (0 or 1); for a square weight the layout recorded
+        from the model (:mod:`adaptfn._layout`), else the entry's ``fan_in_fan_out``."""
         scales_out = entry.kind == OUT
         fits = [ax for ax in (0, 1) if w_shape[ax] == n]
         if not fits:
@@ -233,7 +234,8 @@ class IA3:
                 f"ia3_l of length {n} fits no axis of weight {shape_str(w_shape)}")
         if len(fits) == 1:
             return fits[0]
-        fif = bool(entry.fan_in_fan_out)  # square weight: only the layout tells
+        known = _layout.transposed(weight) if weight is not None else None
+        fif = bool(entry.fan_in_fan_out) if known is None else known  # square weight: only the layout tells
         out_axis = 1 if fif else 0
         return out_axis if scales_out else 1 - out_axis
 
@@ -260,7 +262,7 @@ class IA3:
             return CONV_IA3.merge(self, entry, leaves, on, tensors)
         v = self._vector(leaves, on)
         w = tensors["weight"]
-        ax = self._axis(entry, tuple(w.shape), v.numel())
+        ax = self._axis(entry, tuple(w.shape), v.numel(), w)
         vb = v.reshape(-1, 1) if ax == 0 else v.reshape(1, -1)
         out = {"weight": (w * vb).to(w.dtype)}
         b = tensors.get("bias")

@@ -9,6 +9,11 @@ and ``lora_B`` [embedding_dim, r] (PEFT's ``lora_embedding_A`` / ``lora_embeddin
 A scale weight ``w`` (the ``coef`` leaf, :func:`adaptfn.scale`) multiplies the delta:
 ``y = base(x) + w * scaling * B(A(x))``. It is applied to the rank-r product ``A(x)`` (exact for ``w = 1``),
 and written into ``lora_B`` when saved (``B * w``), so PEFT computes the same.
+
+PEFT's LoRA variants live next to this file: DoRA (``use_dora=True``, entries with a ``lora_magnitude``
+leaf, :mod:`adaptfn.methods.dora`) and ``lora_bias=True`` (a ``lora_bias`` leaf,
+:mod:`adaptfn.methods.lora_bias`); neither can be combined (:func:`adaptfn.combine`), as PEFT's
+``add_weighted_adapter`` drops their magnitudes / biases.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from .. import routing
 from .._where import is_target
 from ..adapter import COEF, GATE, SCALING, Entry
 from ..errors import AdapterFileError, IncompatibleAdapterError, shape_str, single_for_route, stacked_called_directly
-from . import layers, lora_layers
+from . import dora, layers, lora_bias, lora_layers
 from .base import COMBINE, ROUTE, SCALE, CallBase
 from .common import (
     LoraFamilyConfig,
@@ -57,7 +62,8 @@ class LoraConfig(LoraFamilyConfig):
         lora_dropout: dropout on the LoRA input (only with an explicit generator, see :func:`adaptfn.inject`).
         target_modules: list of names/suffixes, a regex (``re.fullmatch``) or ``"all-linear"``.
         exclude_modules: same rules, wins over targets.
-        fan_in_fan_out: base weight stored [in, out] (GPT-2 Conv1D; set automatically there).
+        fan_in_fan_out: base weight stored [in, out] (GPT-2 Conv1D; set automatically there). Written for PEFT
+            only: adaptfn reads each weight's layout from the model (:mod:`adaptfn._layout`).
         bias: "none", "all" (every ``*.bias`` is trained) or "lora_only" (biases of targeted modules).
         use_rslora: scale by ``lora_alpha / sqrt(r)``.
         modules_to_save: modules trained in full (replacements).
@@ -66,11 +72,23 @@ class LoraConfig(LoraFamilyConfig):
         alpha_pattern: per-module alpha, keys matched the same way.
         init_lora_weights: True (A kaiming-uniform, B zeros), "gaussian" (A ~ N(0, 1/r)) or False (both
             random: for tests).
+        use_dora: DoRA, a trained magnitude per output channel (:mod:`adaptfn.methods.dora`).
+        lora_bias: a trained bias on ``lora_B`` (:mod:`adaptfn.methods.lora_bias`).
+
+    Every other field of PEFT's ``LoraConfig`` is accepted at its default and kept for the file (a value that
+    would change the numerics raises :class:`adaptfn.ConfigError` naming it).
 
     Example:
         >>> cfg = af.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
         >>> cfg.scaling(*cfg.rank_and_alpha("model.decoder.layers.0.self_attn.q_proj"))
         2.0
+        >>> af.LoraConfig(r=8, use_dora=True, kasa_config=None).use_dora    # PEFT's fields, at their defaults
+        True
+        >>> try:
+        ...     af.LoraConfig(kasa_config={"k": 2})
+        ... except af.ConfigError as e:
+        ...     print(str(e)[:40])
+        LoraConfig.kasa_config={'k': 2} is not s
     """
 
     peft_type: ClassVar[str] = "LORA"
@@ -87,6 +105,15 @@ class Lora:
     capabilities = frozenset({ROUTE, SCALE, COMBINE})
     _SUFFIX = {"linear": ("lora_A.weight", "lora_B.weight"), "embedding": ("lora_embedding_A", "lora_embedding_B")}
 
+    def variant(self, config: Any) -> tuple[str, frozenset[str]] | None:
+        """The capabilities of PEFT's LoRA variants (see :func:`adaptfn.methods.require`): DoRA and
+        ``lora_bias`` route and scale but do not combine."""
+        if getattr(config, "use_dora", False):
+            return "lora (DoRA, use_dora=True)", frozenset({ROUTE, SCALE})
+        if getattr(config, "lora_bias", False):
+            return "lora (lora_bias=True)", frozenset({ROUTE, SCALE})
+        return None
+
     # -- planning and init -------------------------------------------------------------------------
     def plan(self, config: LoraConfig, model: nn.Module) -> tuple[LoraConfig, dict[str, Entry]]:
         config = expand_all_linear(config, model)
@@ -97,6 +124,11 @@ class Lora:
                 continue
             layer = lora_layers.kind_of(mod)  # convolutions, nn.MultiheadAttention
             if layer is not None:
+                if config.use_dora or config.lora_bias:
+                    raise IncompatibleAdapterError(
+                        f"target module {path!r} is a {layers.layer_name(mod)}: "
+                        f"{'use_dora' if config.use_dora else 'lora_bias'}=True is supported on nn.Linear, "
+                        "Conv1D and nn.Embedding only in this version of adaptfn; exclude it (exclude_modules)")
                 entries[path] = lora_layers.KINDS[layer].plan_entry(config, path, mod)
                 continue
             owner = layers.mha_out_proj_of(path, modules)
@@ -107,6 +139,9 @@ class Lora:
                     f"{path!r} (exclude_modules)")
             if isinstance(mod, nn.Embedding):
                 kind, fif = "embedding", False
+                if config.lora_bias:
+                    raise IncompatibleAdapterError(f"target module {path!r} is an nn.Embedding: lora_bias=True is "
+                                                   "not supported for embeddings (PEFT refuses it too)")
             elif is_conv1d(mod):
                 kind, fif = "linear", True
             elif isinstance(mod, nn.Linear):
@@ -157,7 +192,12 @@ class Lora:
                 nn.init.kaiming_uniform_(B, a=math.sqrt(5), generator=generator)
             else:
                 B.zero_()
-        return {"lora_A": A.to(dt), "lora_B": B.to(dt)}
+        out = {"lora_A": A.to(dt), "lora_B": B.to(dt)}
+        if config.lora_bias:
+            out[lora_bias.LEAF] = lora_bias.init(n_out, r, mode is False, generator, w.device).to(dt)
+        if config.use_dora:  # PEFT: the norm of the initialised weight, so the adapter starts as plain LoRA
+            out[dora.MAGNITUDE] = dora.init_magnitude(entry, module, A, B).to(dt)
+        return out
 
     # -- compute -----------------------------------------------------------------------------------
     @staticmethod
@@ -170,9 +210,19 @@ class Lora:
     def forward(self, entry: Entry, leaves: Mapping[str, torch.Tensor], on: Any, generator: Any,
                 call_base: CallBase, module: nn.Module, x: torch.Tensor,
                 route: torch.Tensor | None = None) -> torch.Tensor:
+        if dora.MAGNITUDE in leaves:
+            return dora.forward(self, entry, leaves, on, generator, call_base, module, x, route)
         if entry.kind in lora_layers.KINDS:
             kind = lora_layers.KINDS[entry.kind]
             return kind.forward(self, entry, leaves, on, generator, call_base, module, x, route)
+        out = self._forward_lora(entry, leaves, on, generator, call_base, module, x, route)
+        if lora_bias.LEAF in leaves and route is None:
+            out = lora_bias.add(out, leaves, self._scale(entry, leaves, on))
+        return out
+
+    def _forward_lora(self, entry: Entry, leaves: Mapping[str, torch.Tensor], on: Any, generator: Any,
+                      call_base: CallBase, module: nn.Module, x: torch.Tensor,
+                      route: torch.Tensor | None = None) -> torch.Tensor:
         A, B = leaves["lora_A"], leaves["lora_B"]
         if route is not None:
             return self._routed(entry, leaves, on, generator, call_base, module, x, route)
@@ -238,12 +288,17 @@ class Lora:
             call_base, module, x, A, B, c)
         out = None if gemm is not None else call_base(x)
         h = dropout(entry, generator, x if x.dtype == A.dtype else x.to(A.dtype))
-        return routing.lowrank_add(out, h, A, B, scale, route, sources=sources, gemm=gemm, base_input=x)
+        out = routing.lowrank_add(out, h, A, B, scale, route, sources=sources, gemm=gemm, base_input=x)
+        return out if lora_bias.LEAF not in leaves else lora_bias.add_routed(out, leaves, scale(), route)
 
     def merge(self, entry: Entry, leaves: Mapping[str, torch.Tensor], on: Any,
               tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``{"weight": W + scaling * B @ A}`` (transposed for Conv1D's [in, out] and embeddings' [num, dim]; a
-        convolution's delta as a conv weight; nn.MultiheadAttention: ``in_proj_weight`` and ``out_proj.weight``)."""
+        convolution's delta as a conv weight; nn.MultiheadAttention: ``in_proj_weight`` and ``out_proj.weight``),
+        added in the wider dtype and rounded once, as PEFT's in-place ``weight += delta`` does (DoRA:
+        :func:`adaptfn.methods.dora.merge`; ``lora_bias``: the bias gets ``scaling * b`` too)."""
+        if dora.MAGNITUDE in leaves:
+            return dora.merge(entry, leaves, on, tensors)
         if entry.kind in lora_layers.KINDS:
             return lora_layers.KINDS[entry.kind].merge(self, entry, leaves, on, tensors)
         weight = tensors["weight"]
@@ -253,15 +308,22 @@ class Lora:
         if c is not None:
             delta = delta * c.to(delta.dtype)
         delta = delta * self._scale(entry, leaves, on)
-        if entry.kind == "embedding" or weight_needs_transpose(weight.shape, delta.shape, entry.fan_in_fan_out):
+        if entry.kind == "embedding" or weight_needs_transpose(weight, delta.shape, entry.fan_in_fan_out):
             delta = delta.T
-        return {"weight": weight + delta.to(weight.dtype)}
+        out = {"weight": (weight + delta).to(weight.dtype)}
+        if lora_bias.LEAF in leaves:
+            out.update(lora_bias.merge_bias(leaves, on, lora_bias.scale_of(entry, leaves), tensors))
+        return out
 
     def off(self, entry: Entry, leaves: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        off = {**leaves, "lora_B": torch.zeros_like(leaves["lora_B"])}
+        if dora.MAGNITUDE in leaves:
+            raise dora.off_error()
+        out = {**leaves, "lora_B": torch.zeros_like(leaves["lora_B"])}
         if "out_lora_B" in leaves:  # nn.MultiheadAttention's out_proj pair
-            off["out_lora_B"] = torch.zeros_like(leaves["out_lora_B"])
-        return off
+            out["out_lora_B"] = torch.zeros_like(leaves["out_lora_B"])
+        if lora_bias.LEAF in leaves:
+            out[lora_bias.LEAF] = torch.zeros_like(leaves[lora_bias.LEAF])
+        return out
 
     # -- checks against a model -------------------------------------------------------------------
     def check(self, path: str, entry: Entry, leaves: Mapping[str, torch.Tensor], module: nn.Module) -> None:
@@ -284,33 +346,56 @@ class Lora:
                 f"module {path!r}: lora_A {shape_str(A.shape)} / lora_B {shape_str(B.shape)} do not fit "
                 f"{type(module).__name__} with in={n_in}, out={n_out} (expected lora_A [r, {n_in}], "
                 f"lora_B [{n_out}, r])")
+        if dora.MAGNITUDE in leaves:
+            dora.check(path, entry, leaves)
+        if lora_bias.LEAF in leaves:
+            lora_bias.check(path, leaves, n_out)
 
     # -- PEFT files ------------------------------------------------------------------------------
     def delta_suffixes(self) -> tuple[str, ...]:
         # nn.MultiheadAttention's out_proj keys first: they end like a Linear's
-        return (*lora_layers.MHA_SUFFIXES, "lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B")
+        return (*lora_layers.MHA_SUFFIXES, "lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B",
+                dora.PEFT_KEY, lora_bias.PEFT_KEY)
 
     def to_peft(self, entry: Entry, leaves: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """PEFT's tensors; a scale weight is folded into ``lora_B`` (``B * w``)."""
+        """PEFT's tensors; a scale weight is folded into ``lora_B`` (``B * w``) and ``lora_B.bias``; DoRA's
+        magnitude is written as it is (a weight other than 1 raises, see :mod:`adaptfn.methods.dora`)."""
         if entry.kind in lora_layers.KINDS:
             return lora_layers.KINDS[entry.kind].to_peft(entry, leaves)
         a, b = self._SUFFIX[entry.kind]
         B = leaves["lora_B"]
         c = leaves.get(COEF)
-        return {a: leaves["lora_A"], b: B if c is None else B * c.to(B.dtype)}
+        out = {a: leaves["lora_A"], b: B if c is None else B * c.to(B.dtype)}
+        if dora.MAGNITUDE in leaves:
+            out[dora.PEFT_KEY] = dora.to_peft(entry, leaves)
+        if lora_bias.LEAF in leaves:
+            bias = leaves[lora_bias.LEAF]
+            out[lora_bias.PEFT_KEY] = bias if c is None else bias * c.to(bias.dtype)
+        return out
 
     def from_peft(self, config: LoraConfig, path: str, found: Mapping[str, torch.Tensor],
                   source: str) -> tuple[Entry, dict[str, torch.Tensor]]:
         layer = lora_layers.kind_from_file(found)  # convolutions, nn.MultiheadAttention
-        if layer is not None and set(found) <= {"lora_A.weight", "lora_B.weight", *lora_layers.MHA_SUFFIXES}:
+        if layer is not None:
+            extra = sorted(set(found) - {"lora_A.weight", "lora_B.weight", *lora_layers.MHA_SUFFIXES})
+            if extra:
+                raise AdapterFileError(f"{source}: module {path!r} is a {layer} LoRA with {extra}: DoRA / lora_bias "
+                                       "on convolutions and attention layers are not supported in this version of "
+                                       "adaptfn")
             return lora_layers.KINDS[layer].from_peft(config, path, found, source)
         kind = "embedding" if "lora_embedding_A" in found or "lora_embedding_B" in found else "linear"
         a_key, b_key = self._SUFFIX[kind]
-        for k in (a_key, b_key):
+        variants = {dora.PEFT_KEY: bool(config.use_dora),
+                    lora_bias.PEFT_KEY: bool(config.lora_bias) and kind != "embedding"}
+        for k in (a_key, b_key) + tuple(k for k, on in variants.items() if on):
             if k not in found:
-                raise AdapterFileError(f"{source}: module {path!r} has {sorted(found)} but no {k!r}")
-        extra = sorted(set(found) - {a_key, b_key})
+                raise AdapterFileError(f"{source}: module {path!r} has {sorted(found)} but no {k!r}"
+                                       + (" (the config says use_dora / lora_bias)" if k in variants else ""))
+        extra = sorted(set(found) - {a_key, b_key} - {k for k, on in variants.items() if on})
         if extra:
+            if any(k in variants for k in extra):
+                raise AdapterFileError(f"{source}: module {path!r} has {extra} but the config has use_dora="
+                                       f"{config.use_dora}, lora_bias={config.lora_bias}")
             raise AdapterFileError(f"{source}: module {path!r} mixes LoRA kinds: {sorted(found)}")
         A, B = found[a_key], found[b_key]
         if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
@@ -330,7 +415,17 @@ class Lora:
         entry = Entry(kind=kind, r=r, scaling=config.scaling(r, alpha),
                       fan_in_fan_out=False if kind == "embedding" else bool(config.fan_in_fan_out),
                       options=dropout_options(config))
-        return entry, {"lora_A": A, "lora_B": B}
+        leaves = {"lora_A": A, "lora_B": B}
+        try:
+            if dora.PEFT_KEY in found:
+                leaves[dora.MAGNITUDE] = found[dora.PEFT_KEY]
+                dora.check(path, entry, leaves)
+            if lora_bias.PEFT_KEY in found:
+                leaves[lora_bias.LEAF] = found[lora_bias.PEFT_KEY]
+                lora_bias.check(path, leaves, B.shape[0])
+        except IncompatibleAdapterError as e:
+            raise AdapterFileError(f"{source}: {e}") from None
+        return entry, leaves
 
     def combine(self, adapters: Any, weights: Any, spec: Any) -> Any:
         """PEFT's ``LoraModel.add_weighted_adapter`` (see :func:`adaptfn.combine` and

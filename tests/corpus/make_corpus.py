@@ -237,9 +237,10 @@ class Corpus:
             ("init_olora", {"init_lora_weights": "olora"}, "LoraConfig.init_lora_weights"),
             ("init_int", {"init_lora_weights": 5}, "LoraConfig.init_lora_weights"),
             ("init_null", {"init_lora_weights": None}, "LoraConfig.init_lora_weights"),
-            ("use_dora_true", {"use_dora": True}, "LoraConfig.use_dora"),
             ("use_dora_string", {"use_dora": "false"}, "LoraConfig.use_dora"),
-            ("lora_bias_true", {"lora_bias": True}, "LoraConfig.lora_bias"),
+            ("lora_bias_with_dora", {"lora_bias": True, "use_dora": True}, "LoraConfig.lora_bias"),
+            ("lora_bias_gaussian", {"lora_bias": True, "init_lora_weights": "gaussian"}, "LoraConfig.lora_bias"),
+            ("kasa_config", {"kasa_config": {"k": 2}}, "kasa_config"),
             ("inference_mode_string", {"inference_mode": "true"}, "LoraConfig.inference_mode"),
             ("inference_mode_int", {"inference_mode": 1}, "LoraConfig.inference_mode"),
             ("task_type_int", {"task_type": 5}, "LoraConfig.task_type"),
@@ -294,6 +295,7 @@ class Corpus:
             ("rank_pattern_list", {"rank_pattern": [True, False]}, "AdaLoraConfig.rank_pattern"),
             ("alpha_inf", {"lora_alpha": float("inf")}, "AdaLoraConfig.lora_alpha"),
             ("rslora_string", {"use_rslora": "no"}, "AdaLoraConfig.use_rslora"),
+            ("use_dora", {"use_dora": True}, "AdaLoraConfig.use_dora"),
         ]
         for name, changes, frag in ada:
             f("adalora_" + name, "adalora", changes, frag)
@@ -331,6 +333,18 @@ class Corpus:
         w("weights_mixed_kinds", "lora", FILE_ERR, "mixes LoRA kinds|no 'lora_embedding_B'",
           add={f"{PREFIX}{Q0}.lora_embedding_A": torch.zeros(4, 22)})
         w("weights_no_tensors", "lora", FILE_ERR, "no adapter tensors", edit=lambda sd: {}, sd_fragment="is empty")
+        # DoRA / lora_bias: the config and the tensors must agree, and the magnitude fit the module
+        w("dora_without_magnitude", "lora", FILE_ERR, "no 'lora_magnitude_vector'", config={"use_dora": True})
+        w("lora_bias_without_bias", "lora", FILE_ERR, "no 'lora_B.bias'", config={"lora_bias": True})
+        w("magnitude_without_dora", "lora", FILE_ERR, "use_dora=False",
+          edit=lambda sd: {**sd, **{k.replace("lora_B.weight", "lora_magnitude_vector"): torch.ones(v.shape[0])
+                                    for k, v in sd.items() if k.endswith("lora_B.weight")}})
+        w("dora_magnitude_shape", "lora", FILE_ERR, r"lora_magnitude \[23\]", config={"use_dora": True},
+          edit=lambda sd: {**sd, **{k.replace("lora_B.weight", "lora_magnitude_vector"): torch.ones(v.shape[0] + 1)
+                                    for k, v in sd.items() if k.endswith("lora_B.weight")}})
+        w("lora_bias_shape", "lora", FILE_ERR, r"lora_bias \[21\]", config={"lora_bias": True},
+          edit=lambda sd: {**sd, **{k.replace(".weight", ".bias"): torch.zeros(v.shape[0] - 1)
+                                    for k, v in sd.items() if k.endswith("lora_B.weight")}})
         for dt in ("int8", "int64", "bool", "uint8", "float8_e4m3fn", "float8_e5m2"):
             w(f"weights_{dt}_leaves", "lora", FIT_ERR, f"leaf 'lora_A' is {dt}",
               edit=lambda sd, dt=dt: {k: v.to(getattr(torch, dt)) for k, v in sd.items()})

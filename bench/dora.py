@@ -1,0 +1,78 @@
+"""DoRA scenario: an unmerged DoRA forward (``use_dora=True``), adaptfn ``inject`` vs PEFT's DoRA layers vs the base.
+
+On the default workload (OPT, batch x seq tokens, r / alpha on q/k/v/out_proj, fc1, fc2). The adapter is made and
+saved by PEFT (random ``A``, ``B``, magnitudes moved off their initial norms) and loaded by adaptfn, so both run
+the same weights; the scenario prints their relative difference. Timed, interleaved, under ``inference_mode``:
+the full batch and a decode-sized call (1 x 1 token).
+
+PEFT recomputes every DoRA layer's weight norm at each call (``B(A(I))``, ``W + s B A``, the row norms: its
+``ENABLE_DORA_CACHING`` is off by default); adaptfn computes the same factor once per adapter version in inference
+(the cache follows in-place updates) and fuses ``bias + f (x W^T + s (x A^T) B^T)`` into one buffer.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+from typing import Any
+
+import torch
+
+from bench.harness import Result, interleaved
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
+
+
+def _timed(dev: torch.device, f: Any) -> Any:
+    def go() -> None:
+        with torch.inference_mode():
+            f()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+    return go
+
+
+def scenario_dora(w: Any) -> Result:
+    import peft
+
+    import adaptfn as af
+
+    args, dev = w.args, w.device
+    lc = peft.LoraConfig(r=args.r, lora_alpha=args.alpha, target_modules=TARGETS, init_lora_weights=False,
+                         use_dora=True)
+    torch.manual_seed(300)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(copy.deepcopy(w.base), lc)
+    g = torch.Generator().manual_seed(301)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(1 + 0.1 * torch.randn(p.shape, generator=g).to(p.device))
+    pm.eval()
+    folder = os.path.join(w.tmp, "dora")
+    pm.save_pretrained(folder)
+    adapted = af.inject(w.fn, af.load(folder, device=dev))
+
+    def check() -> float:
+        with torch.no_grad():
+            a = adapted(w.params, input_ids=w.ids).logits
+            b = pm(input_ids=w.ids).logits
+        return float((a - b).abs().max() / b.abs().max())
+
+    med: dict[str, float] = {}
+    for tag, ids, reps, warm in (("", w.ids, args.repeats, args.warmup),
+                                 ("decode ", w.ids1, args.repeats * 4, args.warmup * 4)):
+        m = interleaved({
+            "base": _timed(dev, lambda ids=ids: w.base(input_ids=ids, use_cache=False)),
+            "peft": _timed(dev, lambda ids=ids: pm(input_ids=ids, use_cache=False)),
+            "adaptfn": _timed(dev, lambda ids=ids: adapted(w.params, input_ids=ids, use_cache=False)),
+        }, reps, warm)
+        med.update({tag + k: v for k, v in m.items()})
+    ratios = {"adaptfn/peft": med["adaptfn"] / med["peft"], "adaptfn/base": med["adaptfn"] / med["base"],
+              "decode adaptfn/peft": med["decode adaptfn"] / med["decode peft"]}
+    return Result("12 DoRA unmerged forward", med, ratios, {"adaptfn/peft": 0.9},
+                  notes=[f"{args.batch}x{args.seq} and 1x1 tokens; PEFT {peft.__version__} recomputes the weight "
+                         "norms at every call, adaptfn once per adapter version"],
+                  extra={"dora_rel_err_vs_peft": check()})
