@@ -54,6 +54,7 @@ __all__ = ["CONFIG_NAME", "SAFETENSORS_NAME", "PENDING_NAME", "DIGEST_KEY", "MAX
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
 PENDING_NAME = ".adapter_config.json.pending"
+CARD_FILE = "README.md"  # the model card (adaptfn._card), written after the pair
 DIGEST_KEY = "adaptfn.config_sha256"
 MAX_CONFIG_BYTES = 16 << 20  # PEFT configs are kilobytes; a bigger one is refused before it is parsed
 _MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit on the JSON header
@@ -61,7 +62,7 @@ _CHUNK = 16 << 20
 LOCK_TIMEOUT = 300.0  # seconds a save waits for another save of the same folder
 READ_TRIES = 60  # a read retries a moving folder this many times (about 1 s) before "save in progress"
 
-_TEMP = re.compile(r"^\.(?:adapter_model\.safetensors|adapter_config\.json)\."
+_TEMP = re.compile(r"^\.(?:adapter_model\.safetensors|adapter_config\.json|README\.md)\."
                    r"(?P<host>\w+)-(?P<pid>\d+)-(?P<start>\d+)-[0-9a-f]+\.tmp$", re.ASCII)
 # temp / backup names of adaptfn before this protocol (tempfile.mkstemp: 8 random characters)
 _LEGACY = re.compile(r"^\.(?:adapter_model\.safetensors|adapter_config\.json)\.[A-Za-z0-9_]{8}\.(?P<ext>tmp|bak)$")
@@ -557,3 +558,28 @@ def write_pair(folder: str, weights: bytes, config: bytes) -> None:
             if renamed_pending and not committed:  # the weights never moved: the old pair stays
                 with contextlib.suppress(OSError):
                     os.unlink(ppath)
+
+
+def write_card(folder: str, card: bytes, replaceable: Callable[[bytes], bool]) -> bool:
+    """Write ``README.md`` (the model card) into ``folder`` unless a card is there that ``replaceable`` refuses
+    (one the user wrote or edited). Atomic like the pair: a temp file renamed in, under the folder's lock.
+    Returns whether the card was written."""
+    path = os.path.join(folder, CARD_FILE)
+    with locked(folder) as dirfd:
+        try:
+            old = read_capped(path, missing_ok=True)
+        except AdapterFileError:
+            return False  # unreadable or huge: not ours to replace
+        if old is not None and (old == card or not replaceable(old)):
+            return False
+        tmp, fd = _write_temp(folder, CARD_FILE, card)
+        try:
+            _rename(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        finally:
+            os.close(fd)
+        _fsync_dir(dirfd, folder)
+    return True

@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from . import _files
+from . import _card, _files
 from ._leaves import check_leaves, storage_safe
 from .adapter import COEF, GATE, Adapter, AdapterSum, Entry, gate_on, replace
 from .errors import AdapterFileError, AdaptfnError, ConfigError, IncompatibleAdapterError
@@ -149,14 +149,18 @@ def _sorted_metadata(data: bytes) -> bytes:
 
 
 def save(adapter: Adapter | Mapping[str, Adapter], directory: str | os.PathLike[str], *,
-         adapter_name: str | None = None) -> str:
-    """Write an adapter in PEFT's layout: ``adapter_config.json`` + ``adapter_model.safetensors``.
+         adapter_name: str | None = None, model_card: bool = True) -> str:
+    """Write an adapter in PEFT's layout: ``adapter_config.json`` + ``adapter_model.safetensors``, and a
+    ``README.md`` model card at the root, as PEFT's ``save_pretrained`` does.
 
     Arguments:
         adapter: an :class:`Adapter`, or a mapping name -> adapter (PEFT's ``save_pretrained`` layout:
             ``"default"`` at the root, the others in sub-folders).
         directory: the folder (created if missing).
         adapter_name: a non-default name saves into ``directory/adapter_name`` as PEFT does.
+        model_card: write the card (:func:`adaptfn.hub.model_card`) into the folder saved to, after the adapter's
+            files. A ``README.md`` already there is replaced only if adaptfn wrote it and nobody edited it since
+            (a marker with its hash ends it); a card the user wrote is never touched. ``False``: no card.
 
     Returns:
         The folder written. Everything is checked and serialised in memory before anything is written. Each
@@ -173,7 +177,7 @@ def save(adapter: Adapter | Mapping[str, Adapter], directory: str | os.PathLike[
         >>> af.save(adapter, "out/my-lora")
         'out/my-lora'
         >>> import os; sorted(os.listdir("out/my-lora"))
-        ['adapter_config.json', 'adapter_model.safetensors']
+        ['README.md', 'adapter_config.json', 'adapter_model.safetensors']
     """
     root = _path_arg("save", "directory", directory)
     if isinstance(adapter, Mapping) and not isinstance(adapter, (Adapter, AdapterSum)):
@@ -182,6 +186,8 @@ def save(adapter: Adapter | Mapping[str, Adapter], directory: str | os.PathLike[
             raise ConfigError("save: the mapping of adapters is empty")
     else:
         items = [(adapter_name, adapter)]
+    if not isinstance(model_card, bool):
+        raise ConfigError(f"save: model_card must be True or False, got {model_card!r}")
     plans = []
     for name, a in items:  # everything is checked (and serialised in memory) before any write
         _check_name(name)
@@ -191,13 +197,28 @@ def save(adapter: Adapter | Mapping[str, Adapter], directory: str | os.PathLike[
         check_leaves(a, "save")
         config_json = (json.dumps(a.config.to_dict(), indent=2, sort_keys=True) + "\n").encode("utf-8")
         plans.append((name, _serialize(storage_safe(sd), config_json, "save"), config_json))
+    card = None
+    if model_card:  # made before anything is written, like the files
+        card = _card.with_marker(_card.model_card(dict(items) if isinstance(adapter, Mapping) else adapter))
     for name, weights, config_json in plans:
         folder = root
         if name is not None and name != "default":
             folder = os.path.join(folder, name)
         _write_adapter(folder, weights, config_json)
-    return root if isinstance(adapter, Mapping) or adapter_name in (None, "default") else os.path.join(
+    top = root if isinstance(adapter, Mapping) or adapter_name in (None, "default") else os.path.join(
         root, adapter_name)
+    if card is not None:
+        _files.write_card(top, card, _card.ours)
+    return top
+
+
+def write_card(folder: str | os.PathLike[str], adapter: Adapter | Mapping[str, Adapter], *,
+               root: str | None = None) -> bool:
+    """Write the ``README.md`` model card of ``adapter`` (or of several, ``root`` the one at the folder's root:
+    see :func:`adaptfn.hub.model_card`) into ``folder``, unless a card the user wrote or edited is there.
+    Returns whether it was written."""
+    card = _card.with_marker(_card.model_card(adapter, root=root))
+    return _files.write_card(os.fspath(folder), card, _card.ours)
 
 
 def _write_adapter(folder: str, weights: bytes, config_json: bytes) -> None:

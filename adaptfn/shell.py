@@ -48,7 +48,7 @@ from .errors import AdaptfnError, ConfigError, IncompatibleAdapterError
 from .functional import functional
 from .hub import check_push_args, upload_adapter_folder
 from .initialize import init
-from .io import config_from, from_state_dict, load, save
+from .io import config_from, from_state_dict, load, save, write_card
 from .io import state_dict as adapter_state_dict
 from .methods.layers import merge_weight_names
 from .transforms import inject, merge, select
@@ -1273,9 +1273,10 @@ class AdapterModel(nn.Module):
         if not is_main_process:
             return
         try:
-            save(self._tree(names[0]), folder)
+            save(self._tree(names[0]), folder, model_card=False)
             for n in names[1:]:
-                save(self._tree(n), os.path.join(folder, n))
+                save(self._tree(n), os.path.join(folder, n), model_card=False)
+            write_card(folder, {n: self._tree(n) for n in names}, root=names[0])  # one card, at the root (PEFT)
         except AdaptfnError as e:
             raise _prefixed(where, e) from None
 

@@ -25,6 +25,7 @@ import adaptfn as af
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
+CARD = "README.md"  # the model card af.save writes after the pair
 BIN = "adapter_model.bin"
 PREFIX = "base_model.model."
 Q0 = "model.decoder.layers.0.self_attn.q_proj"  # a LoRA target of the default fixture adapter
@@ -133,7 +134,7 @@ def test_round_trip_identical_tensors_and_outputs(setup, tmp_path):
     a = lora(fn)
     out = af.save(a, tmp_path / "ad")
     assert os.path.samefile(out, tmp_path / "ad")
-    assert sorted(os.listdir(tmp_path / "ad")) == [CONFIG, WEIGHTS]
+    assert sorted(os.listdir(tmp_path / "ad")) == [CARD, CONFIG, WEIGHTS]
     b = af.load(tmp_path / "ad")
     assert isinstance(b, af.Adapter)
     assert sd_equal(a, b)
@@ -216,7 +217,7 @@ def test_save_overwrites_previous_adapter(setup, saved):
     new = lora(fn, seed=9)
     af.save(new, folder)
     assert sd_equal(af.load(folder), new)
-    assert sorted(os.listdir(folder)) == [CONFIG, WEIGHTS]
+    assert sorted(os.listdir(folder)) == [CARD, CONFIG, WEIGHTS]
 
 
 
@@ -698,7 +699,7 @@ def test_interrupted_save_leaves_previous_adapter(setup, saved, monkeypatch, sta
         with pytest.raises(Crash):
             af.save(new, folder)
     assert sd_equal(af.load(folder), old), "the previous adapter was not left intact (new values were loaded)"
-    assert sorted(snapshot(folder)) == [CONFIG, WEIGHTS], "temp files left behind"
+    assert sorted(snapshot(folder)) == [CARD, CONFIG, WEIGHTS], "temp files left behind"
     assert snapshot(folder) == before
 
 
@@ -759,7 +760,7 @@ def multi(setup, tmp_path):
 
 def test_save_several_layout(multi):
     folder, a, b = multi
-    assert sorted(os.listdir(folder)) == [CONFIG, WEIGHTS, "other"]
+    assert sorted(os.listdir(folder)) == [CARD, CONFIG, WEIGHTS, "other"]  # one card, at the root (as PEFT)
     assert sorted(os.listdir(os.path.join(folder, "other"))) == [CONFIG, WEIGHTS]
     assert sd_equal(af.load(folder), a)
     assert sd_equal(af.load(folder, adapter_name="default"), a)
@@ -773,10 +774,10 @@ def test_save_with_adapter_name(setup, tmp_path):
     a = lora(fn)
     out = af.save(a, tmp_path, adapter_name="named")
     assert os.path.samefile(out, tmp_path / "named")
-    assert sorted(snapshot(tmp_path)) == [f"named/{CONFIG}", f"named/{WEIGHTS}"]
+    assert sorted(snapshot(tmp_path)) == [f"named/{CARD}", f"named/{CONFIG}", f"named/{WEIGHTS}"]
     assert sd_equal(af.load(tmp_path, adapter_name="named"), a)
     af.save(a, tmp_path / "d", adapter_name="default")
-    assert sorted(os.listdir(tmp_path / "d")) == [CONFIG, WEIGHTS]
+    assert sorted(os.listdir(tmp_path / "d")) == [CARD, CONFIG, WEIGHTS]
 
 
 def test_peft_loads_what_adaptfn_saves(setup, multi):
@@ -826,3 +827,48 @@ def test_adaptfn_loads_what_peft_saves_with_several_adapters(setup, tmp_path):
     got_second = logits(af.inject(fn, af.load(tmp_path, adapter_name="second")), params, ids)
     torch.testing.assert_close(got_default, ref_default, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got_second, ref_second, rtol=1e-5, atol=1e-6)
+
+
+# -- the model card ---------------------------------------------------------------------------------------
+def test_save_writes_a_card_and_never_replaces_the_users(setup, tmp_path):
+    """af.save writes README.md (PEFT's save_pretrained does too); it replaces only its own unedited card."""
+    from huggingface_hub import ModelCard
+
+    _, fn, _, _ = setup
+    a, b = lora(fn), lora(fn, seed=5, r=3)
+    folder = tmp_path / "carded"
+    af.save(a, folder)
+    first = (folder / CARD).read_text()
+    card = ModelCard(first)
+    assert card.data.library_name == "peft" and "adaptfn" in card.data.tags
+    assert "| rank | 4 |" in first and first.rstrip().endswith("while it is unedited -->")
+    af.save(b, folder)  # adaptfn's own unedited card follows the adapter
+    assert "| rank | 3 |" in (folder / CARD).read_text()
+    edited = (folder / CARD).read_text().replace("## How to load", "## How to load (my notes)")
+    (folder / CARD).write_text(edited)
+    af.save(a, folder)
+    assert (folder / CARD).read_text() == edited  # an edited card is the user's now
+    (folder / CARD).write_text("# mine\n")
+    af.save(b, folder)
+    assert (folder / CARD).read_text() == "# mine\n" and sd_equal(af.load(folder), b)
+    bare = tmp_path / "bare"
+    af.save(a, bare, model_card=False)
+    assert sorted(os.listdir(bare)) == [CONFIG, WEIGHTS]
+    for bad in ("yes", 1, None):
+        with pytest.raises(af.ConfigError, match="model_card"):
+            af.save(a, tmp_path / "x", model_card=bad)
+    assert not (tmp_path / "x").exists()
+
+
+def test_adapter_model_save_pretrained_writes_one_card_at_the_root(setup, tmp_path):
+    _, fn, _, _ = setup
+    m = af.AdapterModel(tiny_opt())
+    m.load_adapter(peft_config=lora(fn).config, adapter_state_dict=af.state_dict(lora(fn)), adapter_name="one")
+    m.load_adapter(peft_config=lora(fn, seed=4).config, adapter_state_dict=af.state_dict(lora(fn, seed=4)),
+                   adapter_name="two")
+    m.set_adapter("two")
+    m.save_pretrained(tmp_path / "sp")
+    assert sorted(os.listdir(tmp_path / "sp")) == [CARD, CONFIG, WEIGHTS, "one"]
+    assert sorted(os.listdir(tmp_path / "sp" / "one")) == [CONFIG, WEIGHTS]
+    text = (tmp_path / "sp" / CARD).read_text()
+    assert "Adapter `two` (root folder)" in text and "Adapter `one` (sub-folder `one/`)" in text
