@@ -11,7 +11,7 @@ FSDP's own, that reads the now full parameters from the original modules into th
 base stays frozen), except those the call itself replaced (an adapter's replacements, swapped params).
 
 The adapter is not sharded: it is replicated, and its gradients are averaged across ranks by the caller
-(``af.optim.map_trainable`` with ``torch.distributed.all_reduce``, see ``examples/fsdp_train.py``).
+(``af.optim.map_trainable`` with ``torch.distributed.all_reduce``, see ``examples/distributed_train.py``).
 """
 
 from __future__ import annotations
