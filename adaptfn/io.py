@@ -149,7 +149,7 @@ def _sorted_metadata(data: bytes) -> bytes:
 
 
 def save(adapter: Adapter | Mapping[str, Adapter], directory: str | os.PathLike[str], *,
-         adapter_name: str | None = None) -> str:
+         adapter_name: str | None = None, convert_from: Adapter | None = None) -> str:
     """Write an adapter in PEFT's layout: ``adapter_config.json`` + ``adapter_model.safetensors``.
 
     Arguments:
@@ -157,6 +157,9 @@ def save(adapter: Adapter | Mapping[str, Adapter], directory: str | os.PathLike[
             ``"default"`` at the root, the others in sub-folders).
         directory: the folder (created if missing).
         adapter_name: a non-default name saves into ``directory/adapter_name`` as PEFT does.
+        convert_from: the adapter as it was initialised (PiSSA / OLoRA / CorDA, before training): saves the plain
+            LoRA of rank ``2 r`` for the ORIGINAL base instead, as PEFT's ``save_pretrained(...,
+            path_initial_model_for_weight_conversion=...)`` (:func:`adaptfn.methods.lora_init.convert`).
 
     Returns:
         The folder written. Everything is checked and serialised in memory before anything is written. Each
@@ -182,6 +185,12 @@ def save(adapter: Adapter | Mapping[str, Adapter], directory: str | os.PathLike[
             raise ConfigError("save: the mapping of adapters is empty")
     else:
         items = [(adapter_name, adapter)]
+    if convert_from is not None:
+        if len(items) != 1 or isinstance(adapter, Mapping) and not isinstance(adapter, (Adapter, AdapterSum)):
+            raise ConfigError("save: convert_from= takes one adapter, not a mapping of them")
+        from .methods.lora_init import convert
+
+        items = [(adapter_name, convert(adapter, convert_from))]  # type: ignore[arg-type]
     plans = []
     for name, a in items:  # everything is checked (and serialised in memory) before any write
         _check_name(name)
