@@ -169,6 +169,7 @@ def pissa(W: torch.Tensor, r: int, scaling: float, niter: int | None = None,
         ``(A [r, in], B [out, r], W_res [out, in])`` in float32, with ``W_res + s B A == W`` up to rounding.
 
     Example:
+        >>> from adaptfn.methods import lora_init
         >>> W = torch.randn(7, 11)
         >>> A, B, res = lora_init.pissa(W, 3, 2.0)
         >>> A.shape, B.shape, bool(torch.allclose(res + 2.0 * B @ A, W, atol=1e-5))
@@ -216,6 +217,7 @@ def olora(W: torch.Tensor, r: int, scaling: float) -> tuple[torch.Tensor, torch.
         ``(A [r, in], B [out, r], W_res [out, in])`` in float32.
 
     Example:
+        >>> from adaptfn.methods import lora_init
         >>> A, B, res = lora_init.olora(torch.randn(7, 11), 3, 0.5)
         >>> bool(torch.allclose(B.T @ B, torch.eye(3), atol=1e-5))   # orthonormal columns
         True
@@ -245,6 +247,7 @@ def orthogonal(n_in: int, n_out: int, r: int,
         ``(A [r, in], B [out, r])`` in float32.
 
     Example:
+        >>> from adaptfn.methods import lora_init
         >>> A, B = lora_init.orthogonal(11, 7, 4, torch.Generator().manual_seed(0))
         >>> A.shape, B.shape, float((B @ A).abs().max()) < 1e-6
         (torch.Size([4, 11]), torch.Size([7, 4]), True)
@@ -261,6 +264,7 @@ def nf4_roundtrip(W: torch.Tensor, blocksize: int = 64) -> torch.Tensor:
     scaled by its absmax, rounded to the nearest of :data:`NF4_CODE`) and dequantised, in float32.
 
     Example:
+        >>> from adaptfn.methods import lora_init
         >>> w = torch.randn(7, 11)
         >>> float((lora_init.nf4_roundtrip(w) - w).abs().max()) < 0.3 * float(w.abs().max())
         True
@@ -285,6 +289,7 @@ def int8_roundtrip(W: torch.Tensor) -> torch.Tensor:
     outliers; as bitsandbytes' ``Int8Params``, from ``W`` rounded to float16) and dequantised, in float32.
 
     Example:
+        >>> from adaptfn.methods import lora_init
         >>> w = torch.randn(7, 11)
         >>> float((lora_init.int8_roundtrip(w) - w).abs().max()) <= float(w.abs().max()) / 100
         True
@@ -306,6 +311,7 @@ def loftq(W: torch.Tensor, r: int, bits: int = 4, iters: int = 1) -> tuple[torch
         ``(A [r, in], B [out, r], W_q [out, in])``: ``W_q`` the dequantised base, ``W_q + B A ~= W``.
 
     Example:
+        >>> from adaptfn.methods import lora_init
         >>> w = torch.randn(7, 11)
         >>> A, B, wq = lora_init.loftq(w, 3, bits=4, iters=2)
         >>> bool((wq + B @ A - w).norm() < (lora_init.nf4_roundtrip(w) - w).norm())
@@ -337,6 +343,7 @@ def corda(W: torch.Tensor, cov: torch.Tensor, r: int, scaling: float,
         ``(A [r, in], B [out, r], W_res [out, in])`` in float32, ``W_res + s B A == W`` up to rounding.
 
     Example:
+        >>> from adaptfn.methods import lora_init
         >>> x = torch.randn(50, 11)
         >>> A, B, res = lora_init.corda(torch.randn(7, 11), x.T @ x / 50, 3, 2.0)
         >>> A.shape, B.shape
@@ -547,6 +554,7 @@ def convert(adapter: Adapter, initial: Adapter) -> Adapter:
             refuses it too), or the two adapters' modules, ranks or shapes differ.
 
     Example:
+        >>> from adaptfn.methods import lora_init
         >>> pp, a0 = af.init(fn, af.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights="pissa"),
         ...                  params=params)
         >>> plain = lora_init.convert(a0, a0)     # untrained: a delta of exactly 0 on the original base
