@@ -41,6 +41,7 @@ from .adapter import COEF, GATE, Adapter, AdapterSum, Entry, gate_on, replace
 from .errors import AdapterFileError, AdaptfnError, ConfigError, IncompatibleAdapterError
 from .methods import get_method, method_for_config, method_for_peft_type
 from .methods.base import PeftConfigBase, SharedTensors
+from .methods.lora_init import convert as convert_lora
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -188,9 +189,7 @@ def save(adapter: Adapter | Mapping[str, Adapter], directory: str | os.PathLike[
     if convert_from is not None:
         if len(items) != 1 or isinstance(adapter, Mapping) and not isinstance(adapter, (Adapter, AdapterSum)):
             raise ConfigError("save: convert_from= takes one adapter, not a mapping of them")
-        from .methods.lora_init import convert
-
-        items = [(adapter_name, convert(adapter, convert_from))]  # type: ignore[arg-type]
+        items = [(adapter_name, convert_lora(adapter, convert_from))]  # type: ignore[arg-type]
     plans = []
     for name, a in items:  # everything is checked (and serialised in memory) before any write
         _check_name(name)

@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 from .. import _layout
-from ..adapter import Adapter, Entry
+from ..adapter import COEF, Adapter, Entry
 from ..errors import ConfigError, IncompatibleAdapterError, shape_str
 from .base import is_int, is_real, need
 from .common import PEFT_UNSUPPORTED, adapter_dtype
@@ -399,17 +399,13 @@ def covariances(fn: Any, params: Mapping[str, torch.Tensor], paths: Iterable[str
     Raises:
         ConfigError: no batch in ``data``, or non-finite inputs at a module.
     """
-    from ..functional import FunctionalModel
-
     paths = list(paths)
-    base = FunctionalModel(fn._base)
+    base = fn.with_adapters((), None)  # the base model alone
     sums: dict[str, Any] = {p: 0 for p in paths}
     counts = dict.fromkeys(paths, 0)
-    cp = fn._base.copy()
 
-    def hook_for(path: str) -> Callable[..., None]:
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            x = args[0] if args else next(iter(kwargs.values()))
+    def hook_for(path: str) -> Callable[[torch.Tensor], None]:
+        def hook(x: torch.Tensor) -> None:
             x = x.detach().reshape(-1, x.shape[-1])
             if not half:
                 x = x.float()
@@ -420,14 +416,9 @@ def covariances(fn: Any, params: Mapping[str, torch.Tensor], paths: Iterable[str
             counts[path] += 1
         return hook
 
-    handles = [cp.mods[p].register_forward_pre_hook(hook_for(p), with_kwargs=True) for p in paths]
-    try:
-        with torch.no_grad():
-            for batch in data:
-                _call(base, params, batch)
-    finally:
-        for h in handles:
-            h.remove()
+    with fn.input_hooks({p: hook_for(p) for p in paths}), torch.no_grad():
+        for batch in data:
+            _call(base, params, batch)
     missing = [p for p in paths if counts[p] == 0]
     if missing:
         raise ConfigError(f"init (corda): data reached no call of {missing} (an empty data iterable, or modules the "
@@ -476,7 +467,6 @@ def prepare(fn: Any, config: Any, entries: Mapping[str, Entry], params: Mapping[
         key = f"{path}.weight"
         if key not in params:
             raise ConfigError(f"init: params has no {key!r} (the weight of target module {path!r})")
-    aliases = fn._base.aliases
     cov: dict[str, torch.Tensor] = {}
     if mode == "corda":
         cd = config.extra.get("corda_config") or {}
@@ -520,7 +510,7 @@ def prepare(fn: Any, config: Any, entries: Mapping[str, Entry], params: Mapping[
         if res is not None:
             new = (res.T if e.fan_in_fan_out else res).to(stored.dtype).contiguous()
             _layout.carry(stored, new)  # a square Conv1D weight keeps its known layout
-            for k in aliases.get(key, (key,)):
+            for k in fn.aliases(key):
                 new_base[k] = new
 
     def init_leaves(config: Any, path: str, entry: Entry, module: nn.Module, generator: Any,
@@ -561,8 +551,6 @@ def convert(adapter: Adapter, initial: Adapter) -> Adapter:
         >>> plain.config.r, plain.config.init_lora_weights
         (4, True)
     """
-    from ..io import from_state_dict, state_dict
-
     for a, what in ((adapter, "adapter"), (initial, "convert_from")):
         if not isinstance(a, Adapter) or a.method != "lora":
             raise ConfigError(f"convert: {what} must be a LoRA Adapter, got "
@@ -579,21 +567,32 @@ def convert(adapter: Adapter, initial: Adapter) -> Adapter:
     if set(adapter.entries) != set(initial.entries):
         raise ConfigError(f"convert: the adapters target different modules: "
                           f"{sorted(set(adapter.entries) ^ set(initial.entries))}")
-    sd, sd0 = state_dict(adapter), state_dict(initial)
-    out: dict[str, torch.Tensor] = {}
-    for k, v in sd.items():
-        dim = 0 if k.endswith(_A_KEYS) else 1 if k.endswith(_B_KEYS) else None
-        if dim is None:
-            out[k] = v
+    entries: dict[str, Entry] = {}
+    tensors: dict[str, dict[str, torch.Tensor]] = {}
+    for path, e in adapter.entry_items:
+        leaves = dict(adapter.leaves(path))
+        if not e.kind:
+            entries[path], tensors[path] = e, leaves
             continue
-        v0 = sd0.get(k)
-        if v0 is None or v0.shape != v.shape:
-            raise ConfigError(f"convert: {k} is {shape_str(v.shape)} in adapter but "
-                              f"{'absent' if v0 is None else shape_str(v0.shape)} in convert_from")
-        out[k] = torch.cat([v, v0.to(v.dtype) if dim == 0 else -v0.to(v.dtype)], dim=dim)
+        e0, leaves0 = initial.entries[path], initial.leaves(path)
+        c, c0 = leaves.pop(COEF, None), leaves0.get(COEF)
+        for name, v in list(leaves.items()):
+            dim = 0 if name.endswith("lora_A") else 1 if name.endswith("lora_B") else None
+            if dim is None:
+                continue
+            v0 = leaves0.get(name)
+            if v0 is None or v0.shape != v.shape or e0.kind != e.kind:
+                raise ConfigError(f"convert: module {path!r}: {name} is {shape_str(v.shape)} in adapter but "
+                                  f"{'absent' if v0 is None else shape_str(v0.shape)} in convert_from")
+            if dim == 1:  # a scale weight is folded into B, as the file has it
+                v = v if c is None else v * c.to(v.dtype)
+                v0 = -(v0 if c0 is None else v0 * c0.to(v0.dtype))
+            leaves[name] = torch.cat([v, v0.to(v.dtype)], dim=dim)
+        entries[path] = dataclasses.replace(e, r=2 * e.r)
+        tensors[path] = leaves
     alpha = cfg.lora_alpha * (2 ** 0.5 if cfg.use_rslora else 2)
     new_cfg = dataclasses.replace(
         cfg, r=cfg.r * 2, lora_alpha=alpha, init_lora_weights=True,
         rank_pattern={k: 2 * v for k, v in cfg.rank_pattern.items()},
         alpha_pattern={k: 2 * v for k, v in cfg.alpha_pattern.items()})
-    return from_state_dict(out, new_cfg)
+    return Adapter(adapter.method, new_cfg, entries, tensors)
