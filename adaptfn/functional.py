@@ -13,13 +13,14 @@ threads never share a copy.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import threading
 import types
 import weakref
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -413,6 +414,27 @@ class FunctionalModel:
     def params(self) -> dict[str, torch.Tensor]:
         """A new dict of the model's parameters and buffers (what :func:`functional` returned)."""
         return dict(self._base.params)
+
+    def aliases(self, name: str) -> tuple[str, ...]:
+        """Every name of the tensor ``params[name]`` (tied weights share one tensor); ``(name,)`` if untied."""
+        return self._base.aliases.get(name, (name,))
+
+    @contextlib.contextmanager
+    def input_hooks(self, hooks: Mapping[str, Callable[[torch.Tensor], None]]) -> Iterator[None]:
+        """Within the block, calls of this thread's structural copy pass each hooked module's first input to its
+        hook (``path -> hook(x)``; used by data-driven inits, see :mod:`adaptfn.methods.lora_init`). The user's
+        model is not touched."""
+        cp = self._base.copy()
+
+        def wrap(h: Callable[[torch.Tensor], None]) -> Callable[..., None]:
+            return lambda module, args, kwargs: h(args[0] if args else next(iter(kwargs.values())))
+
+        handles = [cp.mods[p].register_forward_pre_hook(wrap(h), with_kwargs=True) for p, h in hooks.items()]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def check(self, adapter: Adapter) -> None:
         """Raise :class:`IncompatibleAdapterError` unless ``adapter`` fits this model (and

@@ -41,6 +41,7 @@ from .adapter import COEF, GATE, Adapter, AdapterSum, Entry, gate_on, replace
 from .errors import AdapterFileError, AdaptfnError, ConfigError, IncompatibleAdapterError
 from .methods import get_method, method_for_config, method_for_peft_type
 from .methods.base import PeftConfigBase, SharedTensors
+from .methods.lora_init import convert as convert_lora
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -149,7 +150,7 @@ def _sorted_metadata(data: bytes) -> bytes:
 
 
 def save(adapter: Adapter | Mapping[str, Adapter], directory: str | os.PathLike[str], *,
-         adapter_name: str | None = None, model_card: bool = True) -> str:
+         adapter_name: str | None = None, model_card: bool = True, convert_from: Adapter | None = None) -> str:
     """Write an adapter in PEFT's layout: ``adapter_config.json`` + ``adapter_model.safetensors``, and a
     ``README.md`` model card at the root, as PEFT's ``save_pretrained`` does.
 
@@ -161,6 +162,9 @@ def save(adapter: Adapter | Mapping[str, Adapter], directory: str | os.PathLike[
         model_card: write the card (:func:`adaptfn.hub.model_card`) into the folder saved to, after the adapter's
             files. A ``README.md`` already there is replaced only if adaptfn wrote it and nobody edited it since
             (a marker with its hash ends it); a card the user wrote is never touched. ``False``: no card.
+        convert_from: the adapter as it was initialised (PiSSA / OLoRA / CorDA, before training): saves the plain
+            LoRA of rank ``2 r`` for the ORIGINAL base instead, as PEFT's ``save_pretrained(...,
+            path_initial_model_for_weight_conversion=...)`` (:func:`adaptfn.methods.lora_init.convert`).
 
     Returns:
         The folder written. Everything is checked and serialised in memory before anything is written. Each
@@ -188,6 +192,10 @@ def save(adapter: Adapter | Mapping[str, Adapter], directory: str | os.PathLike[
         items = [(adapter_name, adapter)]
     if not isinstance(model_card, bool):
         raise ConfigError(f"save: model_card must be True or False, got {model_card!r}")
+    if convert_from is not None:
+        if len(items) != 1 or isinstance(adapter, Mapping) and not isinstance(adapter, (Adapter, AdapterSum)):
+            raise ConfigError("save: convert_from= takes one adapter, not a mapping of them")
+        items = [(adapter_name, convert_lora(adapter, convert_from))]  # type: ignore[arg-type]
     plans = []
     for name, a in items:  # everything is checked (and serialised in memory) before any write
         _check_name(name)
@@ -199,7 +207,7 @@ def save(adapter: Adapter | Mapping[str, Adapter], directory: str | os.PathLike[
         plans.append((name, _serialize(storage_safe(sd), config_json, "save"), config_json))
     card = None
     if model_card:  # made before anything is written, like the files
-        card = _card.with_marker(_card.model_card(dict(items) if isinstance(adapter, Mapping) else adapter))
+        card = _card.with_marker(_card.model_card(dict(items) if isinstance(adapter, Mapping) else items[0][1]))
     for name, weights, config_json in plans:
         folder = root
         if name is not None and name != "default":

@@ -258,8 +258,8 @@ def test_peft_written_config_round_trips_unchanged(tmp_path):
 
 
 @pytest.mark.parametrize("field,value", [
-    ("init_lora_weights", "pissa"),
-    ("init_lora_weights", "olora"),
+    ("init_lora_weights", "mica"),
+    ("init_lora_weights", "lora_ga"),
     ("layer_replication", [[0, 1]]),
     ("kasa_config", {"k": 1}),
 ])

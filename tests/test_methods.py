@@ -165,7 +165,7 @@ BAD_FIELDS = [
     ("fan_in_fan_out", "false"), ("use_rslora", 1), ("use_dora", "False"), ("lora_bias", None),
     ("inference_mode", "true"), ("task_type", 3), ("revision", ["main"]), ("base_model_name_or_path", 1),
     ("bias", "some"), ("bias", None),
-    ("init_lora_weights", "pissa"), ("init_lora_weights", 1), ("init_lora_weights", None),
+    ("init_lora_weights", "mica"), ("init_lora_weights", 1), ("init_lora_weights", None),
     ("target_modules", ["q_proj", 3]), ("target_modules", "(unclosed"), ("target_modules", 5),
     ("exclude_modules", [None]), ("modules_to_save", "lm_head"), ("modules_to_save", [1]),
     ("layers_to_transform", -1), ("layers_to_transform", [0, "1"]), ("layers_to_transform", 1.5),

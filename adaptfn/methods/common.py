@@ -183,12 +183,7 @@ class LoraFamilyConfig(PeftConfigBase):
              f"must be a number in [0, 1), got {self.lora_dropout!r}")
         need(self.bias in ("none", "all", "lora_only"), cls, "bias",
              f"must be 'none', 'all' or 'lora_only', got {self.bias!r}")
-        mode = self.init_lora_weights
-        if isinstance(mode, str):
-            need(mode.lower() == "gaussian", cls, "init_lora_weights",
-                 f"{mode!r} is not supported by adaptfn yet; use True, False or 'gaussian'")
-        else:
-            need(isinstance(mode, bool), cls, "init_lora_weights", f"must be True, False or 'gaussian', got {mode!r}")
+        self.validate_init_mode()
         check_names(cls, "target_modules", self.target_modules)
         check_names(cls, "exclude_modules", self.exclude_modules)
         check_names(cls, "modules_to_save", self.modules_to_save, regex=False)
@@ -213,6 +208,16 @@ class LoraFamilyConfig(PeftConfigBase):
                  f"alpha for {k!r} must be a finite number (within float32's range), got {v!r}")
             check_regex(cls, "alpha_pattern", k, PATTERN_KEY)
         self.validate_rank_pattern()
+
+    def validate_init_mode(self) -> None:
+        """``init_lora_weights``: True, False or "gaussian" (LoRA overrides it with PEFT's other inits)."""
+        mode = self.init_lora_weights
+        cls = type(self)
+        if isinstance(mode, str):
+            need(mode.lower() == "gaussian", cls, "init_lora_weights",
+                 f"{mode!r} is not supported by adaptfn yet; use True, False or 'gaussian'")
+        else:
+            need(isinstance(mode, bool), cls, "init_lora_weights", f"must be True, False or 'gaussian', got {mode!r}")
 
     def validate_rank_pattern(self) -> None:
         """``rank_pattern``: a dict module name -> positive int rank (LoRA's meaning; AdaLoRA overrides)."""

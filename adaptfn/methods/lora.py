@@ -31,7 +31,7 @@ from .. import routing
 from .._where import is_target
 from ..adapter import COEF, GATE, SCALING, Entry
 from ..errors import AdapterFileError, IncompatibleAdapterError, shape_str, single_for_route, stacked_called_directly
-from . import dora, layers, lora_bias, lora_layers
+from . import dora, layers, lora_bias, lora_init, lora_layers
 from .base import COMBINE, ROUTE, SCALE, CallBase
 from .common import (
     LoraFamilyConfig,
@@ -70,8 +70,10 @@ class LoraConfig(LoraFamilyConfig):
         layers_to_transform: restrict list targets to these block indices (with ``layers_pattern``).
         rank_pattern: per-module r, keys matched as ``(.*\\.)?(key)$``.
         alpha_pattern: per-module alpha, keys matched the same way.
-        init_lora_weights: True (A kaiming-uniform, B zeros), "gaussian" (A ~ N(0, 1/r)) or False (both
-            random: for tests).
+        init_lora_weights: True (A kaiming-uniform, B zeros), "gaussian" (A ~ N(0, 1/r)), False (both
+            random: for tests), or PEFT's "pissa", "pissa_niter_K", "olora", "orthogonal", "loftq" (with
+            ``loftq_config``), "corda" (``corda_config``), "eva" (``eva_config``): see
+            :mod:`adaptfn.methods.lora_init`.
         use_dora: DoRA, a trained magnitude per output channel (:mod:`adaptfn.methods.dora`).
         lora_bias: a trained bias on ``lora_B`` (:mod:`adaptfn.methods.lora_bias`).
 
@@ -92,8 +94,15 @@ class LoraConfig(LoraFamilyConfig):
     """
 
     peft_type: ClassVar[str] = "LORA"
+    # PEFT's init sub-configs are read here (adaptfn.methods.lora_init), kept in ``extra``
+    unsupported: ClassVar[dict[str, Any]] = lora_init.UNSUPPORTED
+    peft_only: ClassVar[frozenset[str]] = LoraFamilyConfig.peft_only | lora_init.SUBCONFIGS
 
     rank_pattern: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    def validate_init_mode(self) -> None:
+        """PEFT's ``init_lora_weights`` values and their sub-configs (:mod:`adaptfn.methods.lora_init`)."""
+        lora_init.validate_mode(self)
 
 
 class Lora:
