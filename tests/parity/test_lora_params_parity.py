@@ -225,3 +225,134 @@ def test_init_made_loads_in_peft(case: str, tmp_path) -> None:
     mine = af.state_dict(a)
     assert sorted(sd) == sorted(mine)
     assert all(sd[k].shape == mine[k].shape for k in sd)
+
+
+# -- the functional invariants --------------------------------------------------------------------------------------
+def _adapters(build, kw: dict[str, Any], n: int = 3) -> tuple[Any, Any, list[af.Adapter]]:
+    fn, params = af.functional(build())
+    ads = [perturb(af.init(fn, af.LoraConfig(init_lora_weights=False, **dict(kw, r=r)), generator=gen(r)), seed=r)
+           for r in (2, 3, 1)[:n]]
+    return fn, params, ads
+
+
+@pytest.mark.parametrize("case", ["toy", "tokens-list-tied"])
+def test_merge_mask_vmap_grad(case: str) -> None:
+    build, inputs, kw = CASES[case]
+    x = inputs()
+    fn, params, ads = _adapters(build, kw)
+    a = ads[0]
+    base = fcall(fn, params, x)
+    # merge == inject, mask off == base bit for bit (also under vmap, where the gate is a tensor)
+    assert rel_err(fcall(fn, af.merge(params, a), x), fcall(af.inject(fn, a), params, x)) <= 1e-6
+    assert torch.equal(fcall(af.inject(fn, af.mask(a, False)), params, x), base)
+    assert torch.equal(fcall(fn, af.merge(params, af.mask(a, False)), x), base)
+
+    def logits(f, p):
+        o = f(p, x) if isinstance(x, torch.Tensor) else f(p, input_ids=x)
+        return o if isinstance(o, torch.Tensor) else o.logits
+
+    # vmap over a stack (ranks 2, 3, 1 padded to 3) == the loop
+    st = af.stack(ads)
+    with torch.no_grad():
+        vm = torch.func.vmap(lambda s: logits(af.inject(fn, s), params))(st)
+        masked = torch.func.vmap(lambda s: logits(af.inject(fn, s), params))(af.stack([af.mask(a, False), a]))
+    loop = torch.stack([fcall(af.inject(fn, b), params, x) for b in ads])
+    assert rel_err(vm, loop) <= 1e-5
+    assert rel_err(masked[0], base) <= 1e-6  # (vmap batches the base GEMMs too: not bit for bit)
+    back = af.unstack(st)
+    assert all(torch.equal(b.leaves(p)[n], c.leaves(p)[n]) for b, c in zip(back, ads, strict=True) for p in c.paths
+               for n in c.leaves(p))
+    # route= is refused, naming why
+    with pytest.raises(af.ConfigError, match="route="):
+        af.inject(fn, st, route=torch.zeros(x.shape[0], dtype=torch.long))
+    # grad: an Adapter-shaped gradient, non-zero on the parameter / token leaves
+    g = torch.func.grad(lambda b: logits(af.inject(fn, b), params).square().mean())(a)
+    assert isinstance(g, af.Adapter) and g.paths == a.paths
+    for p, e in a.entry_items:
+        for n, t in a.leaves(p).items():
+            assert g.leaves(p)[n].shape == t.shape
+            if e.kind in ("param", "tokens") and n != "gate":
+                assert float(g.leaves(p)[n].abs().sum()) > 0, (p, n)
+
+
+def test_token_gradient_only_on_the_trained_rows() -> None:
+    """Differentiating with respect to the embedding matrix itself: the trained rows are replaced, so only the
+    other rows (frozen base rows) get a gradient from the base, and the trained rows' gradient goes to the leaf."""
+    build, inputs, kw = CASES["tokens-list-tied"]
+    ids = inputs()
+    fn, params = af.functional(build())
+    a = perturb(af.init(fn, af.LoraConfig(**kw), generator=gen(1)))
+    g = af.inject(fn, a)
+    key = "model.embed_tokens.weight"
+
+    def loss(w):
+        p = dict(params)
+        p[key] = w
+        p["lm_head.weight"] = w
+        return g(p, input_ids=ids).logits.square().mean()
+
+    gw = torch.func.grad(loss)(params[key])
+    rows = [1, 4, 30]
+    assert float(gw[rows].abs().sum()) == 0.0  # replaced for the call: the base rows do not matter
+    assert float(gw.abs().sum()) > 0
+
+
+# -- PEFT's refusals, as typed errors from every entry point ----------------------------------------------------------
+BAD_FIELDS = [
+    (dict(target_parameters="experts.down"), "target_parameters"),
+    (dict(target_parameters=[3]), "target_parameters"),
+    (dict(target_parameters=["mix"], lora_dropout=0.1), "lora_dropout"),
+    (dict(target_parameters=["mix"], use_dora=True), "use_dora"),
+    (dict(target_parameters=["mix"], lora_bias=True), "lora_bias"),
+    (dict(trainable_token_indices=[1, 1]), "trainable_token_indices"),
+    (dict(trainable_token_indices=[-1]), "trainable_token_indices"),
+    (dict(trainable_token_indices=[]), "trainable_token_indices"),
+    (dict(trainable_token_indices={"embed_tokens": "1"}), "trainable_token_indices"),
+    (dict(trainable_token_indices={"embed_tokens": [1]}, modules_to_save=["embed_tokens"]), "trainable_token_indices"),
+    (dict(ensure_weight_tying="yes"), "ensure_weight_tying"),
+    (dict(layer_replication=[[0, 1]]), "layer_replication"),
+    (dict(alora_invocation_tokens=[5]), "alora_invocation_tokens"),
+    (dict(kasa_config={"k": 1}), "kasa_config"),
+    (dict(velora_config={"v": 1}), "velora_config"),
+    (dict(monteclora_config={"m": 1}), "monteclora_config"),
+    (dict(use_bdlora={"b": 1}), "use_bdlora"),
+    (dict(arrow_config={"a": 1}), "arrow_config"),
+    (dict(use_qalora=True), "use_qalora"),
+]
+
+
+@pytest.mark.parametrize("bad,field", BAD_FIELDS, ids=[f for _, f in BAD_FIELDS])
+def test_bad_fields_raise_config_error_everywhere(bad: dict[str, Any], field: str, tmp_path) -> None:
+    kw = dict(r=2, target_modules=["proj"], **bad)
+    with pytest.raises(af.ConfigError, match=field):
+        af.LoraConfig(**kw)
+    d = dict(af.LoraConfig(r=2, target_modules=["proj"]).to_dict(), **bad)
+    with pytest.raises(af.ConfigError, match=field):
+        af.LoraConfig.from_dict(d)
+    fn, _ = af.functional(toy())
+    af.save(af.init(fn, af.LoraConfig(r=2, target_modules=["proj"])), tmp_path)
+    import json
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    cfg.update(bad)
+    (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(af.ConfigError, match=field):
+        af.load(tmp_path)
+
+
+def test_model_refusals_name_the_module() -> None:
+    fn, _ = af.functional(toy())
+    with pytest.raises(af.IncompatibleAdapterError, match="matches no parameter"):
+        af.init(fn, af.LoraConfig(target_modules=["proj"], target_parameters=["nope"]))
+    with pytest.raises(af.IncompatibleAdapterError, match="'experts'.*target_modules"):
+        af.init(fn, af.LoraConfig(target_modules=["experts"], target_parameters=["experts.down"]))
+    fn2, _ = af.functional(nn.ParameterDict({"w": nn.Parameter(torch.randn(3, 4))}))
+    with pytest.raises(af.IncompatibleAdapterError, match="top-level"):
+        af.init(fn2, af.LoraConfig(target_modules=[], target_parameters=["w"]))
+    fn3, _ = af.functional(tiny_llama_tied())
+    with pytest.raises(af.IncompatibleAdapterError, match="LoRA target too"):
+        af.init(fn3, af.LoraConfig(target_modules=["embed_tokens"], trainable_token_indices=[1]))
+    with pytest.raises(af.ConfigError, match="ensure_weight_tying"):
+        af.init(fn3, af.LoraConfig(target_modules=["q_proj"], ensure_weight_tying=True,
+                                   trainable_token_indices={"embed_tokens": [1], "lm_head": [2]}))
+    with pytest.raises(af.IncompatibleAdapterError, match="rows"):
+        af.init(fn3, af.LoraConfig(target_modules=["q_proj"], trainable_token_indices=[99]))
