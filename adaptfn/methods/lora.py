@@ -477,9 +477,11 @@ class Lora:
                 "LoRA pair of a layer kind adaptfn (and PEFT) supports: [r, in] and [out, r] (Linear / Conv1D / "
                 "Embedding), [r, in, *kernel] and [out, r / groups, 1, ...] (nn.Conv1d/2d/3d)")
         if not is_target(config, path):
+            tying = (" (PEFT's ensure_weight_tying=True put it on a module tied to the input embedding, which adaptfn "
+                     "does not support yet)" if getattr(config, "ensure_weight_tying", False) else "")
             raise AdapterFileError(
                 f"{source}: key {path}.{a_key} is for module {path!r}, which adapter_config.json's "
-                f"target_modules={config.target_modules!r} does not target")
+                f"target_modules={config.target_modules!r} does not target{tying}")
         r, alpha = config.rank_and_alpha(path)
         if A.shape[0] != r:
             raise AdapterFileError(

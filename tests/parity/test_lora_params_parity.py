@@ -15,6 +15,8 @@ import peft
 import pytest
 import torch
 from conftest import assert_close, gen, rel_err
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import adaptfn as af
@@ -318,6 +320,7 @@ BAD_FIELDS = [
     (dict(use_bdlora={"b": 1}), "use_bdlora"),
     (dict(arrow_config={"a": 1}), "arrow_config"),
     (dict(use_qalora=True), "use_qalora"),
+    (dict(megatron_config={"tp": 2}), "megatron_config"),
 ]
 
 
@@ -356,3 +359,43 @@ def test_model_refusals_name_the_module() -> None:
                                    trainable_token_indices={"embed_tokens": [1], "lm_head": [2]}))
     with pytest.raises(af.IncompatibleAdapterError, match="rows"):
         af.init(fn3, af.LoraConfig(target_modules=["q_proj"], trainable_token_indices=[99]))
+
+
+@pytest.mark.parametrize("kw", [dict(target_modules=["q_proj"], modules_to_save=["embed_tokens"]),
+                                dict(target_modules=["q_proj", "embed_tokens"])], ids=["modules_to_save", "lora"])
+def test_ensure_weight_tying_of_saved_or_lora_embeddings(kw: dict[str, Any], tmp_path) -> None:
+    """The trainable-tokens part of ensure_weight_tying is implemented (above); its modules_to_save / LoRA part on a
+    tied model is refused naming the field, at init and when loading PEFT's file; untied models ignore the flag,
+    as PEFT does (it only warns)."""
+    fn, params = af.functional(tiny_llama_tied())
+    with pytest.raises(af.ConfigError, match="ensure_weight_tying"):
+        af.init(fn, af.LoraConfig(r=2, ensure_weight_tying=True, **kw))
+    pm = make_peft(tiny_llama_tied, r=2, ensure_weight_tying=True, **kw)
+    pm.save_pretrained(tmp_path)
+    with pytest.raises((af.AdapterFileError, af.ConfigError)):
+        af.load(tmp_path)
+    fn2, params2 = af.functional(tiny_llama_tied(tied=False))
+    a = perturb(af.init(fn2, af.LoraConfig(r=2, ensure_weight_tying=True, init_lora_weights=False, **kw)))
+    af.save(a, tmp_path / "untied")
+    ids = lm_ids()
+    assert_close(fcall(af.inject(fn2, a), params2, ids),
+                 run(None, ids)(from_pretrained(lambda: tiny_llama_tied(tied=False), tmp_path / "untied")))
+
+
+_TOY = af.functional(toy())
+
+
+@settings(max_examples=12, deadline=None)
+@given(r=st.integers(1, 4), alpha=st.integers(1, 9), which=st.sets(st.sampled_from(
+    ["experts.gate_up", "experts.down", "mix", "texperts.up", "texperts.sq"]), min_size=1), seed=st.integers(0, 99),
+    w=st.floats(-2, 2))
+def test_property_merge_equals_inject_and_mask_is_base(r: int, alpha: int, which: set[str], seed: int,
+                                                       w: float) -> None:
+    fn, params = _TOY
+    cfg = af.LoraConfig(r=r, lora_alpha=alpha, target_modules=[], target_parameters=sorted(which),
+                        init_lora_weights=False)
+    a = af.scale(perturb(af.init(fn, cfg, generator=gen(seed)), seed=seed), w)
+    x = toy_x(3)
+    with torch.no_grad():
+        assert rel_err(fn(af.merge(params, a), x), af.inject(fn, a)(params, x)) <= 1e-5
+        assert torch.equal(af.inject(fn, af.mask(a, False))(params, x), fn(params, x))
