@@ -31,7 +31,7 @@ Example:
     >>> a = af.init(fn, cfg, generator=torch.Generator().manual_seed(0))
     >>> e = "model.decoder.embed_tokens"
     >>> a.entries[e].kind, a.entries[e].option("token_indices"), tuple(a.leaves(e)["trainable_tokens_delta"].shape)
-    ('tokens', (3, 7), (2, 16))
+    ('tokens', (3, 7), (2, 22))
     >>> [k for k in af.state_dict(a) if "token" in k]
     ['base_model.model.model.decoder.embed_tokens.token_adapter.trainable_tokens_delta']
 """
