@@ -94,6 +94,9 @@ def file_suffixes() -> tuple[str, ...]:
     return tuple(s for d in range(MAX_DEPTH, 0, -1) for s in peft_suffixes(d))
 
 
+_NESTED = frozenset(file_suffixes())
+
+
 def validate_config(cfg: Any) -> None:
     """``target_parameters``: None or a list of parameter names (PEFT refuses a str); and PEFT's refusals of
     the options its ParamWrapper cannot compute."""
@@ -311,7 +314,7 @@ def from_peft(config: Any, path: str, found: Mapping[str, torch.Tensor],
               source: str) -> tuple[Entry, dict[str, torch.Tensor]] | None:
     """The entry of a module whose keys are LoRA on parameters (None: the module is not one of those)."""
     targets = list(getattr(config, FIELD, None) or ())
-    nested = any(k.startswith("base_layer.") for k in found)
+    nested = any(k in _NESTED for k in found)
     if not targets:
         if nested:
             raise AdapterFileError(f"{source}: module {path!r} has nested keys {sorted(found)} (PEFT's LoRA on "
