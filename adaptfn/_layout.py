@@ -35,6 +35,13 @@ def register(modules: Mapping[str, nn.Module], tensors: Mapping[int, torch.Tenso
             params`` (plain parameters are detached there): both are recorded.
     """
     for m in modules.values():
+        conv = isinstance(m, nn.modules.conv._ConvNd)
+        for p in m._parameters.values():  # 3-d parameters (MoE experts): [E, in, out] when is_transposed
+            if not conv and isinstance(p, torch.Tensor) and p.dim() == 3:
+                _STORED_IN_OUT[p] = bool(getattr(m, "is_transposed", False))
+                twin = tensors.get(id(p))
+                if twin is not None and twin is not p:
+                    _STORED_IN_OUT[twin] = _STORED_IN_OUT[p]
         conv1d = _is_conv1d(m)
         if not (conv1d or isinstance(m, nn.Linear)):
             continue

@@ -32,7 +32,7 @@ from . import _fsdp, _layout, quant, routing
 from ._leaves import check_leaves
 from .adapter import COEF, GATE, Adapter, coef_value, gate_on
 from .errors import ConfigError, IncompatibleAdapterError, shape_str, stacked_called_directly
-from .methods import get_method
+from .methods import get_method, trainable_tokens, weight_entries
 from .methods.common import MODULE_PATH, is_conv1d
 from .methods.layers import ModuleCall, conv_kind, is_mha
 
@@ -137,6 +137,7 @@ class _Base:
         self.plans: dict[tuple, tuple] = {}  # call plans by adapter structure
         quant.register(model, self.modules, by_id)  # quantized layers: see adaptfn/quant.py
         _layout.register(self.modules, by_id)  # which weights are stored [in, out]: see adaptfn/_layout.py
+        trainable_tokens.register(model, by_id)  # a tied input embedding: see adaptfn/methods/trainable_tokens.py
 
     def copy(self) -> _Copy:
         """This thread's structural copy (one per thread, whatever the adapters: every module an adapter
@@ -232,16 +233,19 @@ class FunctionalModel:
         compiling = torch.compiler.is_compiling()
         hit = None if compiling else base.plans.get(self._key)
         if hit is not None and hit[0] == tuple(a.structure_key for a in adapters):
-            self._deltas, self._repl = hit[1], hit[2]
+            self._deltas, self._repl, self._weights = hit[1], hit[2], hit[3]
             return
         # Static plan of the call, from the adapters' structure only (their leaves are read per call):
         # deltas: (adapter index, path, method, entry); replacements: (adapter index, path, name, targets).
         deltas = []
         repl = []
+        weights = []  # entries that change a module's tensors for the call (LoRA on parameters, trainable tokens)
         for i, a in enumerate(adapters):
             method = get_method(a.method)
             for path, e in a.entry_items:
-                if e.kind:
+                if e.kind and e.kind in getattr(method, "weight_kinds", ()):
+                    weights.append((i, path, method, e) + weight_entries.call_plan(a, path, base.modules, base.params))
+                elif e.kind:
                     deltas.append((i, path, method, e))
                 for name in e.replaced:
                     full = f"{path}.{name}" if path else name
@@ -249,10 +253,12 @@ class FunctionalModel:
                     repl.append((i, path, name, targets, name in e.frozen))
         self._deltas = tuple(deltas)
         self._repl = tuple(repl)
+        self._weights = tuple(weights)
         if not compiling:
             if len(base.plans) > 64:
                 base.plans.clear()
-            base.plans[self._key] = (tuple(a.structure_key for a in adapters), self._deltas, self._repl)
+            base.plans[self._key] = (tuple(a.structure_key for a in adapters), self._deltas, self._repl,
+                                     self._weights)
 
     @property
     def model(self) -> nn.Module:
@@ -382,6 +388,8 @@ class FunctionalModel:
                 if c is not None and cur.is_floating_point():  # a weighted replacement: base + w (v - base)
                     vt = torch.lerp(cur, vt, c.to(cur.dtype))
                 swaps[t] = vt if on is True else torch.where(on, vt, cur)
+        for i, path, method, e, names, targets in self._weights:
+            weight_entries.swap_in(method, e, tensors[i][path], routes[i], path, names, targets, swaps, held)
         used: list[_Slot] = []
         gen = self._generator
         for i, path, method, e in self._deltas:

@@ -14,7 +14,7 @@ from .adapter import COEF, GATE, Adapter, AdapterSum, coef_value, components, ga
 from .algebra import scale
 from .errors import ConfigError, IncompatibleAdapterError
 from .functional import FunctionalModel
-from .methods import get_method, require
+from .methods import get_method, require, weight_entries
 from .methods.base import ROUTE
 from .methods.layers import merge_weight_names
 
@@ -180,7 +180,8 @@ def _merge_deltas(out: dict[str, torch.Tensor], parts: tuple[Adapter, ...]) -> N
             on = gate_on(leaves[GATE])
             if on is False or (on is True and coef_value(leaves.get(COEF)) == 0.0):
                 continue
-            for name in merge_weight_names(e.kind):  # "weight" (nn.MultiheadAttention: in_proj_weight, out_proj.weight)
+            weight_kind = e.kind in getattr(method, "weight_kinds", ())  # LoRA on parameters, trainable tokens
+            for name in () if weight_kind else merge_weight_names(e.kind):  # "weight" (MHA: in_proj_weight, ...)
                 key = f"{path}.{name}"
                 if key not in out:
                     raise IncompatibleAdapterError(f"merge: adapter targets {path!r} but params has no {key!r}")
@@ -207,6 +208,9 @@ def _merge_deltas(out: dict[str, torch.Tensor], parts: tuple[Adapter, ...]) -> N
             for n, t in merged.items():
                 _layout.carry(mine.get(n), t)
                 out[f"{path}.{n}"] = t
+                if weight_kind:  # a tied input embedding's trained rows reach its tied modules (PEFT's tying)
+                    for k in weight_entries.merge_targets(a, path, n, before):
+                        out[k] = t
 
 
 def select(adapters: Any, where: Any) -> Any:

@@ -34,7 +34,11 @@ def test_defaults_match_peft() -> None:
         ({"lora_bias": True, "use_dora": True}, "lora_bias"),
         ({"lora_bias": True, "init_lora_weights": "gaussian"}, "lora_bias"),
         ({"kasa_config": {"k": 1}}, "kasa_config"),
-        ({"target_parameters": ["fc1.weight"]}, "target_parameters"),
+        ({"target_parameters": "fc1.weight"}, "target_parameters"),
+        ({"target_parameters": ["fc1.weight"], "lora_dropout": 0.1}, "lora_dropout"),
+        ({"trainable_token_indices": [1, 1]}, "trainable_token_indices"),
+        ({"layer_replication": [[0, 1]]}, "layer_replication"),
+        ({"alora_invocation_tokens": [5]}, "alora_invocation_tokens"),
         ({"a_typo": 1}, "a_typo"),
         ({"init_lora_weights": "mica"}, "init_lora_weights"),
         ({"init_lora_weights": "pissa_niter_"}, "init_lora_weights"),
@@ -50,7 +54,7 @@ def test_bad_config_fields_are_named(kwargs: dict, field: str) -> None:
 
 
 @pytest.mark.parametrize("field,value", [("loftq_config", {"loftq_bits": 4}), ("layer_replication", [[0, 1]]),
-                                         ("trainable_token_indices", [1, 2]), ("target_parameters", ["x"])])
+                                         ("alora_invocation_tokens", [1, 2]), ("velora_config", {"v": 1})])
 def test_unsupported_peft_fields_from_json(field: str, value: object) -> None:
     with pytest.raises(af.ConfigError, match=field):
         af.LoraConfig.from_dict({"peft_type": "LORA", "r": 4, field: value})

@@ -30,8 +30,15 @@ from torch import nn
 from .. import routing
 from .._where import is_target
 from ..adapter import COEF, GATE, SCALING, Entry
-from ..errors import AdapterFileError, IncompatibleAdapterError, shape_str, single_for_route, stacked_called_directly
-from . import dora, layers, lora_bias, lora_init, lora_layers
+from ..errors import (
+    AdapterFileError,
+    ConfigError,
+    IncompatibleAdapterError,
+    shape_str,
+    single_for_route,
+    stacked_called_directly,
+)
+from . import dora, layers, lora_bias, lora_init, lora_layers, lora_params, trainable_tokens
 from .base import COMBINE, ROUTE, SCALE, CallBase
 from .common import (
     LoraFamilyConfig,
@@ -49,6 +56,9 @@ from .common import (
 from .lora_combine import combine_lora
 
 __all__ = ["LoraConfig", "Lora"]
+
+
+_OWN_FIELDS = ("target_parameters", "trainable_token_indices", "ensure_weight_tying")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +86,12 @@ class LoraConfig(LoraFamilyConfig):
             :mod:`adaptfn.methods.lora_init`.
         use_dora: DoRA, a trained magnitude per output channel (:mod:`adaptfn.methods.dora`).
         lora_bias: a trained bias on ``lora_B`` (:mod:`adaptfn.methods.lora_bias`).
+        target_parameters: names of ``nn.Parameter``s to put LoRA on (``<module>.<parameter>``, matched by
+            suffix), e.g. MoE expert weights (:mod:`adaptfn.methods.lora_params`).
+        trainable_token_indices: rows of the input embedding to train (a list), or ``{module name: rows}``
+            (:mod:`adaptfn.methods.trainable_tokens`).
+        ensure_weight_tying: keep what the adapter does to a tied input embedding tied in the output layer
+            (PEFT's rule; see :mod:`adaptfn.methods.trainable_tokens` and ``docs/methods/lora.md``).
 
     Every other field of PEFT's ``LoraConfig`` is accepted at its default and kept for the file (a value that
     would change the numerics raises :class:`adaptfn.ConfigError` naming it).
@@ -94,11 +110,21 @@ class LoraConfig(LoraFamilyConfig):
     """
 
     peft_type: ClassVar[str] = "LORA"
-    # PEFT's init sub-configs are read here (adaptfn.methods.lora_init), kept in ``extra``
-    unsupported: ClassVar[dict[str, Any]] = lora_init.UNSUPPORTED
+    # PEFT's init sub-configs are read here (adaptfn.methods.lora_init), kept in ``extra``; target_parameters,
+    # trainable_token_indices and ensure_weight_tying are fields of this class
+    unsupported: ClassVar[dict[str, Any]] = {k: v for k, v in lora_init.UNSUPPORTED.items() if k not in _OWN_FIELDS}
     peft_only: ClassVar[frozenset[str]] = LoraFamilyConfig.peft_only | lora_init.SUBCONFIGS
 
     rank_pattern: dict[str, int] = dataclasses.field(default_factory=dict)
+    target_parameters: list[str] | None = None
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
+    ensure_weight_tying: bool = False
+
+    def validate(self) -> None:
+        """The shared checks, plus ``target_parameters`` / ``trainable_token_indices`` / ``ensure_weight_tying``."""
+        super().validate()
+        lora_params.validate_config(self)
+        trainable_tokens.validate_config(self)
 
     def validate_init_mode(self) -> None:
         """PEFT's ``init_lora_weights`` values and their sub-configs (:mod:`adaptfn.methods.lora_init`)."""
@@ -113,15 +139,26 @@ class Lora:
     config_cls = LoraConfig
     capabilities = frozenset({ROUTE, SCALE, COMBINE})
     _SUFFIX = {"linear": ("lora_A.weight", "lora_B.weight"), "embedding": ("lora_embedding_A", "lora_embedding_B")}
+    weight_kinds = frozenset({lora_params.KIND, trainable_tokens.KIND})
+    """Entry kinds that change a module's tensors for the call instead of wrapping its forward: LoRA on
+    parameters and trainable tokens. :func:`adaptfn.inject` swaps in what ``merge`` returns for them."""
 
     def variant(self, config: Any) -> tuple[str, frozenset[str]] | None:
         """The capabilities of PEFT's LoRA variants (see :func:`adaptfn.methods.require`): DoRA and
         ``lora_bias`` route and scale but do not combine."""
+        found: list[tuple[str, frozenset[str]]] = []
         if getattr(config, "use_dora", False):
-            return "lora (DoRA, use_dora=True)", frozenset({ROUTE, SCALE})
+            found.append(("lora (DoRA, use_dora=True)", frozenset({ROUTE, SCALE})))
         if getattr(config, "lora_bias", False):
-            return "lora (lora_bias=True)", frozenset({ROUTE, SCALE})
-        return None
+            found.append(("lora (lora_bias=True)", frozenset({ROUTE, SCALE})))
+        # LoRA on parameters / trainable tokens change a weight for the whole call: not per-row separable
+        if getattr(config, "target_parameters", None):
+            found.append(("lora (target_parameters: a weight the module uses for every row)", frozenset({SCALE})))
+        if getattr(config, "trainable_token_indices", None) is not None:
+            found.append(("lora (trainable_token_indices: embedding rows every batch row shares)", frozenset({SCALE})))
+        if not found:
+            return None
+        return " + ".join(n for n, _ in found), frozenset.intersection(*(c for _, c in found))
 
     # -- planning and init -------------------------------------------------------------------------
     def plan(self, config: LoraConfig, model: nn.Module) -> tuple[LoraConfig, dict[str, Entry]]:
@@ -163,6 +200,7 @@ class Lora:
             r, alpha = config.rank_and_alpha(path)
             entries[path] = Entry(kind=kind, r=r, scaling=config.scaling(r, alpha), fan_in_fan_out=fif,
                                   options=dropout_options(config))
+        entries.update(lora_params.plan(config, model))  # target_parameters
         if not entries:
             raise IncompatibleAdapterError(
                 f"LoraConfig.target_modules={config.target_modules!r} matches no module of "
@@ -170,12 +208,17 @@ class Lora:
         if not config.fan_in_fan_out and any(e.fan_in_fan_out for e in entries.values()):
             config = dataclasses.replace(config, fan_in_fan_out=True)  # as PEFT records it for Conv1D models
         entries = plan_embedding_saves(config, model, plan_replacements(config, model, entries))
+        entries.update(trainable_tokens.plan(config, model, entries))  # trainable_token_indices
         return config, entries
 
     def init_leaves(self, config: LoraConfig, path: str, entry: Entry, module: nn.Module,
                     generator: torch.Generator | None, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
         if entry.kind in lora_layers.KINDS:
             return lora_layers.KINDS[entry.kind].init_leaves(config, entry, module, generator, dtype)
+        if entry.kind == lora_params.KIND:
+            return lora_params.init_leaves(config, entry, module, generator, dtype)
+        if entry.kind == trainable_tokens.KIND:
+            return trainable_tokens.init_leaves(config, path, entry, module, generator, dtype)
         w = module.weight
         dt = dtype or adapter_dtype(w)
         if entry.kind == "embedding":
@@ -219,6 +262,9 @@ class Lora:
     def forward(self, entry: Entry, leaves: Mapping[str, torch.Tensor], on: Any, generator: Any,
                 call_base: CallBase, module: nn.Module, x: torch.Tensor,
                 route: torch.Tensor | None = None) -> torch.Tensor:
+        if entry.kind in self.weight_kinds:  # functional swaps the tensors in; never a module forward
+            raise IncompatibleAdapterError(f"module {module_path(module)!r}: a {entry.kind!r} entry changes the "
+                                           "module's tensors (af.inject / af.merge), it has no forward of its own")
         if dora.MAGNITUDE in leaves:
             return dora.forward(self, entry, leaves, on, generator, call_base, module, x, route)
         if entry.kind in lora_layers.KINDS:
@@ -306,6 +352,10 @@ class Lora:
         convolution's delta as a conv weight; nn.MultiheadAttention: ``in_proj_weight`` and ``out_proj.weight``),
         added in the wider dtype and rounded once, as PEFT's in-place ``weight += delta`` does (DoRA:
         :func:`adaptfn.methods.dora.merge`; ``lora_bias``: the bias gets ``scaling * b`` too)."""
+        if entry.kind == lora_params.KIND:
+            return lora_params.updated(entry, leaves, on, tensors)
+        if entry.kind == trainable_tokens.KIND:
+            return trainable_tokens.updated(entry, leaves, on, tensors)
         if dora.MAGNITUDE in leaves:
             return dora.merge(entry, leaves, on, tensors)
         if entry.kind in lora_layers.KINDS:
@@ -327,6 +377,13 @@ class Lora:
     def off(self, entry: Entry, leaves: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if dora.MAGNITUDE in leaves:
             raise dora.off_error()
+        if entry.kind == trainable_tokens.KIND:
+            raise ConfigError("a masked-off trainable-tokens entry cannot be written in PEFT's format (the file holds "
+                              "the rows' values, and the base rows are not part of the adapter); drop it with "
+                              "af.select first")
+        if entry.kind == lora_params.KIND:
+            return {n: (torch.zeros_like(t) if n == "lora_B" or n.startswith("lora_B_") else t)
+                    for n, t in leaves.items()}
         out = {**leaves, "lora_B": torch.zeros_like(leaves["lora_B"])}
         if "out_lora_B" in leaves:  # nn.MultiheadAttention's out_proj pair
             out["out_lora_B"] = torch.zeros_like(leaves["out_lora_B"])
@@ -336,6 +393,10 @@ class Lora:
 
     # -- checks against a model -------------------------------------------------------------------
     def check(self, path: str, entry: Entry, leaves: Mapping[str, torch.Tensor], module: nn.Module) -> None:
+        if entry.kind == lora_params.KIND:
+            return lora_params.check(path, entry, leaves, module)
+        if entry.kind == trainable_tokens.KIND:
+            return trainable_tokens.check(path, entry, leaves, module)
         if entry.kind in lora_layers.KINDS:
             return lora_layers.KINDS[entry.kind].check(path, entry, leaves, module)
         A, B = leaves["lora_A"], leaves["lora_B"]
@@ -363,12 +424,18 @@ class Lora:
     # -- PEFT files ------------------------------------------------------------------------------
     def delta_suffixes(self) -> tuple[str, ...]:
         # nn.MultiheadAttention's out_proj keys first: they end like a Linear's
-        return (*lora_layers.MHA_SUFFIXES, "lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B",
+        # LoRA on parameters' nested keys (base_layer.lora_A.weight, ...) before the plain ones they end like
+        return (*lora_params.file_suffixes(), trainable_tokens.PEFT_KEY, *lora_layers.MHA_SUFFIXES, "lora_A.weight",
+                "lora_B.weight", "lora_embedding_A", "lora_embedding_B",
                 dora.PEFT_KEY, lora_bias.PEFT_KEY)
 
     def to_peft(self, entry: Entry, leaves: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """PEFT's tensors; a scale weight is folded into ``lora_B`` (``B * w``) and ``lora_B.bias``; DoRA's
         magnitude is written as it is (a weight other than 1 raises, see :mod:`adaptfn.methods.dora`)."""
+        if entry.kind == lora_params.KIND:
+            return lora_params.to_peft(entry, leaves)
+        if entry.kind == trainable_tokens.KIND:
+            return trainable_tokens.to_peft(entry, leaves)
         if entry.kind in lora_layers.KINDS:
             return lora_layers.KINDS[entry.kind].to_peft(entry, leaves)
         a, b = self._SUFFIX[entry.kind]
@@ -384,6 +451,11 @@ class Lora:
 
     def from_peft(self, config: LoraConfig, path: str, found: Mapping[str, torch.Tensor],
                   source: str) -> tuple[Entry, dict[str, torch.Tensor]]:
+        if trainable_tokens.PEFT_KEY in found:
+            return trainable_tokens.from_peft(config, path, found, source)
+        on_params = lora_params.from_peft(config, path, found, source)  # target_parameters
+        if on_params is not None:
+            return on_params
         layer = lora_layers.kind_from_file(found)  # convolutions, nn.MultiheadAttention
         if layer is not None:
             extra = sorted(set(found) - {"lora_A.weight", "lora_B.weight", *lora_layers.MHA_SUFFIXES})
@@ -413,9 +485,11 @@ class Lora:
                 "LoRA pair of a layer kind adaptfn (and PEFT) supports: [r, in] and [out, r] (Linear / Conv1D / "
                 "Embedding), [r, in, *kernel] and [out, r / groups, 1, ...] (nn.Conv1d/2d/3d)")
         if not is_target(config, path):
+            tying = (" (PEFT's ensure_weight_tying=True put it on a module tied to the input embedding, which adaptfn "
+                     "does not support yet)" if getattr(config, "ensure_weight_tying", False) else "")
             raise AdapterFileError(
                 f"{source}: key {path}.{a_key} is for module {path!r}, which adapter_config.json's "
-                f"target_modules={config.target_modules!r} does not target")
+                f"target_modules={config.target_modules!r} does not target{tying}")
         r, alpha = config.rank_and_alpha(path)
         if A.shape[0] != r:
             raise AdapterFileError(
@@ -443,6 +517,10 @@ class Lora:
 
     # -- stacking --------------------------------------------------------------------------------
     def pad(self, entry: Entry, leaves: Mapping[str, torch.Tensor], r: int) -> dict[str, torch.Tensor]:
+        if entry.kind == lora_params.KIND:
+            return lora_params.pad(entry, leaves, r)
+        if entry.kind == trainable_tokens.KIND:
+            return dict(leaves)
         if entry.kind in lora_layers.KINDS:
             return lora_layers.KINDS[entry.kind].pad(entry, leaves, r)
         A, B = leaves["lora_A"], leaves["lora_B"]
@@ -452,6 +530,10 @@ class Lora:
         return {**leaves, "lora_A": F.pad(A, (0, 0, 0, extra)), "lora_B": F.pad(B, (0, extra))}
 
     def unpad(self, entry: Entry, leaves: Mapping[str, torch.Tensor], r: int) -> dict[str, torch.Tensor]:
+        if entry.kind == lora_params.KIND:
+            return lora_params.unpad(entry, leaves, r)
+        if entry.kind == trainable_tokens.KIND:
+            return dict(leaves)
         if entry.kind in lora_layers.KINDS:
             return lora_layers.KINDS[entry.kind].unpad(entry, leaves, r)
         return {**leaves, "lora_A": leaves["lora_A"][:r], "lora_B": leaves["lora_B"][:, :r]}
