@@ -53,7 +53,7 @@ def layer_of(module: nn.Module) -> str | None:
 def refuse_layer(method: str, path: str, module: nn.Module) -> None:
     """Raise :class:`IncompatibleAdapterError` for a target LoHa / LoKr cannot adapt, saying why."""
     name = layers.layer_name(module)
-    why = ("PEFT 0.21.2 has no such LoHa / LoKr layer, so its file would not load in PEFT"
+    why = (f"PEFT's {method} (0.21.2) has no such layer, so its file would not load in PEFT"
            if is_conv1d(module) or isinstance(module, nn.Conv3d) else "check target_modules / exclude_modules")
     raise IncompatibleAdapterError(f"target module {path!r} is a {name}; {method} supports {LAYERS} ({why})")
 

@@ -258,7 +258,7 @@ class OFT:
             else:
                 raise IncompatibleAdapterError(
                     f"target module {path!r} is a {layers.layer_name(mod)}; OFT supports nn.Linear, nn.Embedding "
-                    "and 1x1 nn.Conv2d (PEFT 0.21.2 has no OFT for other layers; check target_modules)")
+                    "and 1x1 nn.Conv2d (PEFT's OFT (0.21.2) has no other layer; check target_modules)")
             r, b = config.r, config.oft_block_size
             if r == 0:
                 if n_in % b or b > n_in:
