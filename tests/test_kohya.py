@@ -206,19 +206,24 @@ def test_lycoris_loha_and_lokr_files(kind, tmp_path) -> None:
 def test_what_is_not_read_is_refused_clearly(tmp_path) -> None:
     sd = lora_file("uniform")
     unet, te = tiny_unet(), tiny_clip()
-    # SD 1.x UNets project with 1x1 convolutions: their LoRA needs convolution support
-    conv = tiny_unet(linear_projection=False)
-    with pytest.raises(af.IncompatibleAdapterError, match="convolution"):
-        af.from_kohya(sd, conv)
-    # DoRA
-    dora = {**sd, kohya_name("lora_te", "encoder.layers.0.mlp.fc1") + ".dora_scale": torch.ones(1, 12)}
-    with pytest.raises(af.ConfigError, match="DoRA"):
-        af.from_kohya(dora, te)
-    # SGM / LDM names (kohya's SDXL files)
+    # LoCon's CP middle factor has no PEFT form
+    mid = {**sd, kohya_name("lora_unet", "down_blocks.0.attentions.0.proj_in") + ".lora_mid.weight": torch.ones(1)}
+    with pytest.raises(af.IncompatibleAdapterError, match="lora_mid"):
+        af.from_kohya(mid, unet)
+    # DoRA: one flag for the adapter in PEFT, one magnitude per output
+    fc1 = kohya_name("lora_te", "encoder.layers.0.mlp.fc1")
+    with pytest.raises(af.ConfigError, match="use_dora is one flag"):
+        af.from_kohya({**sd, fc1 + ".dora_scale": torch.ones(20, 1)}, te)
+    te_sd = {k: v for k, v in sd.items() if k.startswith("lora_te")}
+    wide = {**te_sd, **{k.replace(".lora_down.weight", ".dora_scale"): torch.ones(1, v.shape[1])
+                        for k, v in te_sd.items() if k.endswith("lora_down.weight")}}
+    with pytest.raises(af.AdapterFileError, match="one magnitude per output"):
+        af.from_kohya(wide, te)
+    # SGM / LDM names on a model without a diffusers config stay unresolved, with the hint
     sgm = {"lora_unet_input_blocks_1_1_proj_in.lora_down.weight": torch.zeros(2, 8),
            "lora_unet_input_blocks_1_1_proj_in.lora_up.weight": torch.zeros(8, 2)}
     with pytest.raises(af.IncompatibleAdapterError, match="SGM"):
-        af.from_kohya(sgm, unet)
+        af.from_kohya(sgm, nn.ModuleDict({"down_blocks": nn.ModuleList([nn.Linear(8, 8)])}))
     with pytest.raises(af.ConfigError, match="not a kohya-ss / A1111 network key"):
         af.from_kohya({"transformer.x.lora_A.weight": torch.zeros(1, 1)}, unet)
     with pytest.raises(af.IncompatibleAdapterError, match="no network of the file names only modules"):
@@ -233,3 +238,99 @@ def test_what_is_not_read_is_refused_clearly(tmp_path) -> None:
     file = save(sd, tmp_path / "x.safetensors")
     with pytest.raises(af.AdapterFileError, match="af.load_kohya"):
         af.load(file)
+
+
+def conv_file(seed: int = 0, dora: bool = False) -> dict[str, torch.Tensor]:
+    """kohya LoCon-style: every Linear and every Conv2d of an SD 1.x-style UNet (1x1 proj_in / proj_out, 3x3
+    ResNet convolutions: a 3x3 down and a 1x1 up), ranks 2 / 3, alpha 2."""
+    g = gen(seed)
+    out = {}
+    for i, (path, m) in enumerate((n, m) for n, m in tiny_unet(False).named_modules()
+                                  if isinstance(m, (nn.Linear, nn.Conv2d)) and n not in ("conv_in", "conv_out")):
+        r = 2 + (i % 3 == 0)
+        name = kohya_name("lora_unet", path)
+        w = m.weight
+        out[f"{name}.lora_down.weight"] = 0.2 * torch.randn(r, *w.shape[1:], generator=g)
+        out[f"{name}.lora_up.weight"] = 0.2 * torch.randn(w.shape[0], r, *[1] * (w.dim() - 2), generator=g)
+        out[f"{name}.alpha"] = torch.tensor(2.0)
+    return out
+
+
+def diffusers_unet(sd: dict[str, torch.Tensor], unet: nn.Module) -> nn.Module:
+    from diffusers.loaders.lora_pipeline import StableDiffusionLoraLoaderMixin as Loader
+
+    logging.disable(logging.WARNING)
+    try:
+        dsd, alphas = Loader.lora_state_dict(dict(sd), unet_config=unet.config)
+        Loader.load_lora_into_unet(dsd, alphas, unet)
+    finally:
+        logging.disable(logging.NOTSET)
+    return unet
+
+
+def test_conv_and_sgm_named_files_give_diffusers_outputs(tmp_path) -> None:
+    sd = conv_file()
+    x, t, _ = inputs()
+    enc = torch.randn(2, 5, 12, generator=gen(8))
+    with torch.no_grad():
+        ref = diffusers_unet(sd, tiny_unet(False))(x, t, encoder_hidden_states=enc).sample
+    unet = tiny_unet(False)
+    fn, params = af.functional(unet)
+    a = af.from_kohya(sd, unet)
+    assert {e.kind for _, e in a.entry_items} == {"linear", "conv2d"}
+    assert rel_err(fn(params, x, t, encoder_hidden_states=enc).sample, ref) > 1e-2, "vacuous comparison"
+    out = af.inject(fn, a)(params, x, t, encoder_hidden_states=enc).sample
+    assert rel_err(out, ref) <= 1e-5
+    assert rel_err(fn(af.merge(params, a), x, t, encoder_hidden_states=enc).sample, ref) <= 1e-5
+    # SGM / LDM block names (kohya's SDXL UNet files) are renamed by diffusers' converter: the same adapter
+    to_sgm = {"down_blocks_0_attentions_0": "input_blocks_1_1", "down_blocks_0_resnets_0": "input_blocks_1_0",
+              "mid_block_resnets_0": "middle_block_0", "mid_block_attentions_0": "middle_block_1",
+              "mid_block_resnets_1": "middle_block_2"}
+    part = {k: v for k, v in sd.items() if any(n in k for n in to_sgm)}  # a file has one naming or diffusers
+    sgm = {}  # drops the SGM keys
+    for k, v in part.items():
+        for a_name, b_name in to_sgm.items():
+            k = k.replace(a_name, b_name)
+        sgm[k] = v
+    assert any("input_blocks" in k for k in sgm) and not any("down_blocks" in k for k in sgm)
+    want, got = af.state_dict(af.from_kohya(part, unet)), af.state_dict(af.from_kohya(sgm, unet))
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    # saved in PEFT's layout, PEFT loads it with the same outputs
+    import peft
+
+    af.save(a, tmp_path / "peft")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.PeftModel.from_pretrained(tiny_unet(False), tmp_path / "peft").eval()
+    with torch.no_grad():
+        assert rel_err(pm(x, t, encoder_hidden_states=enc).sample, ref) <= 1e-5
+
+
+def test_dora_scale_is_peft_s_magnitude(tmp_path) -> None:
+    # diffusers 0.42 drops dora_scale from SD files ("not compatible in Diffusers at the moment"), so the reference
+    # is PEFT's DoRA loading the saved folder
+    import peft
+
+    sd = {k: v for k, v in lora_file("uniform").items() if k.startswith("lora_te")}
+    g = gen(4)
+    for k, v in list(sd.items()):
+        if k.endswith("lora_up.weight"):
+            sd[k.replace(".lora_up.weight", ".dora_scale")] = 1 + 0.1 * torch.randn(v.shape[0], 1, generator=g)
+    _, _, ids = inputs()
+    te = tiny_clip()
+    fe, pe = af.functional(te)
+    a = af.from_kohya(sd, te)
+    assert a.config.use_dora
+    fc1 = "text_model.encoder.layers.0.mlp.fc1" if "text_model.encoder.layers.0.mlp.fc1" in a.paths else \
+        "encoder.layers.0.mlp.fc1"
+    assert torch.equal(a.leaves(fc1)["lora_magnitude"],
+                       sd[kohya_name("lora_te", "encoder.layers.0.mlp.fc1") + ".dora_scale"].reshape(-1))
+    af.save(a, tmp_path / "peft")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.PeftModel.from_pretrained(tiny_clip(), tmp_path / "peft").eval()
+    with torch.no_grad():
+        ref = pm(input_ids=ids).last_hidden_state
+    out = af.inject(fe, a)(pe, input_ids=ids).last_hidden_state
+    assert rel_err(fe(pe, input_ids=ids).last_hidden_state, ref) > 1e-2, "vacuous comparison"
+    assert rel_err(out, ref) <= 1e-5

@@ -14,9 +14,14 @@ A scale weight ``w`` (``coef``, :func:`adaptfn.scale`) multiplies ``dW``; saved 
 Capabilities: ``route`` (per-row ``dW`` of each row's adapter: the delta is dense, so a routed call gathers an
 [out, in] weight per row) and ``scale``; not ``combine`` (PEFT has no ``add_weighted_adapter`` for LoHa).
 
-Convolutions (PEFT's ``Conv1d`` / ``Conv2d`` LoHa, ``use_effective_conv2d``'s ``hada_t1`` / ``hada_t2``) come with
-adaptfn's convolution support; a file holding them is refused until then. PEFT has no LoHa for transformers'
-GPT-2 ``Conv1D``, so neither has adaptfn.
+Convolutions (``nn.Conv1d``, ``nn.Conv2d``; :mod:`adaptfn.methods.lycoris_conv`): ``dW`` has the weight's shape
+[out, in / g, *k] and is added as ``conv(x, dW)`` with the base's geometry. Flat factors (entry kind ``"linear"``):
+``hada_w1_a`` [out, r], ``hada_w1_b`` [r, in / g * prod(k)], the product reshaped to the weight. With
+``use_effective_conv2d`` and a kernel larger than 1 (kind ``"conv"``, PEFT's CP form): ``hada_t1`` / ``hada_t2``
+[r, r, k1, k2] (Conv1d: [r, r, k, 1]), ``hada_w1_a`` / ``hada_w2_a`` [r, out], ``hada_w1_b`` / ``hada_w2_b``
+[r, in / g], and ``dW = einsum("ijkl,jr,ip->prkl", t1, w1_b, w1_a) * einsum(..., t2, w2_b, w2_a) * alpha / r``.
+``route=`` on a convolution runs one grouped convolution with each row's ``dW``. PEFT 0.21.2 has no LoHa for
+``nn.Conv3d`` or transformers' GPT-2 ``Conv1D``, so neither has adaptfn.
 """
 
 from __future__ import annotations
@@ -30,10 +35,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import routing
 from .._where import is_target
 from ..adapter import COEF, SCALING, Entry
 from ..errors import AdapterFileError, IncompatibleAdapterError, shape_str, single_for_route, stacked_called_directly
+from . import lycoris_conv as lc
 from .base import ROUTE, SCALE, CallBase, need
 from .common import (
     LycorisFamilyConfig,
@@ -41,7 +46,6 @@ from .common import (
     expand_all_linear,
     module_kept,
     module_path,
-    not_conv1d,
     plan_replacements,
     rank_keep,
 )
@@ -49,6 +53,7 @@ from .common import (
 __all__ = ["LoHaConfig", "LoHa"]
 
 KIND = "linear"
+CONV_KIND = "conv"
 FACTORS = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
 CONV_FACTORS = ("hada_t1", "hada_t2")
 
@@ -78,8 +83,9 @@ class LoHaConfig(LycorisFamilyConfig):
              f"must be True or False, got {self.init_weights!r}")
 
 
-def _scale(entry: Entry, leaves: Mapping[str, torch.Tensor], on: Any, stacked: bool) -> Any:
-    """alpha / r (a stack's ``scaling`` leaf, read detached), times the scale weight and the gate."""
+def _scale(entry: Entry, leaves: Mapping[str, torch.Tensor], on: Any, stacked: bool, nd: int = 2) -> Any:
+    """alpha / r (a stack's ``scaling`` leaf, read detached), times the scale weight and the gate; a stack's
+    per-adapter value shaped to broadcast over an ``nd``-d delta."""
     s: Any = leaves[SCALING].detach() if SCALING in leaves else entry.scaling
     c = leaves.get(COEF)
     if c is not None:
@@ -87,13 +93,14 @@ def _scale(entry: Entry, leaves: Mapping[str, torch.Tensor], on: Any, stacked: b
     if on is not True:
         s = s * on
     if stacked and isinstance(s, torch.Tensor) and s.dim() == 1:
-        s = s[:, None, None]
+        s = s.reshape(-1, *[1] * nd)
     return s
 
 
 class LoHa:
-    """The LoHa method (see the module docstring). Entries of kind ``"linear"``, rank ``r``, scaling
-    ``alpha / r``; options: the non-zero dropouts."""
+    """The LoHa method (see the module docstring). Entries of kind ``"linear"`` (flat factors: Linear, or a
+    convolution without the CP form) or ``"conv"`` (the CP form), rank ``r``, scaling ``alpha / r``; options:
+    the non-zero dropouts."""
 
     name = "loha"
     peft_type = "LOHA"
@@ -110,13 +117,11 @@ class LoHa:
         for path, mod in model.named_modules():
             if not path or not is_target(config, path):
                 continue
-            not_conv1d("LoHa", path, mod)
-            if not isinstance(mod, nn.Linear):
-                raise IncompatibleAdapterError(
-                    f"target module {path!r} is a {type(mod).__name__}; adaptfn's LoHa supports nn.Linear (PEFT's "
-                    "convolution LoHa comes with adaptfn's convolution support); check target_modules")
+            if lc.layer_of(mod) is None:
+                lc.refuse_layer("LoHa", path, mod)
             r, alpha = config.rank_and_alpha(path)
-            entries[path] = Entry(kind=KIND, r=r, scaling=alpha / r, fan_in_fan_out=False,
+            kind = CONV_KIND if lc.effective_conv(config.use_effective_conv2d, mod) else KIND
+            entries[path] = Entry(kind=kind, r=r, scaling=alpha / r, fan_in_fan_out=False,
                                   options=config.dropout_options())
         if not entries:
             raise IncompatibleAdapterError(
@@ -125,12 +130,21 @@ class LoHa:
 
     def init_leaves(self, config: LoHaConfig, path: str, entry: Entry, module: nn.Module,
                     generator: torch.Generator | None, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
-        """PEFT's initialisation, in its order: ``hada_w1_a``, ``hada_w1_b``, ``hada_w2_a`` kaiming-uniform
-        (a = sqrt(5)) and ``hada_w2_b`` zeros (``init_weights=False``: kaiming-uniform too)."""
+        """PEFT's shapes and initialisation, in its order: ``hada_w1_a``, ``hada_w1_b``, ``hada_w2_a``
+        kaiming-uniform (a = sqrt(5)) and ``hada_w2_b`` zeros (``init_weights=False``: kaiming-uniform too), then
+        (CP form) ``hada_t1``, ``hada_t2`` kaiming-uniform."""
         w = module.weight
-        n_out, n_in = int(w.shape[0]), int(w.shape[1])
+        n_out, n_in = int(w.shape[0]), lc.flat_in(module)
         r = entry.r
-        shapes = {"hada_w1_a": (n_out, r), "hada_w1_b": (r, n_in), "hada_w2_a": (n_out, r), "hada_w2_b": (r, n_in)}
+        if entry.kind == CONV_KIND:
+            k = lc.kernel(module)
+            k2 = k if len(k) == 2 else (k[0], 1)
+            n_in = int(w.shape[1])
+            shapes = {"hada_w1_a": (r, n_out), "hada_w1_b": (r, n_in), "hada_w2_a": (r, n_out),
+                      "hada_w2_b": (r, n_in), "hada_t1": (r, r, *k2), "hada_t2": (r, r, *k2)}
+        else:
+            shapes = {"hada_w1_a": (n_out, r), "hada_w1_b": (r, n_in), "hada_w2_a": (n_out, r),
+                      "hada_w2_b": (r, n_in)}
         out = {}
         for name, shape in shapes.items():
             t = torch.empty(shape, dtype=torch.float32, device=w.device)
@@ -144,37 +158,52 @@ class LoHa:
     # -- compute -----------------------------------------------------------------------------------
     @staticmethod
     def _delta(entry: Entry, leaves: Mapping[str, torch.Tensor], on: Any) -> torch.Tensor:
-        """``dW`` [out, in] (stacked: [N, out, in]) with the scale, the weight and the gate applied."""
+        """``dW`` with the scale, the weight and the gate applied: flat [out, in'] or, CP form, [out, in, k1, k2]
+        (stacked: a leading ``N``)."""
         w1a, w1b, w2a, w2b = (leaves[n] for n in FACTORS)
-        dw = (w1a @ w1b) * (w2a @ w2b)
-        return dw * _scale(entry, leaves, on, w1a.dim() == 3)
+        t1 = leaves.get("hada_t1")
+        if t1 is None:
+            dw = (w1a @ w1b) * (w2a @ w2b)
+            return dw * _scale(entry, leaves, on, w1a.dim() == 3)
+        t2 = leaves["hada_t2"]
+        if t1.dim() == 5:
+            eq = "nijkl,njr,nip->nprkl"
+        else:
+            eq = "ijkl,jr,ip->prkl"
+        dw = torch.einsum(eq, t1, w1b, w1a) * torch.einsum(eq, t2, w2b, w2a)
+        return dw * _scale(entry, leaves, on, t1.dim() == 5, 4)
 
     def forward(self, entry: Entry, leaves: Mapping[str, torch.Tensor], on: Any, generator: Any,
                 call_base: CallBase, module: nn.Module, x: torch.Tensor,
                 route: torch.Tensor | None = None) -> torch.Tensor:
-        """``base(x) + x @ dW^T`` (``x`` [..., in]); row ``i`` uses adapter ``route[i]``'s ``dW`` when routed.
+        """``base(x) + x @ dW^T`` (``x`` [..., in]; a convolution: ``base(x) + conv(x, dW)``, ``x`` [batch, in,
+        *spatial]); row ``i`` uses adapter ``route[i]``'s ``dW`` when routed.
 
         Arguments:
             entry, leaves: this module's entry and ``{"hada_w1_a": [out, r], "hada_w1_b": [r, in],
-                "hada_w2_a": [out, r], "hada_w2_b": [r, in], "gate": []}`` (stacked: a leading ``N``).
+                "hada_w2_a": [out, r], "hada_w2_b": [r, in], "gate": []}`` (the CP form: see the module docstring;
+                stacked: a leading ``N``).
             on: ``True``, or a bool tensor (the gate under a transform). generator: training dropouts (None: off).
             call_base, module: the base forward and module. x: the module input. route: int64 [batch] or None.
         """
-        if (leaves["hada_w1_a"].dim() == 3) != (route is not None):
+        stacked = leaves["hada_w1_a"].dim() == 3
+        if stacked != (route is not None):
             raise single_for_route() if route is not None else stacked_called_directly(module_path(module))
         out = call_base(x)
         kept = module_kept(entry, generator)
         if kept is False:
             return out
+        shape = lc.row_shape(module)
         dw = self._delta(entry, leaves, on)
-        keep = rank_keep(entry, generator, dw.shape[-2], dw.dtype, dw.device, normalize=True)
+        dw = dw.reshape(dw.shape[0], *shape) if stacked else dw.reshape(shape)
+        keep = rank_keep(entry, generator, shape[0], dw.dtype, dw.device, normalize=True)
         if keep is not None:
-            dw = dw * keep
+            dw = dw * keep.reshape(shape[0], *[1] * (len(shape) - 1))
         if kept is not True:
             dw = dw * kept.to(dw.dtype)
         if route is not None:
-            return (out + routing.dense_rows(x, dw, route)).to(out.dtype)
-        return (out + F.linear(x if x.dtype == dw.dtype else x.to(dw.dtype), dw)).to(out.dtype)
+            return (out + lc.apply_delta_rows(module, x, dw, route)).to(out.dtype)
+        return (out + lc.apply_delta(module, x, dw)).to(out.dtype)
 
     def merge(self, entry: Entry, leaves: Mapping[str, torch.Tensor], on: Any,
               tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -188,17 +217,35 @@ class LoHa:
 
     # -- checks against a model -------------------------------------------------------------------
     def check(self, path: str, entry: Entry, leaves: Mapping[str, torch.Tensor], module: nn.Module) -> None:
-        if not isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":
+        layer = lc.layer_of(module)
+        if layer is None or (entry.kind == CONV_KIND and layer == "linear"):
+            want = "a convolution" if entry.kind == CONV_KIND else "an nn.Linear or a convolution"
             raise IncompatibleAdapterError(
-                f"module {path!r}: the adapter has a LoHa delta for an nn.Linear but the model has a "
+                f"module {path!r}: the adapter has a LoHa delta for {want} but the model has a "
                 f"{type(module).__name__}")
-        n_out, n_in = int(module.weight.shape[0]), int(module.weight.shape[1])
         w1a, w1b, w2a, w2b = (leaves[n] for n in FACTORS)
+        n_out = int(module.weight.shape[0])
+        if entry.kind == CONV_KIND:
+            n_in = int(module.weight.shape[1])
+            k = lc.kernel(module)
+            k2 = k if len(k) == 2 else (k[0], 1)
+            t1, t2 = leaves["hada_t1"], leaves["hada_t2"]
+            got = (w1a.shape[-1], w2a.shape[-1], w1b.shape[-1], w2b.shape[-1], tuple(t1.shape[-2:]),
+                   tuple(t2.shape[-2:]))
+            if got != (n_out, n_out, n_in, n_in, k2, k2):
+                raise IncompatibleAdapterError(
+                    f"module {path!r}: hada_t1 {shape_str(t1.shape)}, hada_w1_a {shape_str(w1a.shape)}, hada_w1_b "
+                    f"{shape_str(w1b.shape)} (and the w2 factors) do not fit {lc.layers.layer_name(module)} with "
+                    f"out={n_out}, in / groups={n_in}, kernel {list(k)} (expected [r, r, {k2[0]}, {k2[1]}], "
+                    f"[r, {n_out}], [r, {n_in}])")
+            return
+        n_in = lc.flat_in(module)
         if (w1a.shape[-2], w2a.shape[-2], w1b.shape[-1], w2b.shape[-1]) != (n_out, n_out, n_in, n_in):
+            what = "in" if layer == "linear" else "in / groups * kernel"
             raise IncompatibleAdapterError(
                 f"module {path!r}: hada_w1_a {shape_str(w1a.shape)}, hada_w1_b {shape_str(w1b.shape)}, hada_w2_a "
                 f"{shape_str(w2a.shape)}, hada_w2_b {shape_str(w2b.shape)} do not fit {type(module).__name__} with "
-                f"in={n_in}, out={n_out} (expected [{n_out}, r], [r, {n_in}], [{n_out}, r], [r, {n_in}])")
+                f"{what}={n_in}, out={n_out} (expected [{n_out}, r], [r, {n_in}], [{n_out}, r], [r, {n_in}])")
 
     # -- PEFT files ------------------------------------------------------------------------------
     def delta_suffixes(self) -> tuple[str, ...]:
@@ -206,7 +253,7 @@ class LoHa:
 
     def to_peft(self, entry: Entry, leaves: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """PEFT's tensors; a scale weight is folded into ``hada_w1_a``."""
-        out = {n: leaves[n] for n in FACTORS}
+        out = {n: leaves[n] for n in FACTORS + CONV_FACTORS if n in leaves}
         c = leaves.get(COEF)
         if c is not None:
             out["hada_w1_a"] = out["hada_w1_a"] * c.to(out["hada_w1_a"].dtype)
@@ -214,48 +261,63 @@ class LoHa:
 
     def from_peft(self, config: LoHaConfig, path: str, found: Mapping[str, torch.Tensor],
                   source: str) -> tuple[Entry, dict[str, torch.Tensor]]:
-        conv = sorted(set(found) & set(CONV_FACTORS))
-        if conv:
-            raise AdapterFileError(
-                f"{source}: module {path!r} has {conv}: a convolution LoHa (use_effective_conv2d), which needs "
-                "adaptfn's convolution support")
-        missing = [n for n in FACTORS if n not in found]
+        cp = bool(set(found) & set(CONV_FACTORS))
+        names = FACTORS + CONV_FACTORS if cp else FACTORS
+        missing = [n for n in names if n not in found]
         if missing:
             raise AdapterFileError(f"{source}: module {path!r} has {sorted(found)} but no {missing}")
         w1a, w1b, w2a, w2b = (found[n] for n in FACTORS)
-        if w1a.dim() != 2:
-            raise AdapterFileError(
-                f"{source}: module {path!r}: hada_w1_a is {shape_str(w1a.shape)}; a {w1a.dim()}-d LoHa factor is "
-                "a convolution LoHa, which needs adaptfn's convolution support")
-        r = int(w1b.shape[0]) if w1b.dim() == 2 else -1
-        ok = all(t.dim() == 2 for t in (w1b, w2a, w2b)) and w1a.shape == w2a.shape and w1b.shape == w2b.shape and (
-            w1a.shape[1] == r)
-        if not ok:
-            raise AdapterFileError(
-                f"{source}: module {path!r}: hada_w1_a {shape_str(w1a.shape)}, hada_w1_b {shape_str(w1b.shape)}, "
-                f"hada_w2_a {shape_str(w2a.shape)}, hada_w2_b {shape_str(w2b.shape)} are not two rank-r pairs "
-                "([out, r], [r, in])")
+        shown = ", ".join(f"{n} {shape_str(found[n].shape)}" for n in names)
+        if cp:
+            t1, t2 = found["hada_t1"], found["hada_t2"]
+            r = int(t1.shape[0]) if t1.dim() == 4 else -1
+            ok = (t1.dim() == 4 and t1.shape == t2.shape and t1.shape[1] == r and all(
+                t.dim() == 2 and t.shape[0] == r for t in (w1a, w1b, w2a, w2b)) and w1a.shape == w2a.shape
+                and w1b.shape == w2b.shape)
+            if not ok:
+                raise AdapterFileError(
+                    f"{source}: module {path!r}: {shown} are not PEFT's CP-form LoHa (hada_t [r, r, k1, k2], "
+                    "hada_w_a [r, out], hada_w_b [r, in])")
+        else:
+            if w1a.dim() != 2:
+                raise AdapterFileError(
+                    f"{source}: module {path!r}: hada_w1_a is {shape_str(w1a.shape)}; a {w1a.dim()}-d LoHa factor "
+                    "without hada_t1 / hada_t2 is not PEFT's layout")
+            r = int(w1b.shape[0]) if w1b.dim() == 2 else -1
+            ok = all(t.dim() == 2 for t in (w1b, w2a, w2b)) and w1a.shape == w2a.shape and (
+                w1b.shape == w2b.shape) and w1a.shape[1] == r
+            if not ok:
+                raise AdapterFileError(
+                    f"{source}: module {path!r}: {shown} are not two rank-r pairs ([out, r], [r, in])")
         if not is_target(config, path):
             raise AdapterFileError(
                 f"{source}: key {path}.hada_w1_a is for module {path!r}, which adapter_config.json's "
                 f"target_modules={config.target_modules!r} does not target")
         want, alpha = config.rank_and_alpha(path)
         if r != want:
-            raise AdapterFileError(f"{source}: module {path!r} has rank {r} (hada_w1_b {shape_str(w1b.shape)}) but "
-                                   f"the config says r={want} (r / rank_pattern)")
-        e = Entry(kind=KIND, r=r, scaling=alpha / r, fan_in_fan_out=False, options=config.dropout_options())
-        return e, {n: found[n] for n in FACTORS}
+            raise AdapterFileError(f"{source}: module {path!r} has rank {r} ({shown}) but the config says r={want} "
+                                   "(r / rank_pattern)")
+        e = Entry(kind=CONV_KIND if cp else KIND, r=r, scaling=alpha / r, fan_in_fan_out=False,
+                  options=config.dropout_options())
+        return e, {n: found[n] for n in names}
 
     # -- stacking --------------------------------------------------------------------------------
     def pad(self, entry: Entry, leaves: Mapping[str, torch.Tensor], r: int) -> dict[str, torch.Tensor]:
-        extra = r - leaves["hada_w1_b"].shape[0]
-        if extra == 0:
+        extra = r - entry.r if entry.kind == CONV_KIND else r - leaves["hada_w1_b"].shape[0]
+        if extra <= 0:
             return dict(leaves)
+        if entry.kind == CONV_KIND:
+            out = {**leaves, **{n: F.pad(leaves[n], (0, 0, 0, extra)) for n in FACTORS}}
+            for n in CONV_FACTORS:
+                out[n] = F.pad(leaves[n], (0, 0, 0, 0, 0, extra, 0, extra))
+            return out
         return {**leaves, "hada_w1_a": F.pad(leaves["hada_w1_a"], (0, extra)),
                 "hada_w2_a": F.pad(leaves["hada_w2_a"], (0, extra)),
                 "hada_w1_b": F.pad(leaves["hada_w1_b"], (0, 0, 0, extra)),
                 "hada_w2_b": F.pad(leaves["hada_w2_b"], (0, 0, 0, extra))}
 
     def unpad(self, entry: Entry, leaves: Mapping[str, torch.Tensor], r: int) -> dict[str, torch.Tensor]:
+        if entry.kind == CONV_KIND:
+            return {**leaves, **{n: leaves[n][:r] for n in FACTORS}, **{n: leaves[n][:r, :r] for n in CONV_FACTORS}}
         return {**leaves, "hada_w1_a": leaves["hada_w1_a"][:, :r], "hada_w2_a": leaves["hada_w2_a"][:, :r],
                 "hada_w1_b": leaves["hada_w1_b"][:r], "hada_w2_b": leaves["hada_w2_b"][:r]}

@@ -15,8 +15,16 @@ Training (an explicit generator, :func:`adaptfn.inject`): ``module_dropout`` and
 A scale weight ``w`` (``coef``) multiplies ``dW``; saved folded into ``w1`` (``lokr_w1`` or ``lokr_w1_a``).
 Capabilities: ``route`` (a dense ``dW`` per row, as LoHa) and ``scale``; not ``combine`` (PEFT has none for LoKr).
 
-Convolutions (``lokr_t2``, ``use_effective_conv2d``, 3-d / 4-d factors) come with adaptfn's convolution support;
-a file holding them is refused until then. PEFT has no LoKr for transformers' ``Conv1D``, nor adaptfn.
+Convolutions (``nn.Conv1d``, ``nn.Conv2d``; :mod:`adaptfn.methods.lycoris_conv`): ``in`` is ``in_channels /
+groups``, ``dW`` is reshaped to the weight [out, in, *k] and added as ``conv(x, dW)`` with the base's geometry.
+``w2`` carries the kernel: full ``lokr_w2`` [b, d, *k] when ``r >= max(b, d) / 2``; else, with
+``use_effective_conv2d`` and a kernel larger than 1, PEFT's CP form ``lokr_t2`` [r, r, k1, k2] (Conv1d: [r, r, k,
+1]), ``lokr_w2_a`` [r, b], ``lokr_w2_b`` [r, d], ``w2 = einsum("ijkl,ip,jr->prkl", t2, w2_a, w2_b)``; else the flat
+``lokr_w2_a`` [b, r], ``lokr_w2_b`` [r, d * prod(k)]. ``dW = kron(w1, w2) * alpha / r`` with PEFT's ``torch.kron``
+rules (a 4-d ``w2`` meets ``w1`` [a, c, 1, 1]; a 3-d one meets ``w1`` as [1, a, c], as PEFT computes it), then
+reshaped to the weight. Entries with factors with kernel axes have kind ``"conv"``, flat ones ``"linear"``.
+``route=`` on a convolution runs one grouped convolution with each row's ``dW``. PEFT 0.21.2 has no LoKr for
+``nn.Conv3d`` or transformers' ``Conv1D``, nor adaptfn.
 """
 
 from __future__ import annotations
@@ -30,10 +38,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import routing
 from .._where import is_target
 from ..adapter import COEF, SCALING, Entry
 from ..errors import AdapterFileError, IncompatibleAdapterError, shape_str, single_for_route, stacked_called_directly
+from . import lycoris_conv as lc
 from .base import ROUTE, SCALE, CallBase, check_bool, is_int, need
 from .common import (
     LycorisFamilyConfig,
@@ -41,14 +49,14 @@ from .common import (
     expand_all_linear,
     module_kept,
     module_path,
-    not_conv1d,
     plan_replacements,
     rank_keep,
 )
 
-__all__ = ["LoKrConfig", "LoKr", "factorization", "lokr_shapes"]
+__all__ = ["LoKrConfig", "LoKr", "factorization", "lokr_shapes", "kron"]
 
 KIND = "linear"
+CONV_KIND = "conv"
 NAMES = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b")
 CONV_NAMES = ("lokr_t2",)
 
@@ -79,20 +87,24 @@ def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
     return (n, m) if m > n else (m, n)
 
 
-def lokr_shapes(n_out: int, n_in: int, r: int, decompose_both: bool,
-                decompose_factor: int) -> dict[str, tuple[int, int]]:
-    """The leaves PEFT creates for an [out, in] weight: name -> shape."""
+def lokr_shapes(n_out: int, n_in: int, r: int, decompose_both: bool, decompose_factor: int,
+                kernel: tuple[int, ...] = (), effective: bool = False) -> dict[str, tuple[int, ...]]:
+    """The leaves PEFT creates for an [out, in] weight (a convolution: ``in`` = in_channels / groups, ``kernel`` its
+    kernel size, ``effective``: the CP form applies): name -> shape, in PEFT's initialisation order."""
     a, b = factorization(n_out, decompose_factor)
     c, d = factorization(n_in, decompose_factor)
-    shapes: dict[str, tuple[int, int]] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
     if decompose_both and r < max(a, c) / 2:
         shapes.update(lokr_w1_a=(a, r), lokr_w1_b=(r, c))
     else:
         shapes["lokr_w1"] = (a, c)
-    if r < max(b, d) / 2:
-        shapes.update(lokr_w2_a=(b, r), lokr_w2_b=(r, d))
+    if not r < max(b, d) / 2:
+        shapes["lokr_w2"] = (b, d, *kernel)
+    elif kernel and effective:
+        k2 = kernel if len(kernel) == 2 else (kernel[0], 1)
+        shapes.update(lokr_w2_a=(r, b), lokr_w2_b=(r, d), lokr_t2=(r, r, *k2))
     else:
-        shapes["lokr_w2"] = (b, d)
+        shapes.update(lokr_w2_a=(b, r), lokr_w2_b=(r, d * math.prod(kernel)))
     return shapes
 
 
@@ -132,31 +144,47 @@ class LoKrConfig(LycorisFamilyConfig):
         need(isinstance(self.init_weights, bool) or self.init_weights == "lycoris", cls, "init_weights",
              f"must be True, False or 'lycoris', got {self.init_weights!r}")
 
-    def entry(self, path: str) -> Entry:
+    def entry(self, path: str, kind: str = KIND) -> Entry:
         r, alpha = self.rank_and_alpha(path)
         opts = self.dropout_options()
         if self.rank_dropout and self.rank_dropout_scale:
             opts += (("rank_dropout_scale", True),)
-        return Entry(kind=KIND, r=r, scaling=alpha / r, fan_in_fan_out=False, options=opts)
+        return Entry(kind=kind, r=r, scaling=alpha / r, fan_in_fan_out=False, options=opts)
 
 
-def _kron(w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-    """``torch.kron`` of the last two axes (leading axes batched): every entry is one product, so the values are
-    torch.kron's exactly."""
-    a, c = w1.shape[-2:]
-    b, d = w2.shape[-2:]
-    lead = w1.shape[:-2]
-    return (w1[..., :, None, :, None] * w2[..., None, :, None, :]).reshape(*lead, a * b, c * d)
+def kron(w1: torch.Tensor, w2: torch.Tensor, lead: int = 0) -> torch.Tensor:
+    """``torch.kron(w1, w2)`` over all but the first ``lead`` axes (those batched: a stack's ``N``); the tensor with
+    fewer axes gets leading ones, as torch.kron does. Every entry is one product, so the values are torch.kron's
+    exactly."""
+    d = max(w1.dim(), w2.dim()) - lead
+    s1, s2 = w1.shape[lead:], w2.shape[lead:]
+    s1 = (1,) * (d - len(s1)) + tuple(s1)
+    s2 = (1,) * (d - len(s2)) + tuple(s2)
+    front = tuple(w1.shape[:lead])
+    x1 = w1.reshape(*front, *[v for s in s1 for v in (s, 1)])
+    x2 = w2.reshape(*tuple(w2.shape[:lead]), *[v for s in s2 for v in (1, s)])
+    return (x1 * x2).reshape(*(x1 * x2).shape[:lead], *[p * q for p, q in zip(s1, s2)])
 
 
 def _factor(leaves: Mapping[str, torch.Tensor], i: int) -> torch.Tensor:
     full = leaves.get(f"lokr_w{i}")
-    return full if full is not None else leaves[f"lokr_w{i}_a"] @ leaves[f"lokr_w{i}_b"]
+    if full is not None:
+        return full
+    t = leaves.get(f"lokr_t{i}")
+    if t is not None:  # PEFT's CP form: [r, r, k1, k2], [r, b], [r, d] -> [b, d, k1, k2]
+        eq = "nijkl,nip,njr->nprkl" if t.dim() == 5 else "ijkl,ip,jr->prkl"
+        return torch.einsum(eq, t, leaves[f"lokr_w{i}_a"], leaves[f"lokr_w{i}_b"])
+    return leaves[f"lokr_w{i}_a"] @ leaves[f"lokr_w{i}_b"]
+
+
+def _w1(leaves: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    return leaves["lokr_w1"] if "lokr_w1" in leaves else leaves["lokr_w1_a"]
 
 
 class LoKr:
-    """The LoKr method (see the module docstring). Entries of kind ``"linear"``, rank ``r``, scaling
-    ``alpha / r``; options: the non-zero dropouts (and ``rank_dropout_scale``)."""
+    """The LoKr method (see the module docstring). Entries of kind ``"linear"`` (flat factors) or ``"conv"``
+    (``w2`` with kernel axes), rank ``r``, scaling ``alpha / r``; options: the non-zero dropouts (and
+    ``rank_dropout_scale``)."""
 
     name = "lokr"
     peft_type = "LOKR"
@@ -173,26 +201,32 @@ class LoKr:
         for path, mod in model.named_modules():
             if not path or not is_target(config, path):
                 continue
-            not_conv1d("LoKr", path, mod)
-            if not isinstance(mod, nn.Linear):
-                raise IncompatibleAdapterError(
-                    f"target module {path!r} is a {type(mod).__name__}; adaptfn's LoKr supports nn.Linear (PEFT's "
-                    "convolution LoKr comes with adaptfn's convolution support); check target_modules")
-            entries[path] = config.entry(path)
+            if lc.layer_of(mod) is None:
+                lc.refuse_layer("LoKr", path, mod)
+            e = config.entry(path)
+            shapes = self._shapes(config, e, mod)
+            if any(len(s) > 2 for s in shapes.values()):
+                e = dataclasses.replace(e, kind=CONV_KIND)
+            entries[path] = e
         if not entries:
             raise IncompatibleAdapterError(
                 f"LoKrConfig.target_modules={config.target_modules!r} matches no module of {type(model).__name__}")
         return config, plan_replacements(config, model, entries)
+
+    @staticmethod
+    def _shapes(config: LoKrConfig, entry: Entry, module: nn.Module) -> dict[str, tuple[int, ...]]:
+        w = module.weight
+        return lokr_shapes(int(w.shape[0]), int(w.shape[1]), entry.r, config.decompose_both, config.decompose_factor,
+                           lc.kernel(module), lc.effective_conv(config.use_effective_conv2d, module))
 
     def init_leaves(self, config: LoKrConfig, path: str, entry: Entry, module: nn.Module,
                     generator: torch.Generator | None, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
         """PEFT's shapes (:func:`lokr_shapes`) and initialisation, in its order: ``init_weights=True``: ``w1``
         zeros (decomposed: ``w1_a`` zeros, ``w1_b`` kaiming-uniform), ``w2`` kaiming-uniform; ``"lycoris"``:
         ``w1`` kaiming-uniform, ``w2`` zeros (decomposed: ``w2_b`` zeros, ``w2_a`` kaiming-uniform); False: all
-        kaiming-uniform."""
+        kaiming-uniform; ``lokr_t2`` (the CP form) kaiming-uniform, last."""
         w = module.weight
-        shapes = lokr_shapes(int(w.shape[0]), int(w.shape[1]), entry.r, config.decompose_both,
-                             config.decompose_factor)
+        shapes = self._shapes(config, entry, module)
         mode = config.init_weights
         zero = ({"lokr_w1", "lokr_w1_a"} if mode is True else
                 {"lokr_w2", "lokr_w2_b"} if mode == "lycoris" else set())
@@ -209,40 +243,50 @@ class LoKr:
     # -- compute -----------------------------------------------------------------------------------
     @staticmethod
     def _delta(entry: Entry, leaves: Mapping[str, torch.Tensor], on: Any) -> torch.Tensor:
-        """``dW`` [out, in] (stacked: [N, out, in]) with the scale, the weight and the gate applied."""
+        """``dW`` (``kron(w1, w2)``: [out, in] for flat factors, PEFT's shape for the conv forms; stacked: a
+        leading ``N``) with the scale, the weight and the gate applied; reshape it to the weight."""
         w1, w2 = _factor(leaves, 1), _factor(leaves, 2)
-        stacked = w1.dim() == 3
+        lead = w1.dim() - 2
+        if w2.dim() - lead == 4:  # PEFT's make_kron: a 4-d w2 meets w1 [a, c, 1, 1]
+            w1 = w1[..., None, None]
+        dw = kron(w1, w2, lead)
+        nd = dw.dim() - lead
         s: Any = leaves[SCALING].detach() if SCALING in leaves else entry.scaling
-        dw = _kron(w1, w2) * (s[:, None, None] if stacked and isinstance(s, torch.Tensor) and s.dim() == 1 else s)
+        if lead and isinstance(s, torch.Tensor) and s.dim() == 1:
+            s = s.reshape(-1, *[1] * nd)
+        dw = dw * s
         extra = leaves.get(COEF)  # the scale weight and the gate multiply PEFT's delta
         if on is not True:
             extra = on if extra is None else extra * on
         if extra is not None:
             extra = extra.to(dw.dtype)
-            dw = dw * (extra[:, None, None] if stacked and extra.dim() == 1 else extra)
+            dw = dw * (extra.reshape(-1, *[1] * nd) if lead and extra.dim() == 1 else extra)
         return dw
 
     def forward(self, entry: Entry, leaves: Mapping[str, torch.Tensor], on: Any, generator: Any,
                 call_base: CallBase, module: nn.Module, x: torch.Tensor,
                 route: torch.Tensor | None = None) -> torch.Tensor:
-        """``base(x) + x @ dW^T`` (``x`` [..., in]); row ``i`` uses adapter ``route[i]``'s ``dW`` when routed."""
-        w1 = leaves.get("lokr_w1", leaves.get("lokr_w1_a"))
-        if (w1.dim() == 3) != (route is not None):
+        """``base(x) + x @ dW^T`` (``x`` [..., in]; a convolution: ``base(x) + conv(x, dW)``); row ``i`` uses adapter
+        ``route[i]``'s ``dW`` when routed."""
+        stacked = _w1(leaves).dim() == 3
+        if stacked != (route is not None):
             raise single_for_route() if route is not None else stacked_called_directly(module_path(module))
         out = call_base(x)
         kept = module_kept(entry, generator)
         if kept is False:
             return out
+        shape = lc.row_shape(module)
         dw = self._delta(entry, leaves, on)
-        keep = rank_keep(entry, generator, dw.shape[-2], torch.float32, dw.device,
+        dw = dw.reshape(dw.shape[0], *shape) if stacked else dw.reshape(shape)
+        keep = rank_keep(entry, generator, shape[0], torch.float32, dw.device,
                          normalize=bool(entry.option("rank_dropout_scale", False)))
         if keep is not None:
-            dw = dw * keep.to(dw.dtype)
+            dw = dw * keep.to(dw.dtype).reshape(shape[0], *[1] * (len(shape) - 1))
         if kept is not True:
             dw = dw * kept.to(dw.dtype)
         if route is not None:
-            return (out + routing.dense_rows(x, dw, route)).to(out.dtype)
-        return (out + F.linear(x if x.dtype == dw.dtype else x.to(dw.dtype), dw)).to(out.dtype)
+            return (out + lc.apply_delta_rows(module, x, dw, route)).to(out.dtype)
+        return (out + lc.apply_delta(module, x, dw)).to(out.dtype)
 
     def merge(self, entry: Entry, leaves: Mapping[str, torch.Tensor], on: Any,
               tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -257,22 +301,34 @@ class LoKr:
 
     # -- checks against a model -------------------------------------------------------------------
     def check(self, path: str, entry: Entry, leaves: Mapping[str, torch.Tensor], module: nn.Module) -> None:
-        if not isinstance(module, nn.Linear):
+        layer = lc.layer_of(module)
+        if layer is None or (entry.kind == CONV_KIND and layer == "linear"):
+            want = "a convolution" if entry.kind == CONV_KIND else "an nn.Linear or a convolution"
             raise IncompatibleAdapterError(
-                f"module {path!r}: the adapter has a LoKr delta for an nn.Linear but the model has a "
+                f"module {path!r}: the adapter has a LoKr delta for {want} but the model has a "
                 f"{type(module).__name__}")
-        n_out, n_in = int(module.weight.shape[0]), int(module.weight.shape[1])
+        shape = lc.row_shape(module)
         w1 = leaves.get("lokr_w1")
         a, c = (w1.shape[-2], w1.shape[-1]) if w1 is not None else (leaves["lokr_w1_a"].shape[-2],
                                                                      leaves["lokr_w1_b"].shape[-1])
-        w2 = leaves.get("lokr_w2")
-        b, d = (w2.shape[-2], w2.shape[-1]) if w2 is not None else (leaves["lokr_w2_a"].shape[-2],
-                                                                     leaves["lokr_w2_b"].shape[-1])
-        if (a * b, c * d) != (n_out, n_in):
-            shown = ", ".join(f"{n} {shape_str(t.shape)}" for n, t in leaves.items() if n in NAMES)
+        lead = 1 if _w1(leaves).dim() == 3 else 0
+        if "lokr_w2" in leaves:
+            w2s = tuple(leaves["lokr_w2"].shape[lead:])
+        elif "lokr_t2" in leaves:
+            w2s = (leaves["lokr_w2_a"].shape[-1], leaves["lokr_w2_b"].shape[-1], *leaves["lokr_t2"].shape[-2:])
+        else:
+            w2s = (leaves["lokr_w2_a"].shape[-2], leaves["lokr_w2_b"].shape[-1])
+        b, d, ks = w2s[0], w2s[1], tuple(int(k) for k in w2s[2:])
+        k = lc.kernel(module)
+        k2 = k if len(k) != 1 else (k[0], 1)
+        ok = a * b == shape[0] and c * d * math.prod(ks) == math.prod(shape[1:]) and (
+            not ks or (c * d == shape[1] and ks in (k, k2)))
+        if not ok:
+            shown = ", ".join(f"{n} {shape_str(t.shape)}" for n, t in leaves.items() if n in NAMES + CONV_NAMES)
             raise IncompatibleAdapterError(
-                f"module {path!r}: the LoKr factors ({shown}) make a [{a * b}, {c * d}] delta but "
-                f"{type(module).__name__} has in={n_in}, out={n_out}")
+                f"module {path!r}: the LoKr factors ({shown}) do not fit {lc.layers.layer_name(module)} with weight "
+                f"{shape_str(shape)} (a * b must be out={shape[0]}, c * d the inputs per group, and w2's kernel axes "
+                "the kernel)")
 
     # -- PEFT files ------------------------------------------------------------------------------
     def delta_suffixes(self) -> tuple[str, ...]:
@@ -280,7 +336,7 @@ class LoKr:
 
     def to_peft(self, entry: Entry, leaves: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """PEFT's tensors; a scale weight is folded into ``w1`` (``lokr_w1`` or ``lokr_w1_a``)."""
-        out = {n: leaves[n] for n in NAMES if n in leaves}
+        out = {n: leaves[n] for n in NAMES + CONV_NAMES if n in leaves}
         c = leaves.get(COEF)
         if c is not None:
             name = "lokr_w1" if "lokr_w1" in out else "lokr_w1_a"
@@ -289,46 +345,71 @@ class LoKr:
 
     def from_peft(self, config: LoKrConfig, path: str, found: Mapping[str, torch.Tensor],
                   source: str) -> tuple[Entry, dict[str, torch.Tensor]]:
-        if "lokr_t2" in found or any(t.dim() > 2 for t in found.values()):
-            raise AdapterFileError(
-                f"{source}: module {path!r} has a convolution LoKr ({sorted(found)}, "
-                f"{[shape_str(t.shape) for t in found.values()]}), which needs adaptfn's convolution support")
         names = set(found)
+        shown = ", ".join(f"{n} {shape_str(t.shape)}" for n, t in sorted(found.items()))
         ok1 = names & {"lokr_w1", "lokr_w1_a", "lokr_w1_b"} in ({"lokr_w1"}, {"lokr_w1_a", "lokr_w1_b"})
-        ok2 = names & {"lokr_w2", "lokr_w2_a", "lokr_w2_b"} in ({"lokr_w2"}, {"lokr_w2_a", "lokr_w2_b"})
+        two = names & {"lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"}
+        ok2 = two in ({"lokr_w2"}, {"lokr_w2_a", "lokr_w2_b"}, {"lokr_t2", "lokr_w2_a", "lokr_w2_b"})
         if not (ok1 and ok2):
             raise AdapterFileError(
                 f"{source}: module {path!r} has {sorted(found)}; a LoKr module has lokr_w1 or lokr_w1_a + lokr_w1_b, "
-                "and lokr_w2 or lokr_w2_a + lokr_w2_b")
+                "and lokr_w2, lokr_w2_a + lokr_w2_b or lokr_t2 + lokr_w2_a + lokr_w2_b")
         if not is_target(config, path):
             raise AdapterFileError(
                 f"{source}: key {path}.{sorted(found)[0]} is for module {path!r}, which adapter_config.json's "
                 f"target_modules={config.target_modules!r} does not target")
         e = config.entry(path)
-        for i in (1, 2):
-            if f"lokr_w{i}_a" in found:
-                fa, fb = found[f"lokr_w{i}_a"], found[f"lokr_w{i}_b"]
-                if fa.dim() != 2 or fb.dim() != 2 or fa.shape[1] != fb.shape[0] or fa.shape[1] != e.r:
-                    raise AdapterFileError(
-                        f"{source}: module {path!r}: lokr_w{i}_a {shape_str(fa.shape)} and lokr_w{i}_b "
-                        f"{shape_str(fb.shape)} are not a rank-{e.r} pair (the config's r / rank_pattern)")
-        return e, {n: found[n] for n in NAMES if n in found}
+        w1 = found.get("lokr_w1")
+        bad = w1 is not None and w1.dim() != 2
+        if "lokr_w1_a" in found:
+            fa, fb = found["lokr_w1_a"], found["lokr_w1_b"]
+            bad |= fa.dim() != 2 or fb.dim() != 2 or fa.shape[1] != fb.shape[0] or fa.shape[1] != e.r
+        if "lokr_t2" in found:
+            t, fa, fb = found["lokr_t2"], found["lokr_w2_a"], found["lokr_w2_b"]
+            bad |= t.dim() != 4 or tuple(t.shape[:2]) != (e.r, e.r) or fa.dim() != 2 or fb.dim() != 2 or (
+                fa.shape[0] != e.r or fb.shape[0] != e.r)
+        elif "lokr_w2_a" in found:
+            fa, fb = found["lokr_w2_a"], found["lokr_w2_b"]
+            bad |= fa.dim() != 2 or fb.dim() != 2 or fa.shape[1] != fb.shape[0] or fa.shape[1] != e.r
+        else:
+            bad |= found["lokr_w2"].dim() not in (2, 3, 4)
+        if bad:
+            raise AdapterFileError(
+                f"{source}: module {path!r}: {shown} are not PEFT's LoKr factors of rank {e.r} (the config's r / "
+                "rank_pattern): w1 [a, c] or [a, r] @ [r, c]; w2 [b, d, *k], [b, r] @ [r, d'] or the CP form "
+                "lokr_t2 [r, r, k1, k2], lokr_w2_a [r, b], lokr_w2_b [r, d]")
+        if "lokr_t2" in found or found.get("lokr_w2", torch.empty(0, 0)).dim() > 2:
+            e = dataclasses.replace(e, kind=CONV_KIND)
+        return e, {n: found[n] for n in NAMES + CONV_NAMES if n in found}
 
     # -- stacking --------------------------------------------------------------------------------
     def pad(self, entry: Entry, leaves: Mapping[str, torch.Tensor], r: int) -> dict[str, torch.Tensor]:
         out = dict(leaves)
-        for i in (1, 2):
-            a = leaves.get(f"lokr_w{i}_a")
-            if a is not None and a.shape[1] < r:
-                extra = r - a.shape[1]
-                out[f"lokr_w{i}_a"] = F.pad(a, (0, extra))
-                out[f"lokr_w{i}_b"] = F.pad(leaves[f"lokr_w{i}_b"], (0, 0, 0, extra))
+        extra = r - entry.r
+        if extra <= 0:
+            return out
+        if "lokr_w1_a" in leaves:
+            out["lokr_w1_a"] = F.pad(leaves["lokr_w1_a"], (0, extra))
+            out["lokr_w1_b"] = F.pad(leaves["lokr_w1_b"], (0, 0, 0, extra))
+        if "lokr_t2" in leaves:
+            out["lokr_t2"] = F.pad(leaves["lokr_t2"], (0, 0, 0, 0, 0, extra, 0, extra))
+            out["lokr_w2_a"] = F.pad(leaves["lokr_w2_a"], (0, 0, 0, extra))
+            out["lokr_w2_b"] = F.pad(leaves["lokr_w2_b"], (0, 0, 0, extra))
+        elif "lokr_w2_a" in leaves:
+            out["lokr_w2_a"] = F.pad(leaves["lokr_w2_a"], (0, extra))
+            out["lokr_w2_b"] = F.pad(leaves["lokr_w2_b"], (0, 0, 0, extra))
         return out
 
     def unpad(self, entry: Entry, leaves: Mapping[str, torch.Tensor], r: int) -> dict[str, torch.Tensor]:
         out = dict(leaves)
-        for i in (1, 2):
-            if f"lokr_w{i}_a" in leaves:
-                out[f"lokr_w{i}_a"] = leaves[f"lokr_w{i}_a"][:, :r]
-                out[f"lokr_w{i}_b"] = leaves[f"lokr_w{i}_b"][:r]
+        if "lokr_w1_a" in leaves:
+            out["lokr_w1_a"] = leaves["lokr_w1_a"][:, :r]
+            out["lokr_w1_b"] = leaves["lokr_w1_b"][:r]
+        if "lokr_t2" in leaves:
+            out["lokr_t2"] = leaves["lokr_t2"][:r, :r]
+            out["lokr_w2_a"] = leaves["lokr_w2_a"][:r]
+            out["lokr_w2_b"] = leaves["lokr_w2_b"][:r]
+        elif "lokr_w2_a" in leaves:
+            out["lokr_w2_a"] = leaves["lokr_w2_a"][:, :r]
+            out["lokr_w2_b"] = leaves["lokr_w2_b"][:r]
         return out

@@ -19,8 +19,15 @@ the identity for -1) and ``scale``; not ``combine`` (PEFT has no ``add_weighted_
 Several adapters on one module compose: OFT rotates the input of whatever it wraps (PEFT's mixed-model order:
 an OFT added after a LoRA rotates the LoRA's input too).
 
-Convolutions (PEFT's ``Conv2d`` OFT) come with adaptfn's convolution support. PEFT has no OFT for transformers'
-GPT-2 ``Conv1D``, nor adaptfn.
+``nn.Conv2d`` with a 1x1 kernel (``groups=1``, any stride / padding): the input channels are rotated,
+``y = base(x rotated over its channel axis)`` (merged: ``W' = W @ R^T`` on the [out, in] view of the weight); an
+entry has kind ``"linear"`` there too (PEFT's file does not tell the two apart). PEFT 0.21.2's Conv2d OFT with a
+larger kernel is refused (:class:`adaptfn.IncompatibleAdapterError` saying why): its unmerged forward unfolds the
+input into overlapping patches, rotates them and sums them back with ``F.fold``, which is not the base model at
+``oft_R = 0`` (every pixel is multiplied by the number of patches covering it) and disagrees with its own merge
+(which rotates the flattened [out, in * k * k] filters), so no single meaning of the file exists to be computed.
+PEFT has no OFT for ``nn.Conv1d``, ``nn.Conv3d`` or transformers' GPT-2 ``Conv1D``, and refuses dilation > 1;
+adaptfn refuses them too.
 """
 
 from __future__ import annotations
@@ -38,12 +45,12 @@ from .. import routing
 from .._where import is_target
 from ..adapter import COEF, Entry
 from ..errors import AdapterFileError, IncompatibleAdapterError, shape_str, single_for_route, stacked_called_directly
+from . import layers
 from .base import ROUTE, SCALE, CallBase, PeftConfigBase, check_bool, check_int, is_real, need
 from .common import (
     check_targeting,
     expand_all_linear,
     module_path,
-    not_conv1d,
     plan_embedding_saves,
     plan_replacements,
 )
@@ -202,6 +209,25 @@ def _rotate_rows(h: torch.Tensor, rot: torch.Tensor, b: int, bsz: int) -> torch.
     return out.reshape(h.shape)
 
 
+def _conv_ok(path: str, mod: nn.Module) -> None:
+    """Refuse a Conv2d OFT other than PEFT 0.21.2's well-defined one (1x1, groups=1, dilation 1), saying why."""
+    m: Any = mod
+    if tuple(m.kernel_size) != (1, 1):
+        raise IncompatibleAdapterError(
+            f"module {path!r} is a Conv2d with kernel {list(m.kernel_size)}: OFT on a convolution is supported with "
+            "a 1x1 kernel only. PEFT 0.21.2's Conv2d OFT with a larger kernel sums overlapping rotated patches in its "
+            "unmerged forward (F.fold), which is not the base model at oft_R = 0 and disagrees with its own merge, "
+            "so such a file has no single meaning to compute")
+    if m.groups != 1 or tuple(m.dilation) != (1, 1):
+        raise IncompatibleAdapterError(
+            f"module {path!r} is a {layers.layer_name(mod)} with dilation {list(m.dilation)}: OFT needs groups=1 "
+            "(PEFT's merge views the weight as [out, in]) and dilation 1 (PEFT refuses dilation > 1)")
+
+
+def _channels_last(x: torch.Tensor) -> torch.Tensor:
+    return x.movedim(1, -1)
+
+
 class OFT:
     """The OFT method (see the module docstring). Entries of kind ``"linear"`` or ``"embedding"``; ``r`` is the
     number of rows of ``oft_R`` (blocks, or 1 with ``block_share``); options: the block size and the rotation's
@@ -222,15 +248,17 @@ class OFT:
         for path, mod in model.named_modules():
             if not path or not is_target(config, path):
                 continue
-            not_conv1d("OFT", path, mod)
             if isinstance(mod, nn.Embedding):
                 kind, n_in = "embedding", mod.embedding_dim
             elif isinstance(mod, nn.Linear):
                 kind, n_in = "linear", mod.in_features
+            elif isinstance(mod, nn.Conv2d):
+                _conv_ok(path, mod)
+                kind, n_in = "linear", mod.in_channels
             else:
                 raise IncompatibleAdapterError(
-                    f"target module {path!r} is a {type(mod).__name__}; adaptfn's OFT supports nn.Linear and "
-                    "nn.Embedding (PEFT's Conv2d OFT comes with adaptfn's convolution support)")
+                    f"target module {path!r} is a {layers.layer_name(mod)}; OFT supports nn.Linear, nn.Embedding "
+                    "and 1x1 nn.Conv2d (PEFT's OFT (0.21.2) has no other layer; check target_modules)")
             r, b = config.r, config.oft_block_size
             if r == 0:
                 if n_in % b or b > n_in:
@@ -297,12 +325,16 @@ class OFT:
         if entry.kind == "embedding":
             out = call_base(x)
             return turn(out.to(q.dtype)).to(out.dtype)
+        if isinstance(module, nn.Conv2d):  # 1x1: rotate the channel axis of [batch, in, H, W]
+            return call_base(turn(_channels_last(x.to(q.dtype))).movedim(-1, 1).to(x.dtype))
         return call_base(turn(x.to(q.dtype)).to(x.dtype))
 
     def merge(self, entry: Entry, leaves: Mapping[str, torch.Tensor], on: Any,
               tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Linear: ``{"weight": W @ R^T}`` (``R`` the block-diagonal [in, in]); embedding: ``W @ R``."""
         weight = tensors["weight"]
+        if weight.dim() == 4:  # a 1x1 Conv2d: its [out, in] view
+            return {"weight": self.merge(entry, leaves, on, {"weight": weight.flatten(1)})["weight"].view(weight.shape)}
         rot = rotation(entry, leaves, on)
         dim = weight.shape[-1]
         b = entry.option("block_size")
@@ -324,11 +356,14 @@ class OFT:
                 raise IncompatibleAdapterError(
                     f"module {path!r}: the adapter has an embedding OFT but the model has a {type(module).__name__}")
             dim = module.embedding_dim
+        elif isinstance(module, nn.Conv2d):
+            _conv_ok(path, module)
+            dim = module.in_channels
         else:
             if not isinstance(module, nn.Linear):
                 raise IncompatibleAdapterError(
-                    f"module {path!r}: the adapter has an OFT rotation for an nn.Linear but the model has a "
-                    f"{type(module).__name__}")
+                    f"module {path!r}: the adapter has an OFT rotation for an nn.Linear (or a 1x1 nn.Conv2d) but the "
+                    f"model has a {type(module).__name__}")
             dim = module.in_features
         q = leaves["oft_R"]
         b = entry.option("block_size")
