@@ -21,11 +21,11 @@ import peft
 import pytest
 import torch
 from conftest import assert_close, rel_err, shapes
-from parity.test_conv_parity import UNET_TARGETS, One, _inputs, _out, build, tiny_unet
 from peft.utils import get_peft_model_state_dict
 from torch import nn
 
 import adaptfn as af
+from parity.test_conv_parity import UNET_TARGETS, One, _inputs, _out, build, tiny_unet
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -235,14 +235,14 @@ def test_gradients_are_peft_s(case: Case) -> None:
     g = torch.func.grad(lambda ad: af.inject(fn, ad)(params, x).square().mean())(a)
     names = {"lora_A": "lora_A.weight", "lora_B": "lora_B.weight", "lora_magnitude": "lora_magnitude_vector.weight"}
     checked = 0
-    for path, e in a.entry_items:
+    for path in a.paths:
         for leaf, key in names.items():
             assert_close(g.leaves(path)[leaf], grads[f"base_model.model.{path}.{key}"], f"{path}.{leaf} grad")
             checked += 1
     assert checked == 3 * len(a.paths)
 
 
-# -- a diffusers UNet: DoRA on its convs and attention Linears ----------------------------------------------------------
+# -- a diffusers UNet: DoRA on its convs and attention Linears -------------------------------------------------------
 @pytest.fixture
 def flush_denormals():
     """The perturbed UNet's activations reach float32 denormals, which make CPU convolutions ~10x slower."""
