@@ -12,7 +12,8 @@ and written into ``lora_B`` when saved (``B * w``), so PEFT computes the same.
 
 PEFT's LoRA variants live next to this file: DoRA (``use_dora=True``, entries with a ``lora_magnitude``
 leaf, :mod:`adaptfn.methods.dora`) and ``lora_bias=True`` (a ``lora_bias`` leaf,
-:mod:`adaptfn.methods.lora_bias`); neither can be combined (:func:`adaptfn.combine`), as PEFT's
+:mod:`adaptfn.methods.lora_bias`; both on convolutions: :mod:`adaptfn.methods.dora_conv`); neither can be
+combined (:func:`adaptfn.combine`), as PEFT's
 ``add_weighted_adapter`` drops their magnitudes / biases.
 """
 
