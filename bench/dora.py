@@ -80,7 +80,7 @@ def scenario_dora(w: Any) -> Result:
     ratios = {"adaptfn/peft": med["adaptfn"] / med["peft"], "adaptfn/base": med["adaptfn"] / med["base"],
               "decode adaptfn/peft": med["decode adaptfn"] / med["decode peft"],
               "conv adaptfn/peft": med["conv adaptfn"] / med["conv peft"]}
-    return Result("12 DoRA unmerged forward", med, ratios, {"adaptfn/peft": 0.9},
+    return Result("13 DoRA unmerged forward", med, ratios, {"adaptfn/peft": 0.9},
                   notes=[f"{args.batch}x{args.seq} and 1x1 tokens; PEFT {peft.__version__} recomputes the weight "
                          "norms at every call, adaptfn once per adapter version; conv: DoRA on the conv "
                          "scenario's UNet convolutions"],
