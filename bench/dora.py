@@ -8,6 +8,12 @@ the full batch and a decode-sized call (1 x 1 token).
 PEFT recomputes every DoRA layer's weight norm at each call (``B(A(I))``, ``W + s B A``, the row norms: its
 ``ENABLE_DORA_CACHING`` is off by default); adaptfn computes the same factor once per adapter version in inference
 (the cache follows in-place updates) and fuses ``bias + f (x W^T + s (x A^T) B^T)`` into one buffer.
+
+Conv case (``conv ...`` medians): DoRA on the convolutions of the conv scenario's diffusers UNet (``bench/conv.py``,
+same size, r=16 / alpha=32; ``--tiny``: the toy UNet), unmerged forward under ``inference_mode``, adaptfn vs PEFT's
+``DoraConv2dLayer``. PEFT runs the base conv, recomputes the weight norm (``B.view(-1, r) @ A.view(r, -1)``, the
+norms over ``[out, in * k]``), runs ``lora_A`` / ``lora_B`` and assembles four passes; adaptfn runs each layer as
+one convolution with ``f * (W + s dW)``, cached per adapter version (``adaptfn/methods/dora_conv.py``).
 """
 
 from __future__ import annotations
@@ -70,9 +76,55 @@ def scenario_dora(w: Any) -> Result:
             "adaptfn": _timed(dev, lambda ids=ids: adapted(w.params, input_ids=ids, use_cache=False)),
         }, reps, warm)
         med.update({tag + k: v for k, v in m.items()})
+    conv_err = _conv_case(w, med)
     ratios = {"adaptfn/peft": med["adaptfn"] / med["peft"], "adaptfn/base": med["adaptfn"] / med["base"],
-              "decode adaptfn/peft": med["decode adaptfn"] / med["decode peft"]}
+              "decode adaptfn/peft": med["decode adaptfn"] / med["decode peft"],
+              "conv adaptfn/peft": med["conv adaptfn"] / med["conv peft"]}
     return Result("13 DoRA unmerged forward", med, ratios, {"adaptfn/peft": 0.9},
                   notes=[f"{args.batch}x{args.seq} and 1x1 tokens; PEFT {peft.__version__} recomputes the weight "
-                         "norms at every call, adaptfn once per adapter version"],
-                  extra={"dora_rel_err_vs_peft": check()})
+                         "norms at every call, adaptfn once per adapter version; conv: DoRA on the conv "
+                         "scenario's UNet convolutions"],
+                  extra={"dora_rel_err_vs_peft": check(), "conv_dora_rel_err_vs_peft": conv_err})
+
+
+def _conv_case(w: Any, med: dict[str, float]) -> float:
+    """DoRA on the UNet's convolutions (see the module docstring): adds ``conv base`` / ``conv peft`` / ``conv
+    adaptfn`` medians to ``med``; returns adaptfn's relative difference from PEFT's output."""
+    import peft
+
+    import adaptfn as af
+    from bench.conv import CONV_TARGETS, unet
+
+    args, dev = w.args, w.device
+    tiny = bool(getattr(args, "tiny", False))
+    base = unet(tiny).to(dev)
+    size, ctx = (8, 12) if tiny else (32, 64)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 4, size, size, generator=g).to(dev)
+    t = torch.tensor([1, 5, 7, 9]).to(dev)
+    e = torch.randn(4, 8, ctx, generator=g).to(dev)
+    r = 4 if tiny else 16
+    torch.manual_seed(302)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(
+            r=r, lora_alpha=2 * r, target_modules=CONV_TARGETS, init_lora_weights=False, use_dora=True))
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(1 + 0.1 * torch.randn(p.shape, generator=g).to(p.device))
+    pm.eval()
+    folder = os.path.join(w.tmp, "dora-conv")
+    pm.save_pretrained(folder)
+    fn, params = af.functional(base)
+    adapted = af.inject(fn, af.load(folder, device=dev))
+    with torch.inference_mode():
+        ref = pm(x, t, e).sample
+        err = float((adapted(params, x, t, e).sample - ref).abs().max() / ref.abs().max())
+    m = interleaved({
+        "conv base": _timed(dev, lambda: base(x, t, e)),
+        "conv peft": _timed(dev, lambda: pm(x, t, e)),
+        "conv adaptfn": _timed(dev, lambda: adapted(params, x, t, e)),
+    }, args.repeats, args.warmup)
+    med.update(m)
+    return err

@@ -27,6 +27,7 @@ def test_bench_scenarios_run_tiny(tmp_path) -> None:
     assert qlora.extra["rel_err_vs_peft"] < 1e-5  # both in the standard 4-bit layout, whatever the CPU
     dora = next(r for r in results if "DoRA" in r.scenario)
     assert dora.extra["dora_rel_err_vs_peft"] < 1e-5
+    assert dora.extra["conv_dora_rel_err_vs_peft"] < 1e-5
     # the documentation's Performance page is rendered from such a file (bench/report.py, docs/_hooks/hooks.py)
     from bench import report
 

@@ -111,6 +111,9 @@ class DoraKind:
         always_transposed: the stored weight is always oriented by transposing (embeddings: [num, dim]).
         channels: ``lora_B -> C``: the number of output channels, single or stacked (default ``lora_B.shape[-2]``,
             for ``lora_B`` [(N,) out, r]; a 2-d convolution's [(N,) out, r, 1, 1] gives ``shape[-4]``).
+        forward: a kind's own module output, replacing :func:`forward`'s (same arguments; None: the paths here).
+        merge_delta: ``(A, B) -> B A`` as :func:`merge` adds it to the weight (None: ``delta``), unscaled.
+        merge_check: ``(entry, leaves, weight) -> None``: raises where the kind cannot merge (None: always can).
     """
 
     orient: Callable[[torch.Tensor, bool], torch.Tensor] = _orient_2d
@@ -120,6 +123,9 @@ class DoraKind:
     lowrank: Callable[..., torch.Tensor] | None = None
     always_transposed: bool = False
     channels: Callable[[torch.Tensor], int] = lambda B: int(B.shape[-2])
+    forward: Callable[..., torch.Tensor] | None = None
+    merge_delta: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    merge_check: Callable[[Entry, Mapping[str, torch.Tensor], torch.Tensor], None] | None = None
 
 
 KINDS: dict[str, DoraKind] = {
@@ -267,6 +273,8 @@ def forward(lora: Any, entry: Entry, leaves: Mapping[str, torch.Tensor], on: Any
         docstring; embeddings ``f base(x) + f s B A x``), in the base output's dtype.
     """
     spec = _kind(entry)
+    if spec.forward is not None:
+        return spec.forward(lora, entry, leaves, on, generator, call_base, module, x, route)
     A, m = leaves["lora_A"], leaves[MAGNITUDE]
     if route is not None:
         if A.dim() != 3:
@@ -467,6 +475,8 @@ def merge(entry: Entry, leaves: Mapping[str, torch.Tensor], on: Any,
     weight = tensors["weight"]
     base = tensors.get("base_layer.weight", weight)
     A, B, m = leaves["lora_A"], leaves["lora_B"], leaves[MAGNITUDE]
+    if spec.merge_check is not None:
+        spec.merge_check(entry, leaves, weight)
     if spec.always_transposed:
         transposed = True
     elif weight.dim() == 2:
@@ -476,7 +486,8 @@ def merge(entry: Entry, leaves: Mapping[str, torch.Tensor], on: Any,
     c = leaves.get(COEF)
     s = _raw_scale(entry, leaves)
     Wo, Wo0 = spec.orient(weight, transposed), spec.orient(base, transposed)
-    Dn = spec.delta(A, B, Wo.shape) * s  # PEFT's delta weight (scaled), channel-first
+    Dn = (spec.delta(A, B, Wo.shape) if spec.merge_delta is None else spec.merge_delta(A, B)) * s  # PEFT's
+    # delta weight (scaled), channel-first
     mv = m.reshape(-1)
     if c is None:
         D = Dn

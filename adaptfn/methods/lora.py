@@ -12,7 +12,8 @@ and written into ``lora_B`` when saved (``B * w``), so PEFT computes the same.
 
 PEFT's LoRA variants live next to this file: DoRA (``use_dora=True``, entries with a ``lora_magnitude``
 leaf, :mod:`adaptfn.methods.dora`) and ``lora_bias=True`` (a ``lora_bias`` leaf,
-:mod:`adaptfn.methods.lora_bias`); neither can be combined (:func:`adaptfn.combine`), as PEFT's
+:mod:`adaptfn.methods.lora_bias`; both on convolutions: :mod:`adaptfn.methods.dora_conv`); neither can be
+combined (:func:`adaptfn.combine`), as PEFT's
 ``add_weighted_adapter`` drops their magnitudes / biases.
 """
 
@@ -38,7 +39,7 @@ from ..errors import (
     single_for_route,
     stacked_called_directly,
 )
-from . import dora, layers, lora_bias, lora_init, lora_layers, lora_params, trainable_tokens
+from . import dora, dora_conv, layers, lora_bias, lora_init, lora_layers, lora_params, trainable_tokens
 from .base import COMBINE, ROUTE, SCALE, CallBase
 from .common import (
     LoraFamilyConfig,
@@ -170,11 +171,8 @@ class Lora:
                 continue
             layer = lora_layers.kind_of(mod)  # convolutions, nn.MultiheadAttention
             if layer is not None:
-                if config.use_dora or config.lora_bias:
-                    raise IncompatibleAdapterError(
-                        f"target module {path!r} is a {layers.layer_name(mod)}: "
-                        f"{'use_dora' if config.use_dora else 'lora_bias'}=True is supported on nn.Linear, "
-                        "Conv1D and nn.Embedding only in this version of adaptfn; exclude it (exclude_modules)")
+                if layer not in dora_conv.SPECS:  # DoRA / lora_bias: convolutions yes, nn.MultiheadAttention no
+                    dora_conv.refuse_on_mha(config, path)
                 entries[path] = lora_layers.KINDS[layer].plan_entry(config, path, mod)
                 continue
             owner = layers.mha_out_proj_of(path, modules)
@@ -214,7 +212,8 @@ class Lora:
     def init_leaves(self, config: LoraConfig, path: str, entry: Entry, module: nn.Module,
                     generator: torch.Generator | None, dtype: torch.dtype | None) -> dict[str, torch.Tensor]:
         if entry.kind in lora_layers.KINDS:
-            return lora_layers.KINDS[entry.kind].init_leaves(config, entry, module, generator, dtype)
+            out = lora_layers.KINDS[entry.kind].init_leaves(config, entry, module, generator, dtype)
+            return dora_conv.init_variants(config, entry, module, out, generator)  # DoRA / lora_bias on convs
         if entry.kind == lora_params.KIND:
             return lora_params.init_leaves(config, entry, module, generator, dtype)
         if entry.kind == trainable_tokens.KIND:
@@ -269,7 +268,8 @@ class Lora:
             return dora.forward(self, entry, leaves, on, generator, call_base, module, x, route)
         if entry.kind in lora_layers.KINDS:
             kind = lora_layers.KINDS[entry.kind]
-            return kind.forward(self, entry, leaves, on, generator, call_base, module, x, route)
+            out = kind.forward(self, entry, leaves, on, generator, call_base, module, x, route)
+            return out if lora_bias.LEAF not in leaves else dora_conv.add_bias(entry, leaves, on, out, route)
         out = self._forward_lora(entry, leaves, on, generator, call_base, module, x, route)
         if lora_bias.LEAF in leaves and route is None:
             out = lora_bias.add(out, leaves, self._scale(entry, leaves, on))
@@ -359,7 +359,10 @@ class Lora:
         if dora.MAGNITUDE in leaves:
             return dora.merge(entry, leaves, on, tensors)
         if entry.kind in lora_layers.KINDS:
-            return lora_layers.KINDS[entry.kind].merge(self, entry, leaves, on, tensors)
+            out = lora_layers.KINDS[entry.kind].merge(self, entry, leaves, on, tensors)
+            if lora_bias.LEAF in leaves:
+                out.update(lora_bias.merge_bias(leaves, on, lora_bias.scale_of(entry, leaves), tensors))
+            return out
         weight = tensors["weight"]
         A, B = leaves["lora_A"], leaves["lora_B"]
         delta = B @ A  # [out, in]
@@ -398,7 +401,8 @@ class Lora:
         if entry.kind == trainable_tokens.KIND:
             return trainable_tokens.check(path, entry, leaves, module)
         if entry.kind in lora_layers.KINDS:
-            return lora_layers.KINDS[entry.kind].check(path, entry, leaves, module)
+            lora_layers.KINDS[entry.kind].check(path, entry, leaves, module)
+            return dora_conv.check_variants(path, entry, leaves, module)
         A, B = leaves["lora_A"], leaves["lora_B"]
         if entry.kind == "embedding":
             if not isinstance(module, nn.Embedding):
@@ -437,7 +441,7 @@ class Lora:
         if entry.kind == trainable_tokens.KIND:
             return trainable_tokens.to_peft(entry, leaves)
         if entry.kind in lora_layers.KINDS:
-            return lora_layers.KINDS[entry.kind].to_peft(entry, leaves)
+            return dora_conv.to_peft(entry, leaves, lora_layers.KINDS[entry.kind].to_peft(entry, leaves))
         a, b = self._SUFFIX[entry.kind]
         B = leaves["lora_B"]
         c = leaves.get(COEF)
@@ -457,13 +461,8 @@ class Lora:
         if on_params is not None:
             return on_params
         layer = lora_layers.kind_from_file(found)  # convolutions, nn.MultiheadAttention
-        if layer is not None:
-            extra = sorted(set(found) - {"lora_A.weight", "lora_B.weight", *lora_layers.MHA_SUFFIXES})
-            if extra:
-                raise AdapterFileError(f"{source}: module {path!r} is a {layer} LoRA with {extra}: DoRA / lora_bias "
-                                       "on convolutions and attention layers are not supported in this version of "
-                                       "adaptfn")
-            return lora_layers.KINDS[layer].from_peft(config, path, found, source)
+        if layer is not None:  # DoRA / lora_bias on convolutions included
+            return dora_conv.from_peft(config, path, found, source, layer)
         kind = "embedding" if "lora_embedding_A" in found or "lora_embedding_B" in found else "linear"
         a_key, b_key = self._SUFFIX[kind]
         variants = {dora.PEFT_KEY: bool(config.use_dora),

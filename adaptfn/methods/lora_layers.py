@@ -56,9 +56,8 @@ Example (shapes as PEFT saves them):
     ...
     adaptfn.errors.IncompatibleAdapterError: merge: module '0': the weight [6, 2, 3, 3] is a grouped convolution's ...
 
-Variants plug in per kind: :meth:`ConvLora.lowrank` (the unscaled ``B(A(x))``) and :meth:`ConvLora.delta_weight`
-(the delta as a conv weight) are what a weight-decomposed variant (DoRA's conv form: the column norm of
-``W + s * delta`` per output channel) needs next to the base output.
+DoRA (``use_dora=True``) and ``lora_bias=True`` on convolutions: :mod:`adaptfn.methods.dora_conv` (the LoRA method
+hands it the entries with a ``lora_magnitude`` / ``lora_bias`` leaf, and their files' extra keys).
 """
 
 from __future__ import annotations
