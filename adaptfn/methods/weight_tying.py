@@ -106,10 +106,12 @@ def rewrite(config: Any, model: nn.Module) -> tuple[Any, str | None]:
         if emb not in mts:
             mts.append(emb)
         return dataclasses.replace(config, modules_to_save=_drop_tied(mts, tied)), "save"
-    in_target = (any(re.fullmatch(tm, n) or re.match(tm, n) for n in EMBEDDING_LAYER_NAMES) if isinstance(tm, str)
+    # PEFT's test: a regex that fullmatches a bare name, or a list with a name ending in one
+    in_target = (any(re.fullmatch(tm, n) for n in EMBEDDING_LAYER_NAMES) if isinstance(tm, str)
                  else _names_embedding(tm))
     if not in_target:
         return config, None
+    _check_named(emb)
     if config.use_dora:
         raise ConfigError(f"LoraConfig.ensure_weight_tying=True with use_dora=True: the tied modules {list(tied)} "
                           f"would share the LoRA of {emb!r} but each keep a DoRA magnitude of its own; adaptfn does "
@@ -118,6 +120,20 @@ def rewrite(config: Any, model: nn.Module) -> tuple[Any, str | None]:
         return dataclasses.replace(config, target_modules=rf"(?:{tm}|^{re.escape(emb)}$)"), "lora"
     names = list(dict.fromkeys([*(tm or []), emb]))
     return dataclasses.replace(config, target_modules=_drop_tied(names, tied)), "lora"
+
+
+def _check_named(emb: str, err: type[Exception] = ConfigError, source: str = "LoraConfig") -> None:
+    """PEFT ties the LoRA when it builds the adapter, then again when it loads the file, from the rewritten
+    ``target_modules``; an input embedding not named ``embed_tokens`` / ``lm_head`` (GPT-2's ``transformer.wte``)
+    is tied in the first and not in the second (the file's lm_head keys are dropped), so PEFT's own file does not
+    give back its trained model: refused, naming it. (The ``modules_to_save`` case reloads tied in PEFT: kept.)"""
+    if emb.split(".")[-1] not in EMBEDDING_LAYER_NAMES:
+        raise err(
+            f"{source}: ensure_weight_tying=True ties the output layer's LoRA to the input embedding {emb!r} (a "
+            f"LoRA target); PEFT 0.21 does that when it builds the adapter but not when it loads the saved file (the "
+            f"rewritten target_modules name {emb!r}, whose last name is not one of {list(EMBEDDING_LAYER_NAMES)}), "
+            "so the file does not give back the trained model in PEFT; adaptfn refuses this case (set "
+            "ensure_weight_tying=False: the output layer then keeps the base weight in both)")
 
 
 def _check_scaling(config: Any, emb: str, tied: tuple[str, ...], source: str = "LoraConfig") -> None:
@@ -277,6 +293,9 @@ def fold(config: Any, deltas: dict[str, dict[str, torch.Tensor]], repl: dict[str
                 f"{getattr(config, 'modules_to_save', None)!r}, not a bias with bias={getattr(config, 'bias', None)!r}"
                 + (", and not a copy of a tied embedding's weight (ensure_weight_tying)" if defer(config) else ""))
         found.setdefault(q, []).append(mod)
+    for q in found:
+        if q in deltas:
+            _check_named(q, AdapterFileError, source)
     return {q: tuple(sorted(v)) for q, v in found.items()}
 
 
