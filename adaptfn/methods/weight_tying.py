@@ -27,12 +27,18 @@ its merged model differs from its unmerged one. ``af.merge`` adds it once (``mer
 unmerged outputs).
 
 Example:
-    >>> cfg = af.LoraConfig(r=2, target_modules=["q_proj", "embed_tokens"], ensure_weight_tying=True)
-    >>> a = af.init(fn, cfg)            # tiny Llama with tie_word_embeddings=True
-    >>> a.entries["model.embed_tokens"].option("tied_modules")
+    >>> cfg = af.LoraConfig(r=2, target_modules=["q_proj", "lm_head"], ensure_weight_tying=True)
+    >>> a = af.init(fn, cfg)            # a tiny OPT: lm_head tied to model.decoder.embed_tokens
+    >>> a.config.target_modules
+    ['q_proj', 'model.decoder.embed_tokens']
+    >>> a.entries["model.decoder.embed_tokens"].option("tied_modules")
     ('lm_head',)
-    >>> sorted(k for k in af.state_dict(a) if "lm_head" in k)   # lora_A [2, 22], lora_B [37, 2]
-    ['base_model.model.lm_head.base_layer.weight', 'base_model.model.lm_head.lora_A.weight', ...]
+    >>> sd = af.state_dict(a)           # lm_head's factors: the embedding's, transposed
+    >>> [tuple(v.shape) for k, v in sorted(sd.items()) if "lm_head.lora" in k or "embedding" in k]
+    [(2, 22), (61, 2), (2, 61), (22, 2)]
+    >>> torch.equal(sd["base_model.model.lm_head.lora_A.weight"],
+    ...             sd["base_model.model.model.decoder.embed_tokens.lora_embedding_B"].T)
+    True
 """
 
 from __future__ import annotations
