@@ -53,9 +53,10 @@ from torch import nn
 
 from ..adapter import Entry
 from ..errors import AdapterFileError, ConfigError
+from .trainable_tokens import _input_embedding, _tied_paths, _weights_tied
 
 __all__ = ["OPTION", "EMBEDDING_LAYER_NAMES", "rewrite", "plan", "partners", "partner_entry", "partner_leaves",
-           "call_partners", "merge_targets", "is_saved_copy", "to_peft", "defer", "fold"]
+           "call_partners", "merge_targets", "is_saved_copy", "to_peft", "defer", "fold", "mark"]
 
 OPTION = "tied_modules"
 EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")  # PEFT's names for the tied pair
@@ -69,8 +70,6 @@ def _names_embedding(names: Any) -> bool:
 
 def _tied_pair(model: nn.Module) -> tuple[str, tuple[str, ...]] | None:
     """(input embedding path, paths of the modules sharing its weight) of a model that ties them, else None."""
-    from .trainable_tokens import _input_embedding, _tied_paths, _weights_tied
-
     emb = _input_embedding(model)
     if emb is None or not _weights_tied(model):
         return None
