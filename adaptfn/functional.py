@@ -32,7 +32,7 @@ from . import _fsdp, _layout, quant, routing
 from ._leaves import check_leaves
 from .adapter import COEF, GATE, Adapter, coef_value, gate_on
 from .errors import ConfigError, IncompatibleAdapterError, shape_str, stacked_called_directly
-from .methods import get_method, trainable_tokens, weight_entries
+from .methods import get_method, trainable_tokens, weight_entries, weight_tying
 from .methods.common import MODULE_PATH, is_conv1d
 from .methods.layers import ModuleCall, conv_kind, is_mha
 
@@ -246,7 +246,9 @@ class FunctionalModel:
                 if e.kind and e.kind in getattr(method, "weight_kinds", ()):
                     weights.append((i, path, method, e) + weight_entries.call_plan(a, path, base.modules, base.params))
                 elif e.kind:
-                    deltas.append((i, path, method, e))
+                    deltas.append((i, path, method, e, path))
+                    for p in weight_tying.call_partners(path, e, base.aliases):  # ensure_weight_tying: the tied
+                        deltas.append((i, path, method, weight_tying.partner_entry(e), p))  # module, same leaves
                 for name in e.replaced:
                     full = f"{path}.{name}" if path else name
                     targets = base.aliases.get(full, (full,)) if name in e.tied else (full,)
@@ -392,13 +394,13 @@ class FunctionalModel:
             weight_entries.swap_in(method, e, tensors[i][path], routes[i], path, names, targets, swaps, held)
         used: list[_Slot] = []
         gen = self._generator
-        for i, path, method, e in self._deltas:
-            leaves = tensors[i][path]
+        for i, path, method, e, at in self._deltas:
+            leaves = tensors[i][path] if at == path else weight_tying.partner_leaves(tensors[i][path])
             on = gate_on(leaves[GATE])
             if on is True and coef_value(leaves.get(COEF)) == 0.0:  # weight 0: skipped, so the base bit for bit
                 on = False
             if on is not False:
-                slot = cp.slot(path)
+                slot = cp.slot(at)
                 if not slot.active:
                     used.append(slot)
                 slot.active.append((method, e, leaves, on, gen, routes[i]))

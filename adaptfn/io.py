@@ -39,7 +39,7 @@ from . import _card, _files
 from ._leaves import check_leaves, storage_safe
 from .adapter import COEF, GATE, Adapter, AdapterSum, Entry, gate_on, replace
 from .errors import AdapterFileError, AdaptfnError, ConfigError, IncompatibleAdapterError
-from .methods import get_method, method_for_config, method_for_peft_type
+from .methods import get_method, method_for_config, method_for_peft_type, weight_tying
 from .methods.base import PeftConfigBase, SharedTensors
 from .methods.lora_init import convert as convert_lora
 
@@ -91,9 +91,12 @@ def state_dict(adapter: Adapter) -> dict[str, torch.Tensor]:
                     f"state_dict: the replacement of {path}.{name} has a scale weight other than 1 (base + w * "
                     "(replacement - base)), which PEFT's format cannot express without the base tensor; merge it "
                     "(af.merge) or drop it with af.select(adapter, ...) first")
-            mid = _BASE_LAYER if name in e.tied else "."
-            key = f"{path}{mid}{name}" if path else (f"base_layer.{name}" if name in e.tied else name)
+            as_base = name in e.tied and not weight_tying.is_saved_copy(e, name)
+            mid = _BASE_LAYER if as_base else "."
+            key = f"{path}{mid}{name}" if path else (f"base_layer.{name}" if as_base else name)
             out[PREFIX + key] = leaves[name]
+        if weight_tying.partners(e):  # ensure_weight_tying: the tied modules' keys, as PEFT writes them
+            out.update(weight_tying.to_peft(path, e, out, PREFIX))
     if isinstance(method, SharedTensors):  # tensors every module shares, written once (VeRA's projections)
         out.update(method.shared_to_peft(adapter.config, adapter.entries, adapter.tensors))
     return out
@@ -527,6 +530,7 @@ def _from_peft(method: Any, config: Any, sd: Mapping[str, torch.Tensor], source:
     deltas: dict[str, dict[str, torch.Tensor]] = {}
     repl: dict[str, dict[str, torch.Tensor]] = {}
     tied: dict[str, set[str]] = {}
+    pending: dict[str, torch.Tensor] = {}
     for key, t in sd.items():
         if key in shared_keys:
             shared[key] = t
@@ -552,10 +556,14 @@ def _from_peft(method: Any, config: Any, sd: Mapping[str, torch.Tensor], source:
             path = rest[: -len(".bias")] if "." in rest else ""
             repl.setdefault(path, {})["bias"] = t
             continue
+        if weight_tying.defer(config):  # perhaps a tied module's copy (ensure_weight_tying): resolved below
+            pending[rest] = t
+            continue
         raise AdapterFileError(
             f"{source}: key {key!r} matches no target of the config: not a {method.name} key "
             f"({', '.join(suffixes)}), not under modules_to_save={getattr(config, 'modules_to_save', None)!r}"
             f", not a bias with bias={getattr(config, 'bias', None)!r}")
+    tied_modules = weight_tying.fold(config, deltas, repl, pending, source) if weight_tying.defer(config) else {}
     entries: dict[str, Entry] = {}
     tensors: dict[str, dict[str, torch.Tensor]] = {}
     for path, found in deltas.items():
@@ -570,6 +578,7 @@ def _from_peft(method: Any, config: Any, sd: Mapping[str, torch.Tensor], source:
         entries[path] = Entry(e.kind, e.r, e.scaling, e.fan_in_fan_out, names, tied_names, e.options,
                               e.frozen + frozen)
         tensors.setdefault(path, {}).update(found)
+    weight_tying.mark(entries, tied_modules)
     if not entries:
         raise AdapterFileError(f"{source}: the weights file holds no adapter tensors")
     if isinstance(method, SharedTensors):

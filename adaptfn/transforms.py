@@ -14,7 +14,7 @@ from .adapter import COEF, GATE, Adapter, AdapterSum, coef_value, components, ga
 from .algebra import scale
 from .errors import ConfigError, IncompatibleAdapterError
 from .functional import FunctionalModel
-from .methods import get_method, require, weight_entries
+from .methods import get_method, require, weight_entries, weight_tying
 from .methods.base import ROUTE
 from .methods.layers import merge_weight_names
 
@@ -211,6 +211,8 @@ def _merge_deltas(out: dict[str, torch.Tensor], parts: tuple[Adapter, ...]) -> N
                 if weight_kind:  # a tied input embedding's trained rows reach its tied modules (PEFT's tying)
                     for k in weight_entries.merge_targets(a, path, n, before):
                         out[k] = t
+                for k in weight_tying.merge_targets(path, e, n, before):  # ensure_weight_tying: the tied modules
+                    out[k] = t
 
 
 def select(adapters: Any, where: Any) -> Any:

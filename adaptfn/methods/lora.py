@@ -39,7 +39,7 @@ from ..errors import (
     single_for_route,
     stacked_called_directly,
 )
-from . import dora, dora_conv, layers, lora_bias, lora_init, lora_layers, lora_params, trainable_tokens
+from . import dora, dora_conv, layers, lora_bias, lora_init, lora_layers, lora_params, trainable_tokens, weight_tying
 from .base import COMBINE, ROUTE, SCALE, CallBase
 from .common import (
     LoraFamilyConfig,
@@ -164,6 +164,7 @@ class Lora:
     # -- planning and init -------------------------------------------------------------------------
     def plan(self, config: LoraConfig, model: nn.Module) -> tuple[LoraConfig, dict[str, Entry]]:
         config = expand_all_linear(config, model)
+        config, tie_case = weight_tying.rewrite(config, model)  # ensure_weight_tying: PEFT's rewrite of the names
         entries: dict[str, Entry] = {}
         modules = dict(model.named_modules())
         for path, mod in model.named_modules():
@@ -206,6 +207,7 @@ class Lora:
         if not config.fan_in_fan_out and any(e.fan_in_fan_out for e in entries.values()):
             config = dataclasses.replace(config, fan_in_fan_out=True)  # as PEFT records it for Conv1D models
         entries = plan_embedding_saves(config, model, plan_replacements(config, model, entries))
+        entries = weight_tying.plan(config, model, entries, tie_case)  # the tied modules follow the embedding
         entries.update(trainable_tokens.plan(config, model, entries))  # trainable_token_indices
         return config, entries
 
@@ -484,8 +486,8 @@ class Lora:
                 "LoRA pair of a layer kind adaptfn (and PEFT) supports: [r, in] and [out, r] (Linear / Conv1D / "
                 "Embedding), [r, in, *kernel] and [out, r / groups, 1, ...] (nn.Conv1d/2d/3d)")
         if not is_target(config, path):
-            tying = (" (PEFT's ensure_weight_tying=True put it on a module tied to the input embedding, which adaptfn "
-                     "does not support yet)" if getattr(config, "ensure_weight_tying", False) else "")
+            tying = (" (nor is it the transposed copy of an embedding LoRA that ensure_weight_tying=True ties to it)"
+                     if getattr(config, "ensure_weight_tying", False) else "")
             raise AdapterFileError(
                 f"{source}: key {path}.{a_key} is for module {path!r}, which adapter_config.json's "
                 f"target_modules={config.target_modules!r} does not target{tying}")

@@ -49,7 +49,7 @@ from ..adapter import COEF, Entry
 from ..errors import AdapterFileError, ConfigError, IncompatibleAdapterError, shape_str, stacked_called_directly
 from .base import INT64_MAX, is_int
 
-__all__ = ["KIND", "FIELD", "LEAF", "PEFT_KEY", "validate_config", "plan", "check_weight_tying", "init_leaves",
+__all__ = ["KIND", "FIELD", "LEAF", "PEFT_KEY", "validate_config", "plan", "init_leaves",
            "updated", "check", "to_peft", "from_peft", "register", "write_targets"]
 
 KIND = "tokens"
@@ -163,30 +163,8 @@ def _module_paths(model: nn.Module, name: str) -> list[str]:
     return [p for p, _ in model.named_modules(remove_duplicate=False) if p and p.endswith(name)]
 
 
-def check_weight_tying(config: Any, model: nn.Module, entries: Mapping[str, Entry]) -> None:
-    """``ensure_weight_tying=True`` on a model whose output layer is tied to the input embedding, with that
-    embedding in ``modules_to_save`` or ``target_modules``: PEFT then gives the tied modules a copy / LoRA tied to
-    the embedding's, saved under their own keys; adaptfn does not implement that part yet and says so (the
-    trainable-tokens part is implemented; on a model without tied modules PEFT ignores the flag, and so does
-    adaptfn)."""
-    if not getattr(config, "ensure_weight_tying", False):
-        return
-    emb = _input_embedding(model)
-    if emb is None or not _weights_tied(model) or not _tied_paths(model, emb[1]):
-        return
-    e = entries.get(emb[0])
-    if e is not None and e.kind != KIND and (e.kind or "weight" in e.replaced):
-        how = "a LoRA target (target_modules)" if e.kind else "in modules_to_save"
-        raise ConfigError(
-            f"LoraConfig.ensure_weight_tying=True: the input embedding {emb[0]!r} is {how} and tied to "
-            f"{_tied_paths(model, emb[1])}; PEFT then ties that module's adapter into them, which adaptfn does not "
-            "support yet (ensure_weight_tying is supported for trainable_token_indices); set it to False, as PEFT's "
-            "default (the tied modules then keep the base weight)")
-
-
 def plan(config: Any, model: nn.Module, entries: Mapping[str, Entry]) -> dict[str, Entry]:
     """The ``"tokens"`` entries of ``config.trainable_token_indices`` (see the module docstring)."""
-    check_weight_tying(config, model, entries)
     spec = getattr(config, FIELD, None)
     if spec is None:
         return {}

@@ -364,18 +364,15 @@ def test_model_refusals_name_the_module() -> None:
 @pytest.mark.parametrize("kw", [dict(target_modules=["q_proj"], modules_to_save=["embed_tokens"]),
                                 dict(target_modules=["q_proj", "embed_tokens"])], ids=["modules_to_save", "lora"])
 def test_ensure_weight_tying_of_saved_or_lora_embeddings(kw: dict[str, Any], tmp_path) -> None:
-    """The trainable-tokens part of ensure_weight_tying is implemented (above); its modules_to_save / LoRA part on a
-    tied model is refused naming the field, at init and when loading PEFT's file; untied models ignore the flag,
-    as PEFT does (it only warns)."""
+    """The modules_to_save / LoRA part of ensure_weight_tying on a tied model is implemented (the full matrix is in
+    test_weight_tying_parity.py): af.init ties lm_head to the input embedding; untied models ignore the flag, as
+    PEFT does (it only warns)."""
     fn, params = af.functional(tiny_llama_tied())
-    with pytest.raises(af.ConfigError, match="ensure_weight_tying"):
-        af.init(fn, af.LoraConfig(r=2, ensure_weight_tying=True, **kw))
-    pm = make_peft(tiny_llama_tied, r=2, ensure_weight_tying=True, **kw)
-    pm.save_pretrained(tmp_path)
-    with pytest.raises((af.AdapterFileError, af.ConfigError)):
-        af.load(tmp_path)
+    a = af.init(fn, af.LoraConfig(r=2, ensure_weight_tying=True, **kw))
+    assert a.entries["model.embed_tokens"].option("tied_modules") == ("lm_head",)
     fn2, params2 = af.functional(tiny_llama_tied(tied=False))
     a = perturb(af.init(fn2, af.LoraConfig(r=2, ensure_weight_tying=True, init_lora_weights=False, **kw)))
+    assert not any(e.option("tied_modules") for e in a.entries.values())
     af.save(a, tmp_path / "untied")
     ids = lm_ids()
     assert_close(fcall(af.inject(fn2, a), params2, ids),
