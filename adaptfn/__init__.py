@@ -34,6 +34,9 @@ from .io import state_dict as state_dict
 from .methods import AdaLoraConfig as AdaLoraConfig
 from .methods import IA3Config as IA3Config
 from .methods import LoraConfig as LoraConfig
+from .pooling import AdapterPool as AdapterPool
+from .pooling import OffloadedPool as OffloadedPool
+from .pooling import pool as pool
 from .shell import AdapterModel as AdapterModel
 from .shell import from_pretrained as from_pretrained
 from .stacking import stack as stack
