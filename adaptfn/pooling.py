@@ -200,7 +200,7 @@ class _Map:
         self.n = len(bucket_of)
         self.bucket_of = torch.tensor(bucket_of, dtype=torch.long, device=device)
         self.pos_of = torch.tensor(pos_of, dtype=torch.long, device=device)
-        self.scale_of = torch.tensor(scale_of, dtype=torch.float32, device=device)
+        self.scale_of = torch.tensor(scale_of, dtype=torch.float64, device=device)  # cast per call
 
 
 _UID = iter(range(1, 1 << 62))
