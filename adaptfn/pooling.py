@@ -19,9 +19,9 @@ by the tokens per row (:data:`GATHER_TOKENS`):
   ``x[t, i] * A^T[pos, i, :]`` over ``i``, the B side ``h[t, j] * B^T[pos, j, :]`` over ``j``. No weight is
   copied; each token reads its own adapter's rows.
 * ``grouped`` (longer rows): the used adapters' A^T and B^T are copied once per call (``index_select``: the
-  rows' own working set, nothing else) and two grouped GEMMs (``torch._grouped_mm``) run over them, one
-  group per adapter. Without ``torch._grouped_mm`` (or under autograd / torch.func), batched matmuls over
-  groups padded to the largest.
+  rows' own working set, nothing else) and two grouped GEMMs (``torch._grouped_mm``, on CUDA) run over
+  them, one group per adapter. On the CPU (where ``torch._grouped_mm`` loops over the groups), under
+  autograd or torch.func: two batched matmuls over the groups padded to the largest (``padded``).
 
 Nothing is padded to N adapters or to the union of targets. See :meth:`AdapterPool.memory` and
 bench/README.md.
@@ -61,6 +61,8 @@ __all__ = ["AdapterPool", "OffloadedPool", "pool", "BUCKETS", "GATHER_TOKENS"]
 BUCKETS = ("pow2", "exact")
 #: use the ``gather`` kernel (no weight copies) while a row has at most this many tokens; ``grouped`` above
 GATHER_TOKENS = 4
+#: tests and benchmarks: force one kernel ("gather", "grouped", "padded"); None: chosen per call
+FORCE_KERNEL: str | None = None
 _LORA_LEAVES = frozenset({"lora_A", "lora_B", GATE, COEF})
 
 
@@ -805,15 +807,10 @@ class _PoolKernel:
         o_dim = out.shape[-1]
         plain = (not (torch.is_grad_enabled() and x.requires_grad) and routing._transform_active() is None
                  and not torch.compiler.is_compiling())
-        if plain and L <= GATHER_TOKENS:
-            kernel = "gather"
-        else:
-            item = x2.element_size()
-            grouped = plain and _gmm_ok(x2) and (n_in * item) % 16 == 0 and (o_dim * item) % 16 == 0
-            kernel = "grouped" if grouped else "padded"
+        kernel = FORCE_KERNEL or _choose(plain, L, x2, n_in, o_dim)
         inplace = routing.in_place_ok(out, x)
         o2 = out.reshape(-1, o_dim)
-        for R, tok, ts, *ops in plan.tokens(L, n_in, "padded" if kernel == "padded" else kernel):
+        for R, tok, ts, *ops in plan.tokens(L, n_in, kernel):
             buf = occ[R].buf
             xs = x2.index_select(0, tok)  # [T, in]: the tokens with an adapter in this bucket, grouped
             if kernel == "gather":
@@ -823,8 +820,11 @@ class _PoolKernel:
                 z = F.embedding_bag(ib, buf.Bt.view(-1, o_dim), ob, mode="sum", per_sample_weights=h.view(-1))
             else:
                 used, offs = ops
-                Au = buf.At.index_select(0, used)  # [G, in, R]: the used adapters only (the rows' working set)
-                Bu = buf.Bt.index_select(0, used)  # [G, R, out]
+                # the used adapters only (the rows' working set); index_select over 2-D views: on a 3-D
+                # tensor torch's CPU index_select takes a per-element path, ~1000x slower at these sizes
+                cap = buf.At.shape[0]
+                Au = buf.At.view(cap, -1).index_select(0, used).view(-1, n_in, R)  # [G, in, R]
+                Bu = buf.Bt.view(cap, -1).index_select(0, used).view(-1, R, o_dim)  # [G, R, out]
                 if kernel == "grouped" and (R * x2.element_size()) % 16 == 0:  # rows of a multiple of 16 bytes
                     h = torch._grouped_mm(xs, Au, offs=offs)  # [T, R]
                     h.mul_(ts.to(h.dtype))
@@ -837,6 +837,20 @@ class _PoolKernel:
             else:
                 o2 = o2.index_add(0, tok, z)
         return out if inplace else o2.view(out.shape)
+
+
+def _choose(plain: bool, L: int, x2: torch.Tensor, n_in: int, o_dim: int) -> str:
+    """The kernel for one module call (see the module docstring)."""
+    if not plain:
+        return "padded"
+    if L <= GATHER_TOKENS:
+        return "gather"
+    if x2.device.type == "cpu":  # torch._grouped_mm on CPU loops over the groups: ~5-20x slower than 2 bmm
+        return "padded"
+    item = x2.element_size()
+    if _gmm_ok(x2) and (n_in * item) % 16 == 0 and (o_dim * item) % 16 == 0:
+        return "grouped"
+    return "padded"
 
 
 def _padded_groups(xs: torch.Tensor, Au: torch.Tensor, Bu: torch.Tensor, offs: torch.Tensor, ts: torch.Tensor

@@ -358,3 +358,16 @@ def test_bucket_policy() -> None:
     assert pooling._bucket(1, "pow2", item=2) == 8  # 16 bytes of rank at bf16
     assert pooling._bucket(5, "exact") == 5
     assert pooling._bucket(5, (8, 32)) == 8 and pooling._bucket(40, (8, 32)) == 40
+
+
+@pytest.mark.parametrize("kernel", ["gather", "padded"])
+def test_forced_kernels_agree(llama_pool, kernel, monkeypatch) -> None:
+    m, fn, params, ads = llama_pool
+    p = af.pool(ads)
+    route = torch.tensor([5, 0, 1, 2, 3, 4, 5, -1])
+    ids = ids_for(m, batch=len(route), seq=5)
+    with torch.no_grad():
+        want = _per_row(fn, params, ads, route, input_ids=ids)
+        monkeypatch.setattr(pooling, "FORCE_KERNEL", kernel)
+        got = af.inject(fn, p, route=route)(params, input_ids=ids).logits
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
