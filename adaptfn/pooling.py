@@ -106,8 +106,9 @@ class _Buffer:
 
     def __init__(self, cap: int, R: int, n_in: int, n_out: int, dtype: torch.dtype, device: torch.device,
                  pin: bool = False) -> None:
-        self.At = torch.empty(cap, n_in, R, dtype=dtype, device=device, pin_memory=pin)
-        self.Bt = torch.empty(cap, R, n_out, dtype=dtype, device=device, pin_memory=pin)
+        with torch.inference_mode(False):  # normal tensors even when made inside inference_mode (writable later)
+            self.At = torch.empty(cap, n_in, R, dtype=dtype, device=device, pin_memory=pin)
+            self.Bt = torch.empty(cap, R, n_out, dtype=dtype, device=device, pin_memory=pin)
         self.refs = [0] * cap
         self.lock = threading.Lock()
 
@@ -123,7 +124,7 @@ class _Buffer:
         ``lock`` and knows that no live pool maps ``pos``: no value any pool can read changes, so the version
         counters shared by the buffers' views are kept (an old pool's caches stay valid)."""
         r = At.shape[1]
-        with torch.no_grad(), torch.autograd._unsafe_preserve_version_counter(self.At), \
+        with torch.inference_mode(False), torch.no_grad(), torch.autograd._unsafe_preserve_version_counter(self.At), \
                 torch.autograd._unsafe_preserve_version_counter(self.Bt):
             self.At[pos, :, :r].copy_(At, non_blocking=True)
             self.Bt[pos, :r].copy_(Bt, non_blocking=True)
@@ -136,9 +137,9 @@ class _Buffer:
         new = _Buffer.__new__(_Buffer)
         n_in, R, n_out = self.At.shape[1], self.At.shape[2], self.Bt.shape[2]
         pin = self.At.is_pinned() if self.At.device.type == "cpu" else False
-        new.At = torch.zeros(cap, n_in, R, dtype=self.At.dtype, device=self.At.device, pin_memory=pin)
-        new.Bt = torch.zeros(cap, R, n_out, dtype=self.At.dtype, device=self.At.device, pin_memory=pin)
-        with torch.no_grad():
+        with torch.inference_mode(False), torch.no_grad():
+            new.At = torch.zeros(cap, n_in, R, dtype=self.At.dtype, device=self.At.device, pin_memory=pin)
+            new.Bt = torch.zeros(cap, R, n_out, dtype=self.At.dtype, device=self.At.device, pin_memory=pin)
             new.At[: self.cap].copy_(self.At)
             new.Bt[: self.cap].copy_(self.Bt)
         new.refs = [0] * cap

@@ -6,7 +6,6 @@ Scenarios (registered in bench.run):
 * ``mixed``: a batch of 32 rows, each with one of 16 adapters; adaptfn ``route=`` vs PEFT's
   ``adapter_names=`` and vs the base model, on OPT (attention targets) and Llama (attention + MLP),
   at 1 and 128 tokens per row.
-* ``scaling``: N = 1, 4, 16, 64 distinct adapters in one mixed batch: time and peak memory.
 * ``hetero``: a mixed batch over 16 adapters that target different modules (a stack of the union of their
   targets) vs 16 adapters that all target that union, same ranks: ``route=`` on both, interleaved.
 """
@@ -15,8 +14,6 @@ from __future__ import annotations
 
 import copy
 import os
-import subprocess
-import sys
 import tempfile
 from typing import Any
 
@@ -156,64 +153,6 @@ def scenario_mixed(w: Any) -> Result:
             targets[f"route/peft {tag}"] = 0.95 if long else 0.5
             targets[f"route/base {tag}"] = 1.10 if long else 1.3
     return Result(f"8 mixed batch, {n} adapters", meds, ratios, targets)
-
-
-_CHILD = r"""
-import sys, time, statistics, resource, torch
-sys.path.insert(0, {root!r})
-from bench.many import Many
-import adaptfn as af
-class A: pass
-args = A(); args.__dict__.update({args!r})
-torch.set_num_threads(args.threads)
-n, rows, t = {n}, {rows}, {t}
-m = Many("llama", {targets!r}, n, args, peft_too=False)
-idx = torch.arange(rows) % n
-g = af.inject(m.fn, m.stacked, route=idx)
-ids = torch.randint(3, args.vocab, (rows, t), generator=torch.Generator().manual_seed(0))
-def _status(key):
-    with open("/proc/self/status") as f:
-        return next(int(l.split()[1]) for l in f if l.startswith(key))
-try:  # reset the peak-RSS mark (Linux), so the peak below is the calls' own
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-except OSError:
-    pass
-before = _status("VmRSS:")
-times = []
-for i in range({reps}):
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        g(m.params, input_ids=ids, use_cache=False)
-    times.append(time.perf_counter() - t0)
-after = _status("VmHWM:")
-print(statistics.median(times[1:] or times), before, after)
-"""
-
-
-def scenario_scaling(w: Any) -> Result:
-    args = w.args
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    ns = (1, 4, 16, 64) if not args.tiny else (1, 2)
-    rows = 64 if not args.tiny else 2
-    t = 16 if not args.tiny else 2
-    arg_d = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
-    meds: dict[str, float] = {}
-    extra: dict[str, Any] = {}
-    for n in ns:
-        code = _CHILD.format(root=root, args=arg_d, n=n, rows=rows, t=t, targets=LLAMA_ALL,
-                             reps=max(3, args.repeats // 2))
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-        med, before, after = out.stdout.strip().split()[-3:]
-        meds[f"N={n}"] = float(med)
-        extra[f"N={n} peak RSS during the calls, above the resident set before them, MiB"] = round(
-            (int(after) - int(before)) / 1024, 1)
-        extra[f"N={n} adapters MiB"] = round(
-            n * args.layers * args.r * 4 * (4 * 2 * args.hidden + 3 * (args.hidden + args.ffn)) / 2**20, 2)
-    ratios = {f"N={n}/N={ns[0]}": meds[f"N={n}"] / meds[f"N={ns[0]}"] for n in ns[1:]}
-    res = Result(f"9 scaling, {rows}x{t} rows, Llama all targets", meds, ratios, {}, extra=extra)
-    res.notes.append("time should grow with the distinct adapters' low-rank work, not with N full forwards")
-    return res
 
 
 def hetero_targets(i: int) -> list[str]:

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from bench import many, qlora
+from bench import many, qlora, single, thousand
 from bench.harness import Result, interleaved, plot, table
 
 warnings.filterwarnings("ignore")
@@ -214,9 +214,12 @@ SCENARIOS = {
     "merge": scenario_merge,
     "same": many.scenario_same,
     "mixed": many.scenario_mixed,
-    "scaling": many.scenario_scaling,
+    "scaling": thousand.scenario_scaling,
     "qlora": qlora.scenario_qlora,
     "hetero": many.scenario_hetero,
+    "single_llama": single.scenario_single_llama,
+    "load_many": thousand.scenario_load_many,
+    "offload": thousand.scenario_offload,
 }
 
 

@@ -157,7 +157,7 @@ def scenario_scaling(w: Any) -> Result:
         plan += [(n, "stack") for n in ns if n <= 256]
         plan += [(ns[-1], "exact"), (ns[-1], "max")]
     elif tiny:
-        plan += [(ns[-1], "stack"), (ns[-1], "exact")]
+        plan += [(ns[-1], "stack")]
     meds: dict[str, float] = {}
     ratios: dict[str, float] = {}
     targets: dict[str, float] = {}

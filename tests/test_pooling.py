@@ -371,3 +371,21 @@ def test_forced_kernels_agree(llama_pool, kernel, monkeypatch) -> None:
         monkeypatch.setattr(pooling, "FORCE_KERNEL", kernel)
         got = af.inject(fn, p, route=route)(params, input_ids=ids).logits
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+
+
+def test_pools_made_and_paged_under_inference_mode(llama_pool) -> None:
+    """Buffers made inside torch.inference_mode stay normal tensors: a pool built there grows outside it, and an
+    offloaded pool pages inside it."""
+    m, fn, params, ads = llama_pool
+    ids = ids_for(m, batch=3, seq=2)
+    route = torch.tensor([0, 2, 1])
+    with torch.inference_mode():
+        p = af.pool(ads[:2], headroom=0)
+        off = af.OffloadedPool(af.pool(ads), device="cpu", capacity=2)
+        got = af.inject(fn, off, route=torch.tensor([0, 2, 0]))(params, input_ids=ids).logits
+        want = af.inject(fn, af.pool(ads), route=torch.tensor([0, 2, 0]))(params, input_ids=ids).logits
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    p2, _ = p.add(ads[2])
+    with torch.no_grad():
+        torch.testing.assert_close(af.inject(fn, p2, route=route)(params, input_ids=ids).logits,
+                                   _per_row(fn, params, ads, route, input_ids=ids), atol=2e-5, rtol=1e-5)
