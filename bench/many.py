@@ -33,14 +33,23 @@ def _model(kind: str, args: Any):
                         ffn_dim=args.ffn, num_attention_heads=args.heads, max_position_embeddings=2048,
                         word_embed_proj_dim=args.hidden, attn_implementation="sdpa")
         torch.manual_seed(0)
-        return OPTForCausalLM(cfg).eval()
+        return _placed(OPTForCausalLM(cfg).eval(), args)
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
                       intermediate_size=args.ffn, num_attention_heads=args.heads, num_key_value_heads=args.heads,
                       max_position_embeddings=2048, attn_implementation="sdpa")
     torch.manual_seed(0)
-    return LlamaForCausalLM(cfg).eval()
+    return _placed(LlamaForCausalLM(cfg).eval(), args)
+
+
+def _placed(model: Any, args: Any) -> Any:
+    """``model`` on ``args.device`` in ``args.dtype`` (the bench's --device / --dtype flags)."""
+    return model.to(device=getattr(args, "device", "cpu"), dtype=getattr(torch, getattr(args, "dtype", "float32")))
+
+
+def _device(args: Any) -> str:
+    return getattr(args, "device", "cpu")
 
 
 class Many:
@@ -56,7 +65,7 @@ class Many:
         for i in range(n):
             tm = targets(i) if callable(targets) else targets
             cfg = af.LoraConfig(r=args.r, lora_alpha=args.alpha, target_modules=tm, init_lora_weights=False)
-            self.adapters.append(af.init(self.fn, cfg, generator=torch.Generator().manual_seed(1000 + i)))
+            self.adapters.append(af.init(self.fn, cfg, generator=torch.Generator(_device(args)).manual_seed(1000 + i)))
         self.stacked = af.stack(self.adapters)
         self.names = [f"a{i}" for i in range(n)]
         self.peft = None
@@ -85,7 +94,7 @@ def scenario_same(w: Any) -> Result:
     med_all: dict[str, float] = {}
     ratios: dict[str, float] = {}
     for b, t in ((args.batch, args.seq), (1, 32 if not args.tiny else 4)):
-        ids = _ids(args.vocab, b, t)
+        ids = _ids(args.vocab, b, t).to(_device(args))
         g_all = af.inject(m.fn, m.stacked, route="all")
 
         def peft_loop():
@@ -125,11 +134,11 @@ def scenario_mixed(w: Any) -> Result:
     targets: dict[str, float] = {}
     for kind, tm in (("opt", OPT_ATTN), ("llama", LLAMA_ALL)):
         m = Many(kind, tm, n, args)
-        idx = torch.arange(rows) % n
+        idx = (torch.arange(rows) % n).to(_device(args))
         names = [m.names[i] for i in idx.tolist()]
         g = af.inject(m.fn, m.stacked, route=idx)
         for t in (1, args.seq):
-            ids = _ids(args.vocab, rows, t, seed=t)
+            ids = _ids(args.vocab, rows, t, seed=t).to(_device(args))
 
             def base():
                 with torch.inference_mode():
@@ -172,12 +181,12 @@ def scenario_hetero(w: Any) -> Result:
     union = sorted({t for i in range(n) for t in hetero_targets(i)})
     same = Many("llama", union, n, args, peft_too=False)
     assert set(het.stacked.paths) == set(same.stacked.paths)
-    idx = torch.arange(rows) % n
+    idx = (torch.arange(rows) % n).to(_device(args))
     g_het, g_same = af.inject(het.fn, het.stacked, route=idx), af.inject(same.fn, same.stacked, route=idx)
     meds: dict[str, float] = {}
     ratios: dict[str, float] = {}
     for t in (1, args.seq):
-        ids = _ids(args.vocab, rows, t, seed=t)
+        ids = _ids(args.vocab, rows, t, seed=t).to(_device(args))
 
         def run_het():
             with torch.inference_mode():

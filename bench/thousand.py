@@ -108,6 +108,10 @@ def child(argv: list[str]) -> dict[str, Any]:
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     rss_before = _status("VmRSS:")
     _reset_peak()
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        dev_before = torch.cuda.memory_allocated()
     for t in spec["tokens"]:
         ids = torch.randint(3, args.vocab, (rows, t), generator=torch.Generator().manual_seed(t)).to(device)
 
@@ -124,7 +128,9 @@ def child(argv: list[str]) -> dict[str, Any]:
         med = interleaved({"base": base, "routed": routed}, spec["repeats"], spec["warmup"])
         meds[f"base {rows}x{t}"], meds[f"routed {rows}x{t}"] = med["base"], med["routed"]
     peak = _status("VmHWM:")
-    return {"n": n, "layout": layout, "medians": meds, "own_bytes": own, "resident_bytes": resident,
+    dev = {"cuda_before_mib": round(dev_before / 2**20, 1),
+           "cuda_peak_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1)} if cuda else {}
+    return {**dev, "n": n, "layout": layout, "medians": meds, "own_bytes": own, "resident_bytes": resident,
             "rss_before_kib": rss_before, "peak_kib": peak, "distinct": int(route.unique().numel()),
             "make_s": round(made, 2), "build_s": round(built, 2), "loadavg": list(os.getloadavg())}
 
@@ -153,11 +159,12 @@ def scenario_scaling(w: Any) -> Result:
     ns = getattr(args, "scaling_n", None) or ((1, 16, 64, 256, 1000) if not tiny else (1, 3))
     rows, tokens = (ROWS, (1, 16)) if not tiny else (4, (1, 2))
     plan = [(n, "pool") for n in ns]
-    if not tiny and getattr(args, "scaling_layouts", True):
-        plan += [(n, "stack") for n in ns if n <= 256]
-        plan += [(ns[-1], "exact"), (ns[-1], "max")]
-    elif tiny:
-        plan += [(ns[-1], "stack")]
+    if getattr(args, "scaling_layouts", True):  # the other layouts, to compare (af.stack up to N = 256)
+        if not tiny:
+            plan += [(n, "stack") for n in ns if n <= 256]
+            plan += [(ns[-1], "exact"), (ns[-1], "max")]
+        else:
+            plan += [(ns[-1], "stack")]
     meds: dict[str, float] = {}
     ratios: dict[str, float] = {}
     targets: dict[str, float] = {}
@@ -242,9 +249,12 @@ def scenario_offload(w: Any) -> Result:
     args = w.args
     n, rows = (1000, ROWS) if not args.tiny else (6, 4)
     device = getattr(args, "device", "cpu")
-    model = llama(args, device)
+    dtype = getattr(torch, getattr(args, "dtype", "float32"))
+    cpu_model = llama(args, "cpu", dtype)  # the adapters are made on the host, where the pool keeps them
+    host = af.pool(make_adapters(af.functional(cpu_model)[0], n, args.tiny, "cpu", dtype),
+                   pin_memory=device.startswith("cuda"))
+    model = cpu_model.to(device)
     fn, params = af.functional(model)
-    host = af.pool(make_adapters(fn, n, args.tiny))
     resident = host.to(device)
     ids = torch.randint(3, args.vocab, (rows, 1), generator=torch.Generator().manual_seed(3)).to(device)
     state = {"k": 0}
