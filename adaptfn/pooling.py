@@ -341,6 +341,12 @@ class AdapterPool:
     def get(self, slot: int) -> Adapter:
         """The adapter in ``slot`` (its config, entries and leaves; a copy of the pool's weights).
 
+        Arguments:
+            slot: a live slot of this pool.
+
+        Returns:
+            An :class:`Adapter` equal to the one added (a scale weight comes back as its ``coef`` leaf).
+
         Example:
             >>> p = af.pool([a1, a2])
             >>> back = p.get(1)
@@ -372,8 +378,12 @@ class AdapterPool:
         return Adapter("lora", info.config, dict(info.entries), tensors)
 
     def memory(self) -> dict[str, int]:
-        """Bytes: ``"adapters"`` (the live adapters' own A and B), ``"used"`` (the positions they occupy,
-        with rank padding up to their buckets) and ``"allocated"`` (the buffers, capacity included)."""
+        """Bytes held by the pool.
+
+        Returns:
+            ``{"adapters": the live adapters' own A and B, "used": the positions they occupy (rank padding up to
+            their buckets), "allocated": the buffers, capacity included}``.
+        """
         own = used = 0
         bufs: dict[int, _Buffer] = {}
         item = torch.empty((), dtype=self._dtype).element_size()
@@ -414,6 +424,12 @@ class AdapterPool:
         Costs the adapter's own bytes (copied into the shared buffers at positions no live pool maps) plus
         bookkeeping per module it targets; a full buffer is copied into one twice its size (amortised). This
         pool is unchanged.
+
+        Arguments:
+            adapter: a single LoRA adapter on linear modules (the rules of :func:`adaptfn.pool`).
+
+        Returns:
+            ``(new_pool, slot)``.
 
         Example:
             >>> p1 = af.pool([a1])
@@ -479,6 +495,12 @@ class AdapterPool:
         """A new pool without the adapter in ``slot``; its slot is freed (other slots keep their numbers) and
         its positions become reusable once no live pool maps them. This pool is unchanged.
 
+        Arguments:
+            slot: a live slot of this pool.
+
+        Returns:
+            A new :class:`AdapterPool`.
+
         Example:
             >>> p = af.pool([a1, a2, a3]).remove(1)
             >>> p.slots, p.size
@@ -506,7 +528,14 @@ class AdapterPool:
                                  self._headroom)
 
     def to(self, device: torch.device | str) -> AdapterPool:
-        """The same adapters in the same slots, in new buffers on ``device``."""
+        """The same adapters in the same slots, in new buffers on ``device``.
+
+        Arguments:
+            device: where the new buffers live.
+
+        Returns:
+            A new :class:`AdapterPool` (this one is unchanged).
+        """
         dev = torch.device(device)
         out = _empty(self._policy, self._dtype, dev, False, self._headroom)
         return _fill(out, [(s, info, self._parts(s)) for s, info in enumerate(self._slots) if info is not None])
@@ -656,9 +685,9 @@ def pool(adapters: Iterable[Adapter] = (), *, buckets: Any = "pow2", dtype: torc
         An :class:`AdapterPool`; use it with ``af.inject(fn, pool, route=idx)``.
 
     Example:
-        >>> p = af.pool([a1, a2, a3])                     # ranks 2, 3, 4: buckets 2 and 4
+        >>> p = af.pool([a1, a2, a3])          # ranks 2, 3, 4: one bucket (float32 buckets start at r=4)
         >>> p
-        AdapterPool(3 adapters in 3 slots, 4 modules, buckets r=[2, 4], 0.0 MiB float32 on cpu)
+        AdapterPool(3 adapters in 3 slots, 4 modules, buckets r=[4], 0.0 MiB float32 on cpu)
         >>> out = af.inject(fn, p, route=torch.tensor([2, -1]))(params, input_ids=ids).logits
         >>> alone = af.inject(fn, a3)(params, input_ids=ids[:1]).logits[0]
         >>> torch.allclose(out[0], alone, atol=1e-5)
