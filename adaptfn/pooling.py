@@ -13,7 +13,7 @@ bench scenario 9). An :class:`AdapterPool` stores each module's adapters in **ra
 
 A call with ``af.inject(fn, pool, route=idx)`` runs the base layers once for the batch; at each adapted
 module the rows are grouped by (bucket, position) and each bucket with rows runs one of two kernels, chosen
-by the tokens per row (:data:`GATHER_TOKENS`):
+by the tokens per used adapter in that bucket (:data:`GATHER_TOKENS`):
 
 * ``gather`` (short rows, decode): two ``embedding_bag`` sums straight from the buffers: the A side adds
   ``x[t, i] * A^T[pos, i, :]`` over ``i``, the B side ``h[t, j] * B^T[pos, j, :]`` over ``j``. No weight is
@@ -59,7 +59,8 @@ __all__ = ["AdapterPool", "OffloadedPool", "pool", "BUCKETS", "GATHER_TOKENS"]
 
 #: rank bucket policies: "pow2" (the next power of two), "exact" (one bucket per rank), or a tuple of bucket ranks
 BUCKETS = ("pow2", "exact")
-#: use the ``gather`` kernel (no weight copies) while a row has at most this many tokens; ``grouped`` above
+#: use the ``gather`` kernel (no weight copies) in a bucket whose used adapters have at most this many tokens
+#: each on average; ``grouped`` above
 GATHER_TOKENS = 4
 #: tests and benchmarks: force one kernel ("gather", "grouped", "padded"); None: chosen per call
 FORCE_KERNEL: str | None = None
@@ -761,14 +762,14 @@ class _Plan:
             g0 += ng
             r0 += nr
 
-    def tokens(self, L: int, n_in: int, kernel: str) -> list[tuple[Any, ...]]:
-        """Per bucket with rows: ``(R, token rows [T], token scales [T, 1], *kernel operands)``; gather:
-        (A indices [T * in], A offsets [T], B indices [T * R], B offsets [T]); grouped: (used positions [G],
-        offsets [G] int32)."""
-        hit = self._tok.get((L, n_in, kernel))
+    def tokens(self, L: int, n_in: int, kernels: tuple[str, ...]) -> list[tuple[Any, ...]]:
+        """Per bucket with rows (``kernels``: each one's kernel): ``(R, token rows [T], token scales [T, 1],
+        *kernel operands)``; gather: (A indices [T * in], A offsets [T], B indices [T * R], B offsets [T]);
+        grouped / padded: (used positions [G], offsets [G] int32)."""
+        hit = self._tok.get((L, n_in, kernels))
         if hit is None:
             hit = []
-            for R, rows, pos_rows, used, counts, scale in self.groups:
+            for (R, rows, pos_rows, used, counts, scale), kernel in zip(self.groups, kernels):
                 dev = rows.device
                 if L == 1:
                     tok, ts, pos_t = rows, scale, pos_rows
@@ -784,7 +785,7 @@ class _Plan:
                 else:
                     ops = (used, torch.cumsum(counts * L, 0).to(torch.int32))
                 hit.append((R, tok, ts[:, None], *ops))
-            self._tok[(L, n_in, kernel)] = hit
+            self._tok[(L, n_in, kernels)] = hit
         return hit
 
 
@@ -837,10 +838,15 @@ class _PoolKernel:
         o_dim = out.shape[-1]
         plain = (not (torch.is_grad_enabled() and x.requires_grad) and routing._transform_active() is None
                  and not torch.compiler.is_compiling())
-        kernel = FORCE_KERNEL or _choose(plain, L, x2, n_in, o_dim)
+        if FORCE_KERNEL:
+            kernels = (FORCE_KERNEL,) * len(plan.groups)
+        else:  # per bucket: gather while its used adapters have few tokens each, else the GEMM kernel
+            long = _gemm_kernel(plain, x2, n_in, o_dim)
+            kernels = tuple("gather" if plain and len(g[1]) * L <= GATHER_TOKENS * len(g[3]) else long
+                            for g in plan.groups)
         inplace = routing.in_place_ok(out, x)
         o2 = out.reshape(-1, o_dim)
-        for R, tok, ts, *ops in plan.tokens(L, n_in, kernel):
+        for (R, tok, ts, *ops), kernel in zip(plan.tokens(L, n_in, kernels), kernels):
             buf = occ[R].buf
             xs = x2.index_select(0, tok)  # [T, in]: the tokens with an adapter in this bucket, grouped
             if kernel == "gather":
@@ -869,13 +875,9 @@ class _PoolKernel:
         return out if inplace else o2.view(out.shape)
 
 
-def _choose(plain: bool, L: int, x2: torch.Tensor, n_in: int, o_dim: int) -> str:
-    """The kernel for one module call (see the module docstring)."""
-    if not plain:
-        return "padded"
-    if L <= GATHER_TOKENS:
-        return "gather"
-    if x2.device.type == "cpu":  # torch._grouped_mm on CPU loops over the groups: ~5-20x slower than 2 bmm
+def _gemm_kernel(plain: bool, x2: torch.Tensor, n_in: int, o_dim: int) -> str:
+    """The GEMM kernel for buckets whose adapters have several tokens each (see the module docstring)."""
+    if not plain or x2.device.type == "cpu":  # torch._grouped_mm on a CPU loops over the groups: slower than bmm
         return "padded"
     item = x2.element_size()
     if _gmm_ok(x2) and (n_in * item) % 16 == 0 and (o_dim * item) % 16 == 0:
