@@ -21,7 +21,9 @@ by the tokens per used adapter in that bucket (:data:`GATHER_TOKENS`):
 * ``grouped`` (longer rows): the used adapters' A^T and B^T are copied once per call (``index_select``: the
   rows' own working set, nothing else) and two grouped GEMMs (``torch._grouped_mm``, on CUDA) run over
   them, one group per adapter. On the CPU (where ``torch._grouped_mm`` loops over the groups), under
-  autograd or torch.func: two batched matmuls over the groups padded to the largest (``padded``).
+  autograd or torch.func: two batched matmuls over the groups padded to the largest (``padded``); on the
+  CPU, when the used adapters have many tokens each (:data:`LOOP_TOKENS`), two GEMMs per adapter straight
+  from the buffers (``loop``).
 
 Nothing is padded to N adapters or to the union of targets. See :meth:`AdapterPool.memory` and
 bench/README.md.
@@ -55,14 +57,16 @@ from .adapter import COEF, GATE, Adapter, Entry, coef_value
 from .errors import ConfigError, IncompatibleAdapterError, shape_str
 from .methods.common import is_conv1d, linear_dims
 
-__all__ = ["AdapterPool", "OffloadedPool", "pool", "BUCKETS", "GATHER_TOKENS"]
+__all__ = ["AdapterPool", "OffloadedPool", "pool", "BUCKETS", "GATHER_TOKENS", "LOOP_TOKENS"]
 
 #: rank bucket policies: "pow2" (the next power of two), "exact" (one bucket per rank), or a tuple of bucket ranks
 BUCKETS = ("pow2", "exact")
 #: use the ``gather`` kernel (no weight copies) in a bucket whose used adapters have at most this many tokens
 #: each on average; ``grouped`` above
 GATHER_TOKENS = 4
-#: tests and benchmarks: force one kernel ("gather", "grouped", "padded"); None: chosen per call
+#: on a CPU, a bucket whose used adapters have at least this many tokens each runs adapter by adapter (``loop``)
+LOOP_TOKENS = 16
+#: tests and benchmarks: force one kernel ("gather", "loop", "grouped", "padded"); None: chosen per call
 FORCE_KERNEL: str | None = None
 _LORA_LEAVES = frozenset({"lora_A", "lora_B", GATE, COEF})
 
@@ -782,6 +786,8 @@ class _Plan:
                     ia = (pos_t[:, None] * n_in + torch.arange(n_in, device=dev)).reshape(-1)
                     ib = (pos_t[:, None] * R + torch.arange(R, device=dev)).reshape(-1)
                     ops: tuple = (ia, torch.arange(T, device=dev) * n_in, ib, torch.arange(T, device=dev) * R)
+                elif kernel == "loop":
+                    ops = (used.tolist(), [0, *torch.cumsum(counts * L, 0).tolist()])
                 else:
                     ops = (used, torch.cumsum(counts * L, 0).to(torch.int32))
                 hit.append((R, tok, ts[:, None], *ops))
@@ -840,10 +846,9 @@ class _PoolKernel:
                  and not torch.compiler.is_compiling())
         if FORCE_KERNEL:
             kernels = (FORCE_KERNEL,) * len(plan.groups)
-        else:  # per bucket: gather while its used adapters have few tokens each, else the GEMM kernel
+        else:  # per bucket, from its tokens per used adapter: gather while few, else a GEMM kernel
             long = _gemm_kernel(plain, x2, n_in, o_dim)
-            kernels = tuple("gather" if plain and len(g[1]) * L <= GATHER_TOKENS * len(g[3]) else long
-                            for g in plan.groups)
+            kernels = tuple(_bucket_kernel(plain, len(g[1]) * L, len(g[3]), long) for g in plan.groups)
         inplace = routing.in_place_ok(out, x)
         o2 = out.reshape(-1, o_dim)
         for (R, tok, ts, *ops), kernel in zip(plan.tokens(L, n_in, kernels), kernels):
@@ -854,6 +859,8 @@ class _PoolKernel:
                 h = F.embedding_bag(ia, buf.At.view(-1, R), oa, mode="sum", per_sample_weights=xs.view(-1))
                 h.mul_(ts.to(h.dtype))  # [T, R]
                 z = F.embedding_bag(ib, buf.Bt.view(-1, o_dim), ob, mode="sum", per_sample_weights=h.view(-1))
+            elif kernel == "loop":
+                z = _loop_groups(xs, buf.At, buf.Bt, *ops, ts.to(xs.dtype))
             else:
                 used, offs = ops
                 # the used adapters only (the rows' working set); index_select over 2-D views: on a 3-D
@@ -873,6 +880,32 @@ class _PoolKernel:
             else:
                 o2 = o2.index_add(0, tok, z)
         return out if inplace else o2.view(out.shape)
+
+
+def _bucket_kernel(plain: bool, tokens: int, adapters: int, long: str) -> str:
+    """One bucket's kernel from its tokens and used adapters (``long``: the GEMM kernel of this call)."""
+    if not plain:
+        return long
+    if tokens <= GATHER_TOKENS * adapters:
+        return "gather"
+    if long == "padded" and tokens >= LOOP_TOKENS * adapters:
+        return "loop"
+    return long
+
+
+def _loop_groups(xs: torch.Tensor, At: torch.Tensor, Bt: torch.Tensor, used: list[int], bounds: list[int],
+                 ts: torch.Tensor) -> torch.Tensor:
+    """The low-rank part adapter by adapter, reading each one's ``A^T`` [in, R] and ``B^T`` [R, out] in place in
+    the buffers (no copies, no padding): two GEMMs per adapter on its tokens' slice of ``xs`` (sorted by
+    adapter; ``bounds``: the G + 1 token offsets). For few adapters with many tokens each. Returns [T, out]."""
+    h = xs.new_empty(xs.shape[0], At.shape[2])
+    for p, a, b in zip(used, bounds, bounds[1:]):
+        torch.mm(xs[a:b], At[p], out=h[a:b])
+    h.mul_(ts)
+    z = xs.new_empty(xs.shape[0], Bt.shape[2])
+    for p, a, b in zip(used, bounds, bounds[1:]):
+        torch.mm(h[a:b], Bt[p], out=z[a:b])
+    return z
 
 
 def _gemm_kernel(plain: bool, x2: torch.Tensor, n_in: int, o_dim: int) -> str:

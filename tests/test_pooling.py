@@ -360,7 +360,7 @@ def test_bucket_policy() -> None:
     assert pooling._bucket(5, (8, 32)) == 8 and pooling._bucket(40, (8, 32)) == 40
 
 
-@pytest.mark.parametrize("kernel", ["gather", "padded"])
+@pytest.mark.parametrize("kernel", ["gather", "padded", "loop"])
 def test_forced_kernels_agree(llama_pool, kernel, monkeypatch) -> None:
     m, fn, params, ads = llama_pool
     p = af.pool(ads)
