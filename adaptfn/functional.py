@@ -240,6 +240,11 @@ class FunctionalModel:
         return self._base.model
 
     @property
+    def modules(self) -> Mapping[str, nn.Module]:
+        """The model's modules by path (read them, do not mutate them)."""
+        return self._base.modules
+
+    @property
     def adapters(self) -> tuple[Adapter, ...]:
         return self._adapters
 

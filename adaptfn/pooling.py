@@ -1151,6 +1151,6 @@ def inject_pool(fn: Any, p: AdapterPool | OffloadedPool, route: Any, generator: 
     if any(isinstance(x, str) for x in fn.routes):
         raise ConfigError("inject: this function already has a route='all' stack, which repeats the batch once per "
                           "adapter; a pool's route would not match the rows")
-    check_pool(p, fn._base.modules, type(fn.model).__name__)
+    check_pool(p, fn.modules, type(fn.model).__name__)
     return fn.with_pools(((p, r),))
 

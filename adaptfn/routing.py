@@ -146,12 +146,8 @@ def lowrank_then_base(h: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torc
     """One LoRA module in inference: ``bias + s * ((h A^T) * coef) B^T`` into a fresh buffer, then the base
     GEMM ``x W^T`` accumulates into it. h, x: [..., in] (h is x after dropout). A: [r, in]. B: [out, r].
     s: float or 0-d tensor. coef: None or a 0-d tensor of A's dtype (a scale weight: multiplying the rank-r
-    product by 1 is exact, so a weight of 1 gives the unweighted result bit for bit). Returns [..., out].
-
-    The A side runs as ``A @ h^T`` ([r, M]): with r of a few columns, BLAS computes that orientation ~1.7x
-    faster than ``h @ A^T`` ([M, r]) on this project's CPUs (bench/README.md, "single adapter on Llama");
-    the B side reads it transposed (a free view)."""
-    h2 = torch.mm(A, h.reshape(-1, h.shape[-1]).T).T  # [M, r] view of a fresh [r, M]
+    product by 1 is exact, so a weight of 1 gives the unweighted result bit for bit). Returns [..., out]."""
+    h2 = F.linear(h, A).view(-1, A.shape[0])  # [M, r], fresh
     if coef is not None:
         h2.mul_(coef)
     bias = gemm.bias

@@ -71,6 +71,9 @@ def inject(fn: FunctionalModel, adapter: AdapterLike | pool_mod.AdapterPool | po
     for a in parts:
         fn.check(a)
     routes = (None,) * len(parts)
+    if isinstance(route, str) and fn.pools:
+        raise ConfigError("inject: route='all' repeats the batch once per adapter, but this function has an "
+                          "adapter pool whose route names the batch's rows; inject the pool last")
     if route is not None:
         routes = (_check_route(parts, route, fn),)
     return fn.with_adapters(fn.adapters + parts, generator if generator is not None else fn.generator,

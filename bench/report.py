@@ -127,6 +127,9 @@ def _scaling_points(results: list[dict[str, Any]]) -> tuple[dict[str, Any], list
     for r in results:
         pts = [p for p in (r.get("extra") or {}).get("points", []) if p.get("layout") == "pool"]
         if len(pts) < 2:
+            old = _old_scaling(r)
+            if old:
+                return r, old
             continue
         out = []
         for p in sorted(pts, key=lambda p: p["n"]):
@@ -136,6 +139,16 @@ def _scaling_points(results: list[dict[str, Any]]) -> tuple[dict[str, Any], list
                         "resident_mib": p["resident_bytes"] / 2**20})
         return r, out
     return None
+
+
+def _old_scaling(r: dict[str, Any]) -> list[dict[str, Any]]:
+    """Points of a run from before the issue "Scale" (medians named ``N=<int>``, one batch shape, no base): time
+    against N=1's, no memory."""
+    named = sorted((int(k[2:]), v) for k, v in r["medians"].items() if k.startswith("N=") and k[2:].isdigit())
+    if len(named) < 2:
+        return []
+    return [{"n": n, "ratios": {"vs N=1": v / named[0][1]}, "peak_mib": float("nan"), "resident_mib": float("nan")}
+            for n, v in named]
 
 
 def scaling_figure(r: dict[str, Any], pts: list[dict[str, Any]]) -> Any:

@@ -233,6 +233,10 @@ def test_route_validation_names_the_argument(llama_pool) -> None:
         g(params, input_ids=ids_for(m, batch=2, seq=2))
     with pytest.raises(af.ConfigError, match="generator"):
         af.inject(fn, p, route=torch.tensor([0]), generator=gen(0))
+    with pytest.raises(af.ConfigError, match="route='all'"):  # either order
+        af.inject(af.inject(fn, p, route=torch.tensor([0])), af.stack(ads[:2]), route="all")
+    with pytest.raises(af.ConfigError, match="route='all'"):
+        af.inject(af.inject(fn, af.stack(ads[:2]), route="all"), p, route=torch.tensor([0]))
     with pytest.raises(af.ConfigError, match="route"):
         af.inject(fn, af.pool([]), route=torch.tensor([0]))
     with torch.no_grad():  # an empty pool with an all -1 route is the base model
@@ -389,3 +393,18 @@ def test_pools_made_and_paged_under_inference_mode(llama_pool) -> None:
     with torch.no_grad():
         torch.testing.assert_close(af.inject(fn, p2, route=route)(params, input_ids=ids).logits,
                                    _per_row(fn, params, ads, route, input_ids=ids), atol=2e-5, rtol=1e-5)
+
+
+def test_pool_composes_with_an_injected_adapter(llama_pool) -> None:
+    """A pool injected over a function that already has an adapter: each row gets both deltas."""
+    m, fn, params, ads = llama_pool
+    shared = _lora(fn, 3, ["o_proj", "up_proj"], 77)
+    p = af.pool(ads[:3])
+    route = torch.tensor([2, -1, 0])
+    ids = ids_for(m, batch=3, seq=4)
+    base = af.inject(fn, shared)
+    with torch.no_grad():
+        got = af.inject(base, p, route=route)(params, input_ids=ids).logits
+        want = torch.cat([(base if s < 0 else af.inject(base, ads[s]))(params, input_ids=ids[i:i + 1]).logits
+                          for i, s in enumerate(route.tolist())])
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
