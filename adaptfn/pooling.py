@@ -12,18 +12,18 @@ bench scenario 9). An :class:`AdapterPool` stores each module's adapters in **ra
 * a **slot** (an ``int``) names an adapter for ``route=``; slots stay stable when others are added or removed.
 
 A call with ``af.inject(fn, pool, route=idx)`` runs the base layers once for the batch; at each adapted
-module the rows are grouped by (bucket, position) and each bucket with rows runs one of two kernels, chosen
-by the tokens per used adapter in that bucket (:data:`GATHER_TOKENS`):
+module the rows are grouped by (bucket, position) and each bucket with rows runs one kernel, chosen by the
+tokens per used adapter in that bucket (:data:`GATHER_TOKENS`, :data:`LOOP_TOKENS`):
 
-* ``gather`` (short rows, decode): two ``embedding_bag`` sums straight from the buffers: the A side adds
-  ``x[t, i] * A^T[pos, i, :]`` over ``i``, the B side ``h[t, j] * B^T[pos, j, :]`` over ``j``. No weight is
-  copied; each token reads its own adapter's rows.
-* ``grouped`` (longer rows): the used adapters' A^T and B^T are copied once per call (``index_select``: the
-  rows' own working set, nothing else) and two grouped GEMMs (``torch._grouped_mm``, on CUDA) run over
-  them, one group per adapter. On the CPU (where ``torch._grouped_mm`` loops over the groups), under
-  autograd or torch.func: two batched matmuls over the groups padded to the largest (``padded``); on the
-  CPU, when the used adapters have many tokens each (:data:`LOOP_TOKENS`), two GEMMs per adapter straight
-  from the buffers (``loop``).
+* ``gather`` (few tokens per adapter: decode over many adapters): two ``embedding_bag`` sums straight from
+  the buffers: the A side adds ``x[t, i] * A^T[pos, i, :]`` over ``i``, the B side ``h[t, j] * B^T[pos, j, :]``
+  over ``j``. No weight is copied; each token reads its own adapter's rows.
+* ``grouped`` (more tokens per adapter): the used adapters' A^T and B^T are copied once per call
+  (``index_select``: the rows' own working set, nothing else) and two grouped GEMMs (``torch._grouped_mm``, on
+  CUDA) run over them, one group per adapter. On the CPU (where ``torch._grouped_mm`` loops over the groups),
+  under autograd or torch.func: two batched matmuls over the groups padded to the largest (``padded``); on the
+  CPU, when the used adapters have many tokens each (:data:`LOOP_TOKENS`), two GEMMs per adapter straight from
+  the buffers (``loop``).
 
 Nothing is padded to N adapters or to the union of targets. See :meth:`AdapterPool.memory` and
 bench/README.md.
