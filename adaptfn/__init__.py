@@ -40,6 +40,9 @@ from .methods import LoKrConfig as LoKrConfig
 from .methods import LoraConfig as LoraConfig
 from .methods import OFTConfig as OFTConfig
 from .methods import VeraConfig as VeraConfig
+from .pooling import AdapterPool as AdapterPool
+from .pooling import OffloadedPool as OffloadedPool
+from .pooling import pool as pool
 from .shell import AdapterModel as AdapterModel
 from .shell import from_pretrained as from_pretrained
 from .stacking import stack as stack

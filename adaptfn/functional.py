@@ -221,11 +221,12 @@ class FunctionalModel:
     """
 
     def __init__(self, base: _Base, adapters: tuple[Adapter, ...] = (), generator: torch.Generator | None = None,
-                 routes: tuple[Any, ...] | None = None):
+                 routes: tuple[Any, ...] | None = None, pools: tuple[tuple[Any, torch.Tensor], ...] = ()):
         self._base = base
         self._adapters = adapters
         self._generator = generator
         self._routes = routes if routes is not None else (None,) * len(adapters)
+        self._pools = pools  # (adapter pool, route) pairs, bound per call (adaptfn.pooling)
         self._all = next((i for i, r in enumerate(self._routes) if isinstance(r, str)), None)
         self._all_n = adapters[self._all].stack_size if self._all is not None else 0
         self._key = tuple(a.structure_id for a in adapters)
@@ -268,6 +269,11 @@ class FunctionalModel:
         return self._base.model
 
     @property
+    def modules(self) -> Mapping[str, nn.Module]:
+        """The model's modules by path (read them, do not mutate them)."""
+        return self._base.modules
+
+    @property
     def adapters(self) -> tuple[Adapter, ...]:
         return self._adapters
 
@@ -283,7 +289,17 @@ class FunctionalModel:
 
     def with_adapters(self, adapters: tuple[Adapter, ...], generator: torch.Generator | None,
                       routes: tuple[Any, ...] | None = None) -> FunctionalModel:
-        return FunctionalModel(self._base, adapters, generator, routes)
+        return FunctionalModel(self._base, adapters, generator, routes, self._pools)
+
+    def with_pools(self, pools: tuple[tuple[Any, torch.Tensor], ...]) -> FunctionalModel:
+        """This function with adapter pools added (``af.inject(fn, pool, route=idx)``): each is an object with
+        ``bind(route) -> (route, [(path, kernel, entry, leaves), ...])``, bound to module slots per call."""
+        return FunctionalModel(self._base, self._adapters, self._generator, self._routes, self._pools + pools)
+
+    @property
+    def pools(self) -> tuple[tuple[Any, torch.Tensor], ...]:
+        """The adapter pools injected with their routes (:func:`adaptfn.pool`)."""
+        return self._pools
 
     def __call__(self, params: Mapping[str, torch.Tensor], *args: Any, **kwargs: Any) -> Any:
         if self._all is not None:
@@ -301,9 +317,9 @@ class FunctionalModel:
 
     def _check_routes(self, args: tuple, kwargs: dict) -> tuple[Any, ...]:
         routes = self._routes
-        if any(r is not None for r in routes):
+        if any(r is not None for r in routes) or self._pools:
             bsz = _batch_size(args, kwargs)
-            for r in routes:
+            for r in routes + tuple(r for _, r in self._pools):
                 if r is not None and bsz is not None and r.shape[0] != bsz:
                     raise ConfigError(f"route has {r.shape[0]} entries but the batch has {bsz} rows")
         return routes
@@ -404,6 +420,13 @@ class FunctionalModel:
                 if not slot.active:
                     used.append(slot)
                 slot.active.append((method, e, leaves, on, gen, routes[i]))
+        for pool, route in self._pools:  # adapter pools: per-row LoRA from their own storage (adaptfn.pooling)
+            route, bound = pool.bind(route)
+            for path, kernel, entry, leaves in bound:
+                slot = cp.slot(path)
+                if not slot.active:
+                    used.append(slot)
+                slot.active.append((kernel, entry, leaves, True, None, route))
         cp.busy = True
         try:
             root = cp.root

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from . import _fsdp, _layout, quant, routing
+from . import pooling as pool_mod
 from ._leaves import check_leaves
 from ._where import Where, matcher
 from .adapter import COEF, GATE, Adapter, AdapterSum, coef_value, components, gate_on, replace
@@ -23,7 +24,8 @@ __all__ = ["inject", "merge", "select", "mask", "AdapterLike"]
 AdapterLike = Adapter | AdapterSum
 
 
-def inject(fn: FunctionalModel, adapter: AdapterLike, *, generator: torch.Generator | None = None,
+def inject(fn: FunctionalModel, adapter: AdapterLike | pool_mod.AdapterPool | pool_mod.OffloadedPool, *,
+           generator: torch.Generator | None = None,
            route: torch.Tensor | str | None = None) -> FunctionalModel:
     """Return ``fn`` with ``adapter`` applied, unmerged: ``g(params, *args, **kwargs)``.
 
@@ -33,7 +35,8 @@ def inject(fn: FunctionalModel, adapter: AdapterLike, *, generator: torch.Genera
 
     Arguments:
         fn: from :func:`adaptfn.functional` (or another ``inject``).
-        adapter: an :class:`Adapter` or :class:`AdapterSum`, checked against the model now.
+        adapter: an :class:`Adapter` or :class:`AdapterSum`, checked against the model now; or an adapter
+            pool (with ``route=``).
         generator: enables the training dropouts (LoRA's ``lora_dropout``, LoHa / LoKr's ``module_dropout`` and
             ``rank_dropout``, VeRA's ``vera_dropout``), drawing from this generator. None (default): no dropout,
             the deterministic inference forward.
@@ -41,6 +44,8 @@ def inject(fn: FunctionalModel, adapter: AdapterLike, *, generator: torch.Genera
             uses adapter ``route[i]`` (-1: the base model alone); the base layers run once for the whole
             batch, only the low-rank part is per row. ``"all"``: every adapter on the same inputs; the
             outputs get a leading adapter axis [N, batch, ...].
+            With an adapter pool (:func:`adaptfn.pool`, :class:`adaptfn.OffloadedPool`): a LongTensor [batch]
+            of the pool's slots (-1: none); required.
 
     Returns:
         A :class:`FunctionalModel` ``g`` with ``g.generate`` too.
@@ -54,6 +59,8 @@ def inject(fn: FunctionalModel, adapter: AdapterLike, *, generator: torch.Genera
         raise ConfigError(f"inject: expected a FunctionalModel from af.functional, got {type(fn).__name__}")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise ConfigError(f"inject: generator must be a torch.Generator or None, got {type(generator).__name__}")
+    if isinstance(adapter, (pool_mod.AdapterPool, pool_mod.OffloadedPool)):
+        return pool_mod.inject_pool(fn, adapter, route, generator)
     parts = components(adapter)
     replaced: dict[str, int] = {}
     for a in fn.adapters + parts:
@@ -66,6 +73,9 @@ def inject(fn: FunctionalModel, adapter: AdapterLike, *, generator: torch.Genera
     for a in parts:
         fn.check(a)
     routes = (None,) * len(parts)
+    if isinstance(route, str) and fn.pools:
+        raise ConfigError("inject: route='all' repeats the batch once per adapter, but this function has an "
+                          "adapter pool whose route names the batch's rows; inject the pool last")
     if route is not None:
         routes = (_check_route(parts, route, fn),)
     return fn.with_adapters(fn.adapters + parts, generator if generator is not None else fn.generator,

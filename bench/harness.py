@@ -28,8 +28,11 @@ class Result:
 
 def interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int,
                 setup: dict[str, Callable[[], Any]] | None = None) -> dict[str, float]:
-    """Median seconds of each fn, timed round-robin. ``setup[name]`` runs untimed before each timing."""
+    """Median seconds of each fn, timed round-robin. ``setup[name]`` runs untimed before each timing. On a
+    CUDA machine each timing ends with ``torch.cuda.synchronize()`` (once CUDA is initialised), so kernels
+    queued by one contender are not billed to the next."""
     setup = setup or {}
+    fns = {k: _synced(f) for k, f in fns.items()}
     for _ in range(warmup):
         for name, f in fns.items():
             if name in setup:
@@ -44,6 +47,19 @@ def interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int,
             f()
             times[name].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _synced(f: Callable[[], Any]) -> Callable[[], Any]:
+    import torch
+
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return f
+
+    def go() -> Any:
+        out = f()
+        torch.cuda.synchronize()
+        return out
+    return go
 
 
 def fmt_time(s: float) -> str:

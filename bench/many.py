@@ -6,7 +6,6 @@ Scenarios (registered in bench.run):
 * ``mixed``: a batch of 32 rows, each with one of 16 adapters; adaptfn ``route=`` vs PEFT's
   ``adapter_names=`` and vs the base model, on OPT (attention targets) and Llama (attention + MLP),
   at 1 and 128 tokens per row.
-* ``scaling``: N = 1, 4, 16, 64 distinct adapters in one mixed batch: time and peak memory.
 * ``hetero``: a mixed batch over 16 adapters that target different modules (a stack of the union of their
   targets) vs 16 adapters that all target that union, same ranks: ``route=`` on both, interleaved.
 """
@@ -15,8 +14,6 @@ from __future__ import annotations
 
 import copy
 import os
-import subprocess
-import sys
 import tempfile
 from typing import Any
 
@@ -36,14 +33,23 @@ def _model(kind: str, args: Any):
                         ffn_dim=args.ffn, num_attention_heads=args.heads, max_position_embeddings=2048,
                         word_embed_proj_dim=args.hidden, attn_implementation="sdpa")
         torch.manual_seed(0)
-        return OPTForCausalLM(cfg).eval()
+        return _placed(OPTForCausalLM(cfg).eval(), args)
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
                       intermediate_size=args.ffn, num_attention_heads=args.heads, num_key_value_heads=args.heads,
                       max_position_embeddings=2048, attn_implementation="sdpa")
     torch.manual_seed(0)
-    return LlamaForCausalLM(cfg).eval()
+    return _placed(LlamaForCausalLM(cfg).eval(), args)
+
+
+def _placed(model: Any, args: Any) -> Any:
+    """``model`` on ``args.device`` in ``args.dtype`` (the bench's --device / --dtype flags)."""
+    return model.to(device=getattr(args, "device", "cpu"), dtype=getattr(torch, getattr(args, "dtype", "float32")))
+
+
+def _device(args: Any) -> str:
+    return getattr(args, "device", "cpu")
 
 
 class Many:
@@ -59,7 +65,7 @@ class Many:
         for i in range(n):
             tm = targets(i) if callable(targets) else targets
             cfg = af.LoraConfig(r=args.r, lora_alpha=args.alpha, target_modules=tm, init_lora_weights=False)
-            self.adapters.append(af.init(self.fn, cfg, generator=torch.Generator().manual_seed(1000 + i)))
+            self.adapters.append(af.init(self.fn, cfg, generator=torch.Generator(_device(args)).manual_seed(1000 + i)))
         self.stacked = af.stack(self.adapters)
         self.names = [f"a{i}" for i in range(n)]
         self.peft = None
@@ -88,7 +94,7 @@ def scenario_same(w: Any) -> Result:
     med_all: dict[str, float] = {}
     ratios: dict[str, float] = {}
     for b, t in ((args.batch, args.seq), (1, 32 if not args.tiny else 4)):
-        ids = _ids(args.vocab, b, t)
+        ids = _ids(args.vocab, b, t).to(_device(args))
         g_all = af.inject(m.fn, m.stacked, route="all")
 
         def peft_loop():
@@ -128,11 +134,11 @@ def scenario_mixed(w: Any) -> Result:
     targets: dict[str, float] = {}
     for kind, tm in (("opt", OPT_ATTN), ("llama", LLAMA_ALL)):
         m = Many(kind, tm, n, args)
-        idx = torch.arange(rows) % n
+        idx = (torch.arange(rows) % n).to(_device(args))
         names = [m.names[i] for i in idx.tolist()]
         g = af.inject(m.fn, m.stacked, route=idx)
         for t in (1, args.seq):
-            ids = _ids(args.vocab, rows, t, seed=t)
+            ids = _ids(args.vocab, rows, t, seed=t).to(_device(args))
 
             def base():
                 with torch.inference_mode():
@@ -158,64 +164,6 @@ def scenario_mixed(w: Any) -> Result:
     return Result(f"8 mixed batch, {n} adapters", meds, ratios, targets)
 
 
-_CHILD = r"""
-import sys, time, statistics, resource, torch
-sys.path.insert(0, {root!r})
-from bench.many import Many
-import adaptfn as af
-class A: pass
-args = A(); args.__dict__.update({args!r})
-torch.set_num_threads(args.threads)
-n, rows, t = {n}, {rows}, {t}
-m = Many("llama", {targets!r}, n, args, peft_too=False)
-idx = torch.arange(rows) % n
-g = af.inject(m.fn, m.stacked, route=idx)
-ids = torch.randint(3, args.vocab, (rows, t), generator=torch.Generator().manual_seed(0))
-def _status(key):
-    with open("/proc/self/status") as f:
-        return next(int(l.split()[1]) for l in f if l.startswith(key))
-try:  # reset the peak-RSS mark (Linux), so the peak below is the calls' own
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-except OSError:
-    pass
-before = _status("VmRSS:")
-times = []
-for i in range({reps}):
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        g(m.params, input_ids=ids, use_cache=False)
-    times.append(time.perf_counter() - t0)
-after = _status("VmHWM:")
-print(statistics.median(times[1:] or times), before, after)
-"""
-
-
-def scenario_scaling(w: Any) -> Result:
-    args = w.args
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    ns = (1, 4, 16, 64) if not args.tiny else (1, 2)
-    rows = 64 if not args.tiny else 2
-    t = 16 if not args.tiny else 2
-    arg_d = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
-    meds: dict[str, float] = {}
-    extra: dict[str, Any] = {}
-    for n in ns:
-        code = _CHILD.format(root=root, args=arg_d, n=n, rows=rows, t=t, targets=LLAMA_ALL,
-                             reps=max(3, args.repeats // 2))
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-        med, before, after = out.stdout.strip().split()[-3:]
-        meds[f"N={n}"] = float(med)
-        extra[f"N={n} peak RSS during the calls, above the resident set before them, MiB"] = round(
-            (int(after) - int(before)) / 1024, 1)
-        extra[f"N={n} adapters MiB"] = round(
-            n * args.layers * args.r * 4 * (4 * 2 * args.hidden + 3 * (args.hidden + args.ffn)) / 2**20, 2)
-    ratios = {f"N={n}/N={ns[0]}": meds[f"N={n}"] / meds[f"N={ns[0]}"] for n in ns[1:]}
-    res = Result(f"9 scaling, {rows}x{t} rows, Llama all targets", meds, ratios, {}, extra=extra)
-    res.notes.append("time should grow with the distinct adapters' low-rank work, not with N full forwards")
-    return res
-
-
 def hetero_targets(i: int) -> list[str]:
     """Adapter ``i``'s targets: attention (q, v, and o or k by parity) plus one MLP projection in turn; over 16
     adapters the union is all seven Llama projections, and no two neighbours target the same modules."""
@@ -233,12 +181,12 @@ def scenario_hetero(w: Any) -> Result:
     union = sorted({t for i in range(n) for t in hetero_targets(i)})
     same = Many("llama", union, n, args, peft_too=False)
     assert set(het.stacked.paths) == set(same.stacked.paths)
-    idx = torch.arange(rows) % n
+    idx = (torch.arange(rows) % n).to(_device(args))
     g_het, g_same = af.inject(het.fn, het.stacked, route=idx), af.inject(same.fn, same.stacked, route=idx)
     meds: dict[str, float] = {}
     ratios: dict[str, float] = {}
     for t in (1, args.seq):
-        ids = _ids(args.vocab, rows, t, seed=t)
+        ids = _ids(args.vocab, rows, t, seed=t).to(_device(args))
 
         def run_het():
             with torch.inference_mode():

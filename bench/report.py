@@ -85,13 +85,32 @@ def markdown(data: dict[str, Any], chart_dir: str = "") -> str:
         out += [f"### {r['scenario']}", "", "| contender | median |", "|---|---|"]
         out += [f"| {name} | {fmt_time(s).strip()} |" for name, s in r["medians"].items()]
         out.append("")
-        notes = list(r.get("notes") or []) + [f"`{k}` = {_fmt_extra(v)}" for k, v in (r.get("extra") or {}).items()]
+        extra = dict(r.get("extra") or {})
+        points = extra.pop("points", None)
+        notes = list(r.get("notes") or []) + [f"`{k}` = {_fmt_extra(v)}" for k, v in extra.items()]
         if notes:
             out += [f"- {n}" for n in notes] + [""]
+        if points:
+            out += _points_table(points)
         if scaling and r is scaling[0] and chart_dir is not None:
-            out += [f"![Time of one mixed batch against the number of distinct adapters]({chart_dir}scaling.svg)",
+            out += [f"![Time of one mixed batch and peak memory against the number of distinct adapters]"
+                    f"({chart_dir}scaling.svg)",
                     ""]
     return "\n".join(out).rstrip() + "\n"
+
+
+def _points_table(points: list[dict[str, Any]]) -> list[str]:
+    """Scenario 9's per-process points: N, layout, routed / base per batch shape, bytes and peak RSS."""
+    out = ["| N | layout | routed / base | adapters' own MiB | resident MiB | peak RSS MiB (before the calls) |",
+           "|---|---|---|---|---|---|"]
+    for p in points:
+        m = p["medians"]
+        ratios = ", ".join(f"{k.split()[-1]}: {m[k] / m['base ' + k.split()[-1]]:.3f}" for k in m
+                           if k.startswith("routed "))
+        peak, before = p["peak_kib"] / 1024, p["rss_before_kib"] / 1024
+        out.append(f"| {p['n']} | {p['layout']} | {ratios} | {p['own_bytes'] / 2**20:.1f} | "
+                   f"{p['resident_bytes'] / 2**20:.1f} | {peak:.0f} ({before:.0f}) |")
+    return out + [""]
 
 
 def _fmt_extra(v: Any) -> str:
@@ -102,16 +121,63 @@ def _fmt_extra(v: Any) -> str:
     return str(v)
 
 
-def _scaling_points(results: list[dict[str, Any]]) -> tuple[dict[str, Any], list[tuple[int, float]]] | None:
-    """(result, [(N, seconds)]) for the scaling scenario (medians named ``N=<int>``), if the run has it."""
+def _scaling_points(results: list[dict[str, Any]]) -> tuple[dict[str, Any], list[dict[str, Any]]] | None:
+    """(result, points) for the scaling scenario (9), if the run has it: one point per N of the default
+    layout, each ``{"n", "ratios": {tokens label: routed / base}, "peak_mib", "resident_mib"}``."""
     for r in results:
-        pts = []
-        for name, s in r["medians"].items():
-            if name.startswith("N=") and name[2:].isdigit():
-                pts.append((int(name[2:]), s))
-        if len(pts) >= 2:
-            return r, sorted(pts)
+        pts = [p for p in (r.get("extra") or {}).get("points", []) if p.get("layout") == "pool"]
+        if len(pts) < 2:
+            old = _old_scaling(r)
+            if old:
+                return r, old
+            continue
+        out = []
+        for p in sorted(pts, key=lambda p: p["n"]):
+            m = p["medians"]
+            ratios = {k.split()[-1]: m[k] / m["base " + k.split()[-1]] for k in m if k.startswith("routed ")}
+            out.append({"n": p["n"], "ratios": ratios, "peak_mib": p["peak_kib"] / 1024,
+                        "resident_mib": p["resident_bytes"] / 2**20})
+        return r, out
     return None
+
+
+def _old_scaling(r: dict[str, Any]) -> list[dict[str, Any]]:
+    """Points of a run from before the issue "Scale" (medians named ``N=<int>``, one batch shape, no base): time
+    against N=1's, no memory."""
+    named = sorted((int(k[2:]), v) for k, v in r["medians"].items() if k.startswith("N=") and k[2:].isdigit())
+    if len(named) < 2:
+        return []
+    return [{"n": n, "ratios": {"vs N=1": v / named[0][1]}, "peak_mib": float("nan"), "resident_mib": float("nan")}
+            for n, v in named]
+
+
+def scaling_figure(r: dict[str, Any], pts: list[dict[str, Any]]) -> Any:
+    """A matplotlib figure of scenario 9: routed / base time (per tokens per row, with the targets) and the
+    process's peak RSS and the pool's bytes, against N."""
+    import matplotlib.pyplot as plt
+
+    ns = [p["n"] for p in pts]
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(9, 3.4))
+    for label in pts[0]["ratios"]:
+        ax.plot(ns, [p["ratios"].get(label, float("nan")) for p in pts], marker="o", label=f"{label} tokens")
+    for t in sorted(set((r.get("targets") or {}).values())):
+        ax.axhline(t, color="black", lw=0.8, ls=":")
+    ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+    ax.set_xscale("log")
+    ax.set_xticks(ns, [str(n) for n in ns])
+    ax.set_xlabel("distinct adapters resident (N)")
+    ax.set_ylabel("mixed batch time / base forward")
+    ax.legend(fontsize=8)
+    ax2.plot(ns, [p["peak_mib"] for p in pts], marker="o", label="peak RSS of the process")
+    ax2.plot(ns, [p["resident_mib"] for p in pts], marker="s", label="the pool's buffers")
+    ax2.set_xscale("log")
+    ax2.set_xticks(ns, [str(n) for n in ns])
+    ax2.set_xlabel("distinct adapters resident (N)")
+    ax2.set_ylabel("MiB")
+    ax2.legend(fontsize=8)
+    fig.suptitle(r["scenario"], fontsize=9)
+    fig.tight_layout()
+    return fig
 
 
 def _svg(fig: Any) -> bytes:
@@ -122,7 +188,7 @@ def _svg(fig: Any) -> bytes:
 
 def charts(data: dict[str, Any]) -> dict[str, bytes]:
     """SVG charts: ``ratios.svg`` (every ratio with its target) and, when the run has scenario 9,
-    ``scaling.svg`` (time against the number of distinct adapters)."""
+    ``scaling.svg`` (time and peak RSS against the number of distinct adapters)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -155,16 +221,7 @@ def charts(data: dict[str, Any]) -> dict[str, bytes]:
         plt.close(fig)
         scaling = _scaling_points(results)
         if scaling:
-            r, pts = scaling
-            fig, ax = plt.subplots(figsize=(6, 3.4))
-            ax.plot([n for n, _ in pts], [s * 1e3 for _, s in pts], marker="o", color="#1e88e5")
-            ax.set_xscale("log", base=2)
-            ax.set_xticks([n for n, _ in pts], [str(n) for n, _ in pts])
-            ax.set_ylim(bottom=0)
-            ax.set_xlabel("distinct adapters in the batch (N)")
-            ax.set_ylabel("median time of one call (ms)")
-            ax.set_title(r["scenario"])
-            fig.tight_layout()
+            fig = scaling_figure(*scaling)
             out["scaling.svg"] = _svg(fig)
             plt.close(fig)
     return out

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from bench import conv, dora, many, qlora
+from bench import conv, dora, many, qlora, single, thousand
 from bench.harness import Result, interleaved, plot, table
 
 warnings.filterwarnings("ignore")
@@ -43,7 +43,8 @@ class Workload:
                         ffn_dim=args.ffn, num_attention_heads=args.heads, max_position_embeddings=max(2048, args.seq),
                         word_embed_proj_dim=args.hidden, attn_implementation="sdpa")
         self.cfg = cfg
-        self.base = OPTForCausalLM(cfg).eval().to(self.device)
+        self.dtype = getattr(torch, args.dtype)
+        self.base = OPTForCausalLM(cfg).eval().to(device=self.device, dtype=self.dtype)
         self.tmp = tempfile.mkdtemp(prefix="adaptfn-bench-")
         self.dirs = []
         for i in range(2):  # two adapters, made and saved by PEFT
@@ -58,7 +59,7 @@ class Workload:
         self.peft_model.set_adapter("a0")
         self.peft_model.eval()
         self.fn, self.params = af.functional(self.base)
-        self.adapters = [af.load(d, device=self.device) for d in self.dirs]
+        self.adapters = [af.load(d, device=self.device, dtype=self.dtype) for d in self.dirs]
         self.g = af.inject(self.fn, self.adapters[0])
         g = torch.Generator().manual_seed(1)
         self.ids = torch.randint(3, args.vocab, (args.batch, args.seq), generator=g).to(self.device)
@@ -214,11 +215,14 @@ SCENARIOS = {
     "merge": scenario_merge,
     "same": many.scenario_same,
     "mixed": many.scenario_mixed,
-    "scaling": many.scenario_scaling,
+    "scaling": thousand.scenario_scaling,
     "qlora": qlora.scenario_qlora,
     "hetero": many.scenario_hetero,
     "conv": conv.scenario_conv,
     "dora": dora.scenario_dora,
+    "single_llama": single.scenario_single_llama,
+    "load_many": thousand.scenario_load_many,
+    "offload": thousand.scenario_offload,
 }
 
 
@@ -239,6 +243,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="the base model's and the adapters' dtype")
+    p.add_argument("--scaling-n", default=None, type=lambda v: tuple(int(x) for x in v.split(",")),
+                   help="scenario 9: comma list of N (default 1,16,64,256,1000)")
+    p.add_argument("--no-scaling-layouts", dest="scaling_layouts", action="store_false",
+                   help="scenario 9: the default pool layout only (not af.stack / exact / max)")
     p.add_argument("--json", default=None, help="write results as JSON here")
     p.add_argument("--png", default=None, help="write a bar chart of the ratios here")
     p.add_argument("--tiny", action="store_true", help="tiny sizes, 1 repeat (smoke test)")
@@ -284,7 +294,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
     w = Workload(args)
     print(f"workload: OPT hidden {args.hidden}, {args.layers} layers, ffn {args.ffn}, vocab {args.vocab}; "
           f"batch {args.batch}x{args.seq}; LoRA r={args.r} alpha={args.alpha:g} on {TARGETS}; "
-          f"{args.threads} threads, {args.device}; torch {torch.__version__}", flush=True)
+          f"{args.threads} threads, {args.device}, {args.dtype}; torch {torch.__version__}", flush=True)
     results = []
     for n in names:
         r = SCENARIOS[n](w)

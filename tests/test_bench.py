@@ -46,3 +46,26 @@ def test_performance_page_source_is_a_full_run() -> None:
     data = json.loads(open(os.path.join(os.path.dirname(__file__), "..", "bench", "latest.json")).read())
     assert data["args"]["tiny"] is False and data["args"]["scenarios"] == "all"
     assert len(data["results"]) == len(SCENARIOS) and {"date", "versions", "cpu"} <= set(data["meta"])
+
+
+def test_gpu_script_names_real_scenarios_and_flags() -> None:
+    """bench/gpu.sh (the one command for a CUDA machine) parses, and what it passes to ``python -m bench`` is
+    accepted by the bench's parser (its --dry mode runs the same steps on a CPU: bench/README.md)."""
+    import re
+    import shlex
+    import subprocess
+
+    from bench.run import SCENARIOS, parse
+
+    path = os.path.join(os.path.dirname(__file__), "..", "bench", "gpu.sh")
+    assert subprocess.run(["bash", "-n", path]).returncode == 0
+    text = open(path).read()
+    names = re.search(r"--scenarios (\S+)", text).group(1).split(",")
+    assert names and all(n in SCENARIOS for n in names)
+    sizes = [shlex.split(m) for m in re.findall(r"SIZES=\(([^)]*)\)", text)]
+    assert len(sizes) == 2  # --dry, then the GPU's
+    for argv in sizes:
+        args = parse(argv + ["--no-scaling-layouts"])
+        assert args.scenarios == "all" and args.scaling_layouts is False
+    gpu = parse(sizes[1])
+    assert (gpu.device, gpu.dtype, gpu.hidden, gpu.scaling_n) == ("cuda", "bfloat16", 4096, (1000,))
