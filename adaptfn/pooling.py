@@ -13,7 +13,7 @@ bench scenario 9). An :class:`AdapterPool` stores each module's adapters in **ra
 
 A call with ``af.inject(fn, pool, route=idx)`` runs the base layers once for the batch; at each adapted
 module the rows are grouped by (bucket, position) and each bucket with rows runs one kernel, chosen by the
-tokens per used adapter in that bucket (:data:`GATHER_TOKENS`, :data:`LOOP_TOKENS`):
+tokens per used adapter in that bucket (:data:`GATHER_TOKENS`, :data:`CPU_GATHER_TOKENS`):
 
 * ``gather`` (few tokens per adapter: decode over many adapters): two ``embedding_bag`` sums straight from
   the buffers: the A side adds ``x[t, i] * A^T[pos, i, :]`` over ``i``, the B side ``h[t, j] * B^T[pos, j, :]``
@@ -21,9 +21,9 @@ tokens per used adapter in that bucket (:data:`GATHER_TOKENS`, :data:`LOOP_TOKEN
 * ``grouped`` (more tokens per adapter): the used adapters' A^T and B^T are copied once per call
   (``index_select``: the rows' own working set, nothing else) and two grouped GEMMs (``torch._grouped_mm``, on
   CUDA) run over them, one group per adapter. On the CPU (where ``torch._grouped_mm`` loops over the groups),
-  under autograd or torch.func: two batched matmuls over the groups padded to the largest (``padded``); on the
-  CPU, when the used adapters have many tokens each (:data:`LOOP_TOKENS`), two GEMMs per adapter straight from
-  the buffers (``loop``).
+  under autograd or torch.func: two batched matmuls over the groups padded to the largest (``padded``).
+* ``loop`` (on the CPU in inference, above :data:`CPU_GATHER_TOKENS` tokens per used adapter; below it the CPU
+  runs ``gather``): two GEMMs per adapter straight from the buffers.
 
 Nothing is padded to N adapters or to the union of targets. See :meth:`AdapterPool.memory` and
 bench/README.md.
@@ -57,15 +57,17 @@ from .adapter import COEF, GATE, Adapter, Entry, coef_value
 from .errors import ConfigError, IncompatibleAdapterError, shape_str
 from .methods.common import is_conv1d, linear_dims
 
-__all__ = ["AdapterPool", "OffloadedPool", "pool", "BUCKETS", "GATHER_TOKENS", "LOOP_TOKENS"]
+__all__ = ["AdapterPool", "OffloadedPool", "pool", "BUCKETS", "GATHER_TOKENS", "CPU_GATHER_TOKENS"]
 
 #: rank bucket policies: "pow2" (the next power of two), "exact" (one bucket per rank), or a tuple of bucket ranks
 BUCKETS = ("pow2", "exact")
 #: use the ``gather`` kernel (no weight copies) in a bucket whose used adapters have at most this many tokens
 #: each on average; ``grouped`` above
 GATHER_TOKENS = 4
-#: on a CPU, a bucket whose used adapters have at least this many tokens each runs adapter by adapter (``loop``)
-LOOP_TOKENS = 16
+#: on a CPU in inference: ``gather`` up to this many tokens per used adapter, ``loop`` (adapter by adapter) above;
+#: ``padded`` is slower than both there (N = 1,000, 64 x 16 tokens, 2 threads: gather 1.17-1.18, loop 1.23-1.30,
+#: padded 1.30-1.32 x the base; 1 thread: 1.149 / 1.135 / 1.231; bench/README.md, scenario 9)
+CPU_GATHER_TOKENS = 24
 #: tests and benchmarks: force one kernel ("gather", "loop", "grouped", "padded"); None: chosen per call
 FORCE_KERNEL: str | None = None
 _LORA_LEAVES = frozenset({"lora_A", "lora_B", GATE, COEF})
@@ -886,11 +888,9 @@ def _bucket_kernel(plain: bool, tokens: int, adapters: int, long: str) -> str:
     """One bucket's kernel from its tokens and used adapters (``long``: the GEMM kernel of this call)."""
     if not plain:
         return long
-    if tokens <= GATHER_TOKENS * adapters:
-        return "gather"
-    if long == "padded" and tokens >= LOOP_TOKENS * adapters:
-        return "loop"
-    return long
+    if long == "padded":  # the CPU
+        return "gather" if tokens <= CPU_GATHER_TOKENS * adapters else "loop"
+    return "gather" if tokens <= GATHER_TOKENS * adapters else long
 
 
 def _loop_groups(xs: torch.Tensor, At: torch.Tensor, Bt: torch.Tensor, used: list[int], bounds: list[int],
