@@ -17,6 +17,7 @@ from typing import Any
 
 from .adapter import GATE, SCALING, Adapter
 from .errors import ConfigError
+from .methods.common import TASK_AUTO_CLASS
 
 __all__ = ["CARD_NAME", "model_card", "with_marker", "ours", "adapters_of"]
 
@@ -48,15 +49,7 @@ _PIPELINE = {
     "QUESTION_ANS": "question-answering",
     "FEATURE_EXTRACTION": "feature-extraction",
 }
-# PEFT's task_type -> the transformers Auto class that loads its base model
-_AUTO = {
-    "CAUSAL_LM": "AutoModelForCausalLM",
-    "SEQ_CLS": "AutoModelForSequenceClassification",
-    "TOKEN_CLS": "AutoModelForTokenClassification",
-    "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
-    "QUESTION_ANS": "AutoModelForQuestionAnswering",
-    "FEATURE_EXTRACTION": "AutoModel",
-}
+_AUTO = TASK_AUTO_CLASS
 _METHOD_NAMES = {"lora": "LoRA", "ia3": "IA3", "adalora": "AdaLoRA", "loha": "LoHa", "lokr": "LoKr", "oft": "OFT",
                  "vera": "VeRA"}
 

@@ -29,6 +29,7 @@ from .functional import functional
 from .io import _resolve, load, save
 from .io import state_dict as adapter_state_dict
 from .methods import get_method
+from .methods.common import TASK_AUTO_CLASS
 from .transforms import inject, merge, select
 
 __all__ = ["main", "EXIT_OK", "EXIT_USAGE", "EXIT_BAD_INPUT", "EXIT_MISMATCH"]
@@ -374,14 +375,7 @@ def _cmd_diff(args: argparse.Namespace) -> int:
 
 
 # -- base models (merge, verify) ----------------------------------------------------------------------
-_TASK_AUTO = {
-    "CAUSAL_LM": "AutoModelForCausalLM",
-    "SEQ_CLS": "AutoModelForSequenceClassification",
-    "TOKEN_CLS": "AutoModelForTokenClassification",
-    "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
-    "QUESTION_ANS": "AutoModelForQuestionAnswering",
-    "FEATURE_EXTRACTION": "AutoModel",
-}
+_TASK_AUTO = TASK_AUTO_CLASS
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 

@@ -50,6 +50,7 @@ from .hub import check_push_args, upload_adapter_folder
 from .initialize import init
 from .io import config_from, from_state_dict, load, save, write_card
 from .io import state_dict as adapter_state_dict
+from .methods.common import TASK_AUTO_CLASS
 from .methods.layers import merge_weight_names
 from .transforms import inject, merge, select
 
@@ -1738,14 +1739,7 @@ def _rebuild(base_cls: type) -> AdapterModel:
     return AdapterModel.__new__(cls)
 
 
-_TASK_AUTO = {
-    "CAUSAL_LM": "AutoModelForCausalLM",
-    "SEQ_CLS": "AutoModelForSequenceClassification",
-    "TOKEN_CLS": "AutoModelForTokenClassification",
-    "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
-    "QUESTION_ANS": "AutoModelForQuestionAnswering",
-    "FEATURE_EXTRACTION": "AutoModel",
-}
+_TASK_AUTO = TASK_AUTO_CLASS
 
 
 def from_pretrained(adapter_source: str | os.PathLike[str], model_cls: Any = None, *,

@@ -47,6 +47,7 @@ from .common import (
     linear_dims,
     module_path,
     plan_replacements,
+    require_targets,
     weight_needs_transpose,
 )
 
@@ -197,9 +198,7 @@ class AdaLora:
     def plan(self, config: AdaLoraConfig, model: nn.Module) -> tuple[AdaLoraConfig, dict[str, Entry]]:
         """Which modules ``config`` targets in ``model``, each with its :class:`Entry` (rank ``init_r``, or
         the kept count of a ``rank_pattern`` mask), plus the ``modules_to_save`` / bias replacements."""
-        if config.target_modules is None:
-            need(False, AdaLoraConfig, "target_modules",
-                 "is None; name the modules to adapt (PEFT guesses them per architecture, adaptfn does not)")
+        require_targets(config)
         config, found = layers.plan_targets(config, model, "AdaLoRA", {"linear", "conv2d"},
                                             "nn.Linear, transformers Conv1D and nn.Conv2d (PEFT 0.21's AdaLoRA layers)")
         modules = dict(model.named_modules())

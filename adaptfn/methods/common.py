@@ -31,8 +31,8 @@ from .base import (
 
 PATTERN_KEY = r"(.*\.)?({})$"  # how PEFT matches rank_pattern / alpha_pattern keys
 
-__all__ = ["LoraFamilyConfig", "PEFT_UNSUPPORTED", "SEQ_CLS_HEAD_NAMES", "EMBEDDING_LAYER_NAMES",
-           "TASK_MODULES_TO_SAVE", "with_task_defaults", "is_conv1d",
+__all__ = ["LoraFamilyConfig", "require_targets", "targeted", "PEFT_UNSUPPORTED", "SEQ_CLS_HEAD_NAMES",
+           "EMBEDDING_LAYER_NAMES", "TASK_MODULES_TO_SAVE", "TASK_AUTO_CLASS", "with_task_defaults", "is_conv1d",
            "linear_dims", "adapter_dtype", "weight_needs_transpose", "expand_all_linear", "linear_targets",
            "plan_embedding_saves", "plan_replacements", "dropout_options", "dropout", "MODULE_PATH",
            "module_path", "check_targeting", "check_patterns", "LycorisFamilyConfig", "module_kept", "rank_keep",
@@ -82,6 +82,22 @@ def weight_needs_transpose(weight: torch.Tensor | Sequence[int], delta_shape: Se
     if w != d:
         raise IncompatibleAdapterError(f"delta {shape_str(d)} does not fit weight {shape_str(w)}")
     return bool(fan_in_fan_out)
+
+
+def require_targets(config: Any) -> None:
+    """Refuse ``target_modules=None`` with a :class:`ConfigError` naming the config class: PEFT guesses the targets
+    per architecture, adaptfn asks for them."""
+    if config.target_modules is None:
+        need(False, type(config), "target_modules",
+             "is None; name the modules to adapt (PEFT guesses them per architecture, adaptfn does not)")
+
+
+def targeted(config: Any, model: nn.Module) -> tuple[Any, list[tuple[str, nn.Module]]]:
+    """The config with ``"all-linear"`` expanded, and the ``(path, module)`` pairs it targets in ``model``, in
+    module order (:func:`require_targets` first)."""
+    require_targets(config)
+    config = expand_all_linear(config, model)
+    return config, [(path, mod) for path, mod in model.named_modules() if path and is_target(config, path)]
 
 
 def expand_all_linear(config: Any, model: nn.Module) -> Any:
@@ -325,6 +341,16 @@ def plan_embedding_saves(config: Any, model: nn.Module, entries: dict[str, Entry
                                             frozen=e.frozen + names)
     return out
 
+
+#: PEFT's task_type -> the transformers Auto class that loads its base model (model cards, the CLI, from_pretrained)
+TASK_AUTO_CLASS = {
+    "CAUSAL_LM": "AutoModelForCausalLM",
+    "SEQ_CLS": "AutoModelForSequenceClassification",
+    "TOKEN_CLS": "AutoModelForTokenClassification",
+    "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
+    "QUESTION_ANS": "AutoModelForQuestionAnswering",
+    "FEATURE_EXTRACTION": "AutoModel",
+}
 
 # PEFT's task models add their heads to ``modules_to_save`` (peft_model.PeftModelForSequenceClassification,
 # ...ForTokenClassification: "classifier", "score"; ...ForQuestionAnswering: "qa_outputs"); the other task types

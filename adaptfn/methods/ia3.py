@@ -39,7 +39,7 @@ from ..adapter import COEF, Entry
 from ..errors import AdapterFileError, IncompatibleAdapterError, shape_str, single_for_route, stacked_called_directly
 from . import layers
 from .base import COMBINE, ROUTE, SCALE, CallBase, PeftConfigBase, check_bool, check_names, need
-from .common import adapter_dtype, is_conv1d, linear_dims, module_path, plan_replacements
+from .common import adapter_dtype, is_conv1d, linear_dims, module_path, plan_replacements, require_targets
 from .ia3_combine import combine_ia3
 from .ia3_conv import CONV_IA3, IA3_CONV_KINDS
 
@@ -128,9 +128,7 @@ class IA3:
         Returns:
             ``(config, entries)``: module path -> Entry, the ``modules_to_save`` replacements included.
         """
-        if config.target_modules is None:
-            need(False, IA3Config, "target_modules",
-                 "is None; name the modules to adapt (PEFT guesses them per architecture, adaptfn does not)")
+        require_targets(config)
         if config.feedforward_modules is None:
             need(False, IA3Config, "feedforward_modules",
                  "is None; PEFT would pick them from a per-architecture table, adaptfn asks you to name them "

@@ -43,11 +43,11 @@ from .base import ROUTE, SCALE, CallBase, need
 from .common import (
     LycorisFamilyConfig,
     adapter_dtype,
-    expand_all_linear,
     module_kept,
     module_path,
     plan_replacements,
     rank_keep,
+    targeted,
 )
 
 __all__ = ["LoHaConfig", "LoHa"]
@@ -109,14 +109,9 @@ class LoHa:
 
     # -- planning and init -------------------------------------------------------------------------
     def plan(self, config: LoHaConfig, model: nn.Module) -> tuple[LoHaConfig, dict[str, Entry]]:
-        if config.target_modules is None:
-            need(False, type(config), "target_modules",
-                 "is None; name the modules to adapt (PEFT guesses them per architecture, adaptfn does not)")
-        config = expand_all_linear(config, model)
+        config, found = targeted(config, model)
         entries: dict[str, Entry] = {}
-        for path, mod in model.named_modules():
-            if not path or not is_target(config, path):
-                continue
+        for path, mod in found:
             if lc.layer_of(mod) is None:
                 lc.refuse_layer("LoHa", path, mod)
             r, alpha = config.rank_and_alpha(path)

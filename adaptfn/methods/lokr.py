@@ -46,11 +46,11 @@ from .base import ROUTE, SCALE, CallBase, check_bool, is_int, need
 from .common import (
     LycorisFamilyConfig,
     adapter_dtype,
-    expand_all_linear,
     module_kept,
     module_path,
     plan_replacements,
     rank_keep,
+    targeted,
 )
 
 __all__ = ["LoKrConfig", "LoKr", "factorization", "lokr_shapes", "kron"]
@@ -193,14 +193,9 @@ class LoKr:
 
     # -- planning and init -------------------------------------------------------------------------
     def plan(self, config: LoKrConfig, model: nn.Module) -> tuple[LoKrConfig, dict[str, Entry]]:
-        if config.target_modules is None:
-            need(False, type(config), "target_modules",
-                 "is None; name the modules to adapt (PEFT guesses them per architecture, adaptfn does not)")
-        config = expand_all_linear(config, model)
+        config, found = targeted(config, model)
         entries: dict[str, Entry] = {}
-        for path, mod in model.named_modules():
-            if not path or not is_target(config, path):
-                continue
+        for path, mod in found:
             if lc.layer_of(mod) is None:
                 lc.refuse_layer("LoKr", path, mod)
             e = config.entry(path)

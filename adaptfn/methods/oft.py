@@ -49,10 +49,10 @@ from . import layers
 from .base import ROUTE, SCALE, CallBase, PeftConfigBase, check_bool, check_int, is_real, need
 from .common import (
     check_targeting,
-    expand_all_linear,
     module_path,
     plan_embedding_saves,
     plan_replacements,
+    targeted,
 )
 
 __all__ = ["OFTConfig", "OFT", "adjust_oft_parameters", "rotation"]
@@ -240,14 +240,9 @@ class OFT:
 
     # -- planning and init -------------------------------------------------------------------------
     def plan(self, config: OFTConfig, model: nn.Module) -> tuple[OFTConfig, dict[str, Entry]]:
-        if config.target_modules is None:
-            need(False, OFTConfig, "target_modules",
-                 "is None; name the modules to adapt (PEFT guesses them per architecture, adaptfn does not)")
-        config = expand_all_linear(config, model)
+        config, found = targeted(config, model)
         entries: dict[str, Entry] = {}
-        for path, mod in model.named_modules():
-            if not path or not is_target(config, path):
-                continue
+        for path, mod in found:
             if isinstance(mod, nn.Embedding):
                 kind, n_in = "embedding", mod.embedding_dim
             elif isinstance(mod, nn.Linear):

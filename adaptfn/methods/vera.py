@@ -56,6 +56,7 @@ from .common import (
     linear_targets,
     module_path,
     plan_replacements,
+    require_targets,
     weight_needs_transpose,
 )
 
@@ -170,9 +171,7 @@ class Vera:
 
     # -- planning and init -------------------------------------------------------------------------
     def plan(self, config: VeraConfig, model: nn.Module) -> tuple[VeraConfig, dict[str, Entry]]:
-        if config.target_modules is None:
-            need(False, VeraConfig, "target_modules",
-                 "is None; name the modules to adapt (PEFT guesses them per architecture, adaptfn does not)")
+        require_targets(config)
         config, found = linear_targets(config, model, "VeRA")
         entries = {path: _entry(config, fif) for path, fif in found}
         return config, plan_replacements(config, model, entries)
