@@ -275,13 +275,7 @@ class LoKr:
         dw = dw.reshape(dw.shape[0], *shape) if stacked else dw.reshape(shape)
         keep = rank_keep(entry, generator, shape[0], torch.float32, dw.device,
                          normalize=bool(entry.option("rank_dropout_scale", False)))
-        if keep is not None:
-            dw = dw * keep.to(dw.dtype).reshape(shape[0], *[1] * (len(shape) - 1))
-        if kept is not True:
-            dw = dw * kept.to(dw.dtype)
-        if route is not None:
-            return (out + lc.apply_delta_rows(module, x, dw, route)).to(out.dtype)
-        return (out + lc.apply_delta(module, x, dw)).to(out.dtype)
+        return lc.add_delta(out, module, x, dw, shape, keep, kept, route)
 
     def merge(self, entry: Entry, leaves: Mapping[str, torch.Tensor], on: Any,
               tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -32,7 +32,7 @@ from ..errors import IncompatibleAdapterError
 from . import layers
 from .common import is_conv1d
 
-__all__ = ["LAYERS", "layer_of", "refuse_layer", "kernel", "flat_in", "apply_delta", "apply_delta_rows",
+__all__ = ["LAYERS", "layer_of", "refuse_layer", "kernel", "flat_in", "add_delta", "apply_delta", "apply_delta_rows",
            "effective_conv", "row_shape"]
 
 LAYERS = "nn.Linear, nn.Conv1d and nn.Conv2d"
@@ -79,6 +79,19 @@ def effective_conv(use_effective_conv2d: bool, module: nn.Module) -> bool:
 def row_shape(module: nn.Module) -> tuple[int, ...]:
     """The delta weight's shape for ``module`` (its weight's)."""
     return tuple(int(s) for s in module.weight.shape)
+
+
+def add_delta(out: torch.Tensor, module: nn.Module, x: torch.Tensor, dw: torch.Tensor, shape: tuple[int, ...],
+              keep: torch.Tensor | None, kept: Any, route: torch.Tensor | None) -> torch.Tensor:
+    """``out`` plus the layer's output for the delta weight ``dw`` ([(N,) *shape]), its output rows scaled by the
+    rank-dropout mask ``keep`` ([shape[0]] or None) and by the gate ``kept`` (True: on); with ``route``, each batch
+    row through its own adapter's delta. Rounded to ``out``'s dtype."""
+    if keep is not None:
+        dw = dw * keep.to(dw.dtype).reshape(shape[0], *[1] * (len(shape) - 1))
+    if kept is not True:
+        dw = dw * kept.to(dw.dtype)
+    extra = apply_delta_rows(module, x, dw, route) if route is not None else apply_delta(module, x, dw)
+    return (out + extra).to(out.dtype)
 
 
 def apply_delta(module: nn.Module, x: torch.Tensor, dw: torch.Tensor) -> torch.Tensor:
