@@ -115,7 +115,8 @@ def model_card(adapter: Adapter | Mapping[str, Adapter], *, repo_id: str | None 
             (``"default"`` at the root, the others in sub-folders).
         repo_id: the Hub repo the card is for (used in the loading examples); default: a placeholder.
         root: for a mapping, the name of the adapter at the folder's root (default: ``"default"`` when
-            present, else the first).
+            present; otherwise no adapter is at the root, as :func:`adaptfn.save` lays such a mapping out,
+            and the loading examples name the first adapter's sub-folder).
 
     Returns:
         The card's text (Markdown with a YAML header).
@@ -133,8 +134,9 @@ def model_card(adapter: Adapter | Mapping[str, Adapter], *, repo_id: str | None 
         raise ConfigError(f"{where}: repo_id must be a str or None, got {type(repo_id).__name__}")
     if root is not None and root not in items:
         raise ConfigError(f"{where}: root={root!r} is not one of the adapters {list(items)}")
-    root_name = root if root is not None else ("default" if "default" in items else next(iter(items)))
-    root = items[root_name]
+    root_name = root if root is not None else ("default" if "default" in items else None)
+    first = root_name if root_name is not None else next(iter(items))
+    root = items[first]
     cfg = root.config
     base = cfg.base_model_name_or_path
     methods = sorted({a.method for a in items.values()})
@@ -158,19 +160,22 @@ def model_card(adapter: Adapter | Mapping[str, Adapter], *, repo_id: str | None 
         lines += ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in _summary_rows(a)] + [""]
     auto = _AUTO.get(cfg.task_type or "", "AutoModelForCausalLM")
     base_ref = base or "<base model>"
+    # no adapter at the root: the examples load the first one from its sub-folder
+    af_arg, peft_arg = ("", "") if root_name is not None else (f', adapter_name="{first}"', f', subfolder="{first}"')
     lines += ["## How to load", "", "With adaptfn (functional):", "", "```python", "import adaptfn as af",
               f"from transformers import {auto}", "",
               f'model = {auto}.from_pretrained("{base_ref}")',
               "fn, params = af.functional(model)",
-              f'adapter = af.load("{where_from}")',
-              "out = af.inject(fn, adapter)(params, **inputs)", "```", "",
-              "or as a stateful model (`base_model_name_or_path` from the config):", "",
-              "```python", f'model = af.from_pretrained("{where_from}")', "```", "",
-              "With PEFT:", "", "```python", "from peft import PeftModel", f"from transformers import {auto}", "",
+              f'adapter = af.load("{where_from}"{af_arg})',
+              "out = af.inject(fn, adapter)(params, **inputs)", "```", ""]
+    if root_name is not None:
+        lines += ["or as a stateful model (`base_model_name_or_path` from the config):", "",
+                  "```python", f'model = af.from_pretrained("{where_from}")', "```", ""]
+    lines += ["With PEFT:", "", "```python", "from peft import PeftModel", f"from transformers import {auto}", "",
               f'base = {auto}.from_pretrained("{base_ref}")',
-              f'model = PeftModel.from_pretrained(base, "{where_from}")', "```", ""]
+              f'model = PeftModel.from_pretrained(base, "{where_from}"{peft_arg})', "```", ""]
     if len(items) > 1:
-        others = [n for n in items if n != root_name]
+        others = [n for n in items if n != first]
         lines += ["The other adapters load with `adapter_name=` (adaptfn) / `subfolder=` (PEFT): "
                   + ", ".join(f"`{n}`" for n in others) + ".", ""]
     lines += ["## Framework versions", "", *_versions(), ""]

@@ -566,6 +566,7 @@ def write_card(folder: str, card: bytes, replaceable: Callable[[bytes], bool]) -
     Returns whether the card was written."""
     path = os.path.join(folder, CARD_FILE)
     with locked(folder) as dirfd:
+        settle(folder, dirfd)  # (a folder holding only sub-folders' adapters gets no write_pair to clean it)
         try:
             old = read_capped(path, missing_ok=True)
         except AdapterFileError:

@@ -14,7 +14,8 @@ import tempfile
 from collections.abc import Mapping
 from typing import Any
 
-from ._card import CARD_NAME, adapters_of, ours, with_marker
+from . import _files
+from ._card import adapters_of, ours, with_marker
 from ._card import model_card as model_card
 from .adapter import Adapter
 from .errors import AdapterFileError, AdaptfnError, ConfigError
@@ -85,17 +86,8 @@ def upload_adapter_folder(folder: str | os.PathLike[str], repo_id: str, card_for
     from huggingface_hub.errors import HfHubHTTPError, HFValidationError
 
     folder = os.fspath(folder)
-    card = os.path.join(folder, CARD_NAME)
-    try:
-        with open(card, "rb") as f:
-            mine = ours(f.read())
-    except FileNotFoundError:
-        mine = True
-    except OSError as e:
-        raise AdapterFileError(f"{where}: {card}: cannot read the model card ({e})") from None
-    if mine:  # no card, or adaptfn's own unedited one: (re)written with this repo's loading examples
-        with open(card, "wb") as f:
-            f.write(with_marker(model_card(card_for, repo_id=repo_id, root=root)))
+    # no card, or adaptfn's own unedited one: (re)written with this repo's loading examples, atomically
+    _files.write_card(folder, with_marker(model_card(card_for, repo_id=repo_id, root=root)), ours)
     api = HfApi()
     try:
         api.create_repo(repo_id, token=token, private=private, exist_ok=True)

@@ -850,7 +850,8 @@ class _PoolKernel:
             kernels = (FORCE_KERNEL,) * len(plan.groups)
         else:  # per bucket, from its tokens per used adapter: gather while few, else a GEMM kernel
             long = _gemm_kernel(plain, x2, n_in, o_dim)
-            kernels = tuple(_bucket_kernel(plain, len(g[1]) * L, len(g[3]), long) for g in plan.groups)
+            cpu = x2.device.type == "cpu"
+            kernels = tuple(_bucket_kernel(plain, len(g[1]) * L, len(g[3]), long, cpu) for g in plan.groups)
         inplace = routing.in_place_ok(out, x)
         o2 = out.reshape(-1, o_dim)
         for (R, tok, ts, *ops), kernel in zip(plan.tokens(L, n_in, kernels), kernels):
@@ -884,11 +885,12 @@ class _PoolKernel:
         return out if inplace else o2.view(out.shape)
 
 
-def _bucket_kernel(plain: bool, tokens: int, adapters: int, long: str) -> str:
-    """One bucket's kernel from its tokens and used adapters (``long``: the GEMM kernel of this call)."""
+def _bucket_kernel(plain: bool, tokens: int, adapters: int, long: str, cpu: bool = True) -> str:
+    """One bucket's kernel from its tokens and used adapters (``long``: the GEMM kernel of this call; ``cpu``:
+    whether the call runs on the CPU)."""
     if not plain:
         return long
-    if long == "padded":  # the CPU
+    if cpu:
         return "gather" if tokens <= CPU_GATHER_TOKENS * adapters else "loop"
     return "gather" if tokens <= GATHER_TOKENS * adapters else long
 

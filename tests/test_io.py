@@ -872,3 +872,21 @@ def test_adapter_model_save_pretrained_writes_one_card_at_the_root(setup, tmp_pa
     assert sorted(os.listdir(tmp_path / "sp" / "one")) == [CONFIG, WEIGHTS]
     text = (tmp_path / "sp" / CARD).read_text()
     assert "Adapter `two` (root folder)" in text and "Adapter `one` (sub-folder `one/`)" in text
+
+
+def test_card_of_a_mapping_without_default_names_the_sub_folders_and_cleans_the_root(setup, tmp_path):
+    """``af.save({"a": ..., "b": ...})`` puts both in sub-folders: the root's card says so, and the save removes a
+    stale temp file a killed card write left at the root."""
+    from adaptfn import _files
+
+    _, fn, _, _ = setup
+    root = tmp_path / "two"
+    root.mkdir()
+    stale = root / f".README.md.{_files._host()}-999999-1-deadbeef.tmp"  # a dead writer's temp file
+    stale.write_text("half a card")
+    af.save({"a": lora(fn), "b": lora(fn, seed=3)}, root)
+    assert sorted(os.listdir(root)) == [CARD, "a", "b"]
+    text = (root / CARD).read_text()
+    assert "(root folder)" not in text and "Adapter `a` (sub-folder `a/`)" in text
+    assert 'adapter_name="a")' in text and 'subfolder="a")' in text and "af.from_pretrained" not in text
+    assert sd_equal(af.load(root, adapter_name="a"), lora(fn))

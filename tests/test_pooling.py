@@ -408,3 +408,17 @@ def test_pool_composes_with_an_injected_adapter(llama_pool) -> None:
         want = torch.cat([(base if s < 0 else af.inject(base, ads[s]))(params, input_ids=ids[i:i + 1]).logits
                           for i, s in enumerate(route.tolist())])
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+
+
+def test_kernel_choice_cpu_and_other_devices():
+    """On the CPU: gather up to CPU_GATHER_TOKENS tokens per used adapter, loop above; elsewhere gather up to
+    GATHER_TOKENS and the call's GEMM kernel above (loop is a CPU kernel); under autograd / transforms always
+    the GEMM kernel."""
+    from adaptfn import pooling as P
+
+    assert P._bucket_kernel(True, P.CPU_GATHER_TOKENS * 3, 3, "padded", cpu=True) == "gather"
+    assert P._bucket_kernel(True, P.CPU_GATHER_TOKENS * 3 + 1, 3, "padded", cpu=True) == "loop"
+    assert P._bucket_kernel(True, 100, 2, "padded", cpu=False) == "padded"
+    assert P._bucket_kernel(True, 100, 2, "grouped", cpu=False) == "grouped"
+    assert P._bucket_kernel(True, P.GATHER_TOKENS * 2, 2, "grouped", cpu=False) == "gather"
+    assert P._bucket_kernel(False, 1, 2, "padded", cpu=True) == "padded"
