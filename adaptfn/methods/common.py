@@ -200,23 +200,7 @@ class LoraFamilyConfig(PeftConfigBase):
         need(self.bias in ("none", "all", "lora_only"), cls, "bias",
              f"must be 'none', 'all' or 'lora_only', got {self.bias!r}")
         self.validate_init_mode()
-        check_names(cls, "target_modules", self.target_modules)
-        check_names(cls, "exclude_modules", self.exclude_modules)
-        check_names(cls, "modules_to_save", self.modules_to_save, regex=False)
-        check_names(cls, "layers_pattern", self.layers_pattern)
-        for m in self.modules_to_save or ():  # matched as regexes, as PEFT does
-            check_regex(cls, "modules_to_save", m, r"(^|.*\.){}($|\..*)")
-        lp = self.layers_pattern
-        for m in ([lp] if isinstance(lp, str) else lp or ()):
-            check_regex(cls, "layers_pattern", m, r"(?:^|.*?\.){}\.(?P<idx>\d+)\.")
-        layers = self.layers_to_transform
-        need(layers is None or (is_int(layers) and layers >= 0) or (
-            isinstance(layers, (list, tuple)) and all(is_int(i) and i >= 0 for i in layers)),
-            cls, "layers_to_transform", f"must be an int >= 0, a list of them or None, got {layers!r}")
-        need(not (isinstance(self.target_modules, str) and layers is not None), cls, "layers_to_transform",
-             "cannot be used when target_modules is a regex str")
-        need(not (self.layers_pattern and layers is None), cls, "layers_pattern",
-             "is only used together with layers_to_transform")
+        check_targeting(self)
         need(isinstance(self.alpha_pattern, Mapping), cls, "alpha_pattern",
              f"must be a dict module name -> alpha, got {type(self.alpha_pattern).__name__}")
         for k, v in self.alpha_pattern.items():
@@ -427,7 +411,7 @@ def plan_replacements(config: Any, model: nn.Module, entries: dict[str, Entry]) 
 
 # -- shared by the methods beyond the LoRA family (LoHa, LoKr, OFT, VeRA) ---------------------------------------
 def check_targeting(cfg: Any) -> None:
-    """PEFT's targeting fields, as :class:`LoraFamilyConfig` checks them: ``target_modules`` /
+    """PEFT's targeting fields (every config class checks them here): ``target_modules`` /
     ``exclude_modules`` (a list of names or a regex str), ``modules_to_save`` (a list), ``layers_to_transform``
     (an int >= 0 or a list of them, only with list targets) and ``layers_pattern`` (only with it)."""
     cls = type(cfg)
