@@ -37,16 +37,13 @@ from torch import nn
 
 from .._where import is_target
 from ..adapter import COEF, SCALING, Entry
-from ..errors import AdapterFileError, IncompatibleAdapterError, shape_str, single_for_route, stacked_called_directly
+from ..errors import AdapterFileError, IncompatibleAdapterError, shape_str
 from . import lycoris_conv as lc
 from .base import ROUTE, SCALE, CallBase, need
 from .common import (
     LycorisFamilyConfig,
     adapter_dtype,
-    module_kept,
-    module_path,
     plan_replacements,
-    rank_keep,
     targeted,
 )
 
@@ -181,24 +178,13 @@ class LoHa:
             on: ``True``, or a bool tensor (the gate under a transform). generator: training dropouts (None: off).
             call_base, module: the base forward and module. x: the module input. route: int64 [batch] or None.
         """
-        stacked = leaves["hada_w1_a"].dim() == 3
-        if stacked != (route is not None):
-            raise single_for_route() if route is not None else stacked_called_directly(module_path(module))
-        out = call_base(x)
-        kept = module_kept(entry, generator)
-        if kept is False:
-            return out
-        shape = lc.row_shape(module)
-        dw = self._delta(entry, leaves, on)
-        dw = dw.reshape(dw.shape[0], *shape) if stacked else dw.reshape(shape)
-        keep = rank_keep(entry, generator, shape[0], dw.dtype, dw.device, normalize=True)
-        return lc.add_delta(out, module, x, dw, shape, keep, kept, route)
+        return lc.forward_dense(lambda: self._delta(entry, leaves, on), leaves["hada_w1_a"].dim() == 3, entry,
+                                generator, call_base, module, x, route, normalize=True)
 
     def merge(self, entry: Entry, leaves: Mapping[str, torch.Tensor], on: Any,
               tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``{"weight": W + dW}``."""
-        weight = tensors["weight"]
-        return {"weight": weight + self._delta(entry, leaves, on).reshape(weight.shape).to(weight.dtype)}
+        return lc.merged(tensors, self._delta(entry, leaves, on))
 
     def off(self, entry: Entry, leaves: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``hada_w2_b`` zeros: no delta."""
@@ -206,12 +192,7 @@ class LoHa:
 
     # -- checks against a model -------------------------------------------------------------------
     def check(self, path: str, entry: Entry, leaves: Mapping[str, torch.Tensor], module: nn.Module) -> None:
-        layer = lc.layer_of(module)
-        if layer is None or (entry.kind == CONV_KIND and layer == "linear"):
-            want = "a convolution" if entry.kind == CONV_KIND else "an nn.Linear or a convolution"
-            raise IncompatibleAdapterError(
-                f"module {path!r}: the adapter has a LoHa delta for {want} but the model has a "
-                f"{type(module).__name__}")
+        layer = lc.check_layer("LoHa", path, entry.kind == CONV_KIND, module)
         w1a, w1b, w2a, w2b = (leaves[n] for n in FACTORS)
         n_out = int(module.weight.shape[0])
         if entry.kind == CONV_KIND:

@@ -40,16 +40,13 @@ from torch import nn
 
 from .._where import is_target
 from ..adapter import COEF, SCALING, Entry
-from ..errors import AdapterFileError, IncompatibleAdapterError, shape_str, single_for_route, stacked_called_directly
+from ..errors import AdapterFileError, IncompatibleAdapterError, shape_str
 from . import lycoris_conv as lc
 from .base import ROUTE, SCALE, CallBase, check_bool, is_int, need
 from .common import (
     LycorisFamilyConfig,
     adapter_dtype,
-    module_kept,
-    module_path,
     plan_replacements,
-    rank_keep,
     targeted,
 )
 
@@ -263,25 +260,14 @@ class LoKr:
                 route: torch.Tensor | None = None) -> torch.Tensor:
         """``base(x) + x @ dW^T`` (``x`` [..., in]; a convolution: ``base(x) + conv(x, dW)``); row ``i`` uses adapter
         ``route[i]``'s ``dW`` when routed."""
-        stacked = _w1(leaves).dim() == 3
-        if stacked != (route is not None):
-            raise single_for_route() if route is not None else stacked_called_directly(module_path(module))
-        out = call_base(x)
-        kept = module_kept(entry, generator)
-        if kept is False:
-            return out
-        shape = lc.row_shape(module)
-        dw = self._delta(entry, leaves, on)
-        dw = dw.reshape(dw.shape[0], *shape) if stacked else dw.reshape(shape)
-        keep = rank_keep(entry, generator, shape[0], torch.float32, dw.device,
-                         normalize=bool(entry.option("rank_dropout_scale", False)))
-        return lc.add_delta(out, module, x, dw, shape, keep, kept, route)
+        return lc.forward_dense(lambda: self._delta(entry, leaves, on), _w1(leaves).dim() == 3, entry, generator,
+                                call_base, module, x, route,
+                                normalize=bool(entry.option("rank_dropout_scale", False)), keep_dtype=torch.float32)
 
     def merge(self, entry: Entry, leaves: Mapping[str, torch.Tensor], on: Any,
               tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``{"weight": W + dW}``."""
-        weight = tensors["weight"]
-        return {"weight": weight + self._delta(entry, leaves, on).reshape(weight.shape).to(weight.dtype)}
+        return lc.merged(tensors, self._delta(entry, leaves, on))
 
     def off(self, entry: Entry, leaves: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``w1`` zeros (``lokr_w1`` or ``lokr_w1_a``): no delta."""
@@ -290,12 +276,7 @@ class LoKr:
 
     # -- checks against a model -------------------------------------------------------------------
     def check(self, path: str, entry: Entry, leaves: Mapping[str, torch.Tensor], module: nn.Module) -> None:
-        layer = lc.layer_of(module)
-        if layer is None or (entry.kind == CONV_KIND and layer == "linear"):
-            want = "a convolution" if entry.kind == CONV_KIND else "an nn.Linear or a convolution"
-            raise IncompatibleAdapterError(
-                f"module {path!r}: the adapter has a LoKr delta for {want} but the model has a "
-                f"{type(module).__name__}")
+        lc.check_layer("LoKr", path, entry.kind == CONV_KIND, module)
         shape = lc.row_shape(module)
         w1 = leaves.get("lokr_w1")
         a, c = (w1.shape[-2], w1.shape[-1]) if w1 is not None else (leaves["lokr_w1_a"].shape[-2],

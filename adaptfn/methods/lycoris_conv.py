@@ -21,6 +21,7 @@ channels (``groups = batch * g``), each row with its own adapter's ``dW`` (zeros
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -28,12 +29,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import routing
-from ..errors import IncompatibleAdapterError
+from ..errors import IncompatibleAdapterError, single_for_route, stacked_called_directly
 from . import layers
-from .common import is_conv1d
+from .common import is_conv1d, module_kept, module_path, rank_keep
 
-__all__ = ["LAYERS", "layer_of", "refuse_layer", "kernel", "flat_in", "add_delta", "apply_delta", "apply_delta_rows",
-           "effective_conv", "row_shape"]
+__all__ = ["LAYERS", "layer_of", "refuse_layer", "kernel", "flat_in", "forward_dense", "merged", "check_layer",
+           "apply_delta", "apply_delta_rows", "effective_conv", "row_shape"]
 
 LAYERS = "nn.Linear, nn.Conv1d and nn.Conv2d"
 """What PEFT 0.21.2's LoHa and LoKr (and so adaptfn's) cover."""
@@ -81,17 +82,48 @@ def row_shape(module: nn.Module) -> tuple[int, ...]:
     return tuple(int(s) for s in module.weight.shape)
 
 
-def add_delta(out: torch.Tensor, module: nn.Module, x: torch.Tensor, dw: torch.Tensor, shape: tuple[int, ...],
-              keep: torch.Tensor | None, kept: Any, route: torch.Tensor | None) -> torch.Tensor:
-    """``out`` plus the layer's output for the delta weight ``dw`` ([(N,) *shape]), its output rows scaled by the
-    rank-dropout mask ``keep`` ([shape[0]] or None) and by the gate ``kept`` (True: on); with ``route``, each batch
-    row through its own adapter's delta. Rounded to ``out``'s dtype."""
+def forward_dense(delta: Callable[[], torch.Tensor], stacked: bool, entry: Any, generator: Any, call_base: Any,
+                  module: nn.Module, x: torch.Tensor, route: torch.Tensor | None, *, normalize: bool,
+                  keep_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The forward of a method whose delta is a dense weight (LoHa, LoKr): ``base(x)`` plus the layer's output for
+    ``dW = delta()`` ([(N,) out, in(, *kernel)] flat or not), its output rows scaled by the rank-dropout mask
+    (``normalize``: PEFT's rescaling; drawn in ``keep_dtype``, default dW's) and by the module-dropout gate;
+    with ``route`` (a stack: ``stacked``), each batch row through its own adapter's delta. Rounded to the base
+    output's dtype."""
+    if stacked != (route is not None):
+        raise single_for_route() if route is not None else stacked_called_directly(module_path(module))
+    out = call_base(x)
+    kept = module_kept(entry, generator)
+    if kept is False:
+        return out
+    shape = row_shape(module)
+    dw = delta()
+    dw = dw.reshape(dw.shape[0], *shape) if stacked else dw.reshape(shape)
+    keep = rank_keep(entry, generator, shape[0], keep_dtype or dw.dtype, dw.device, normalize=normalize)
     if keep is not None:
         dw = dw * keep.to(dw.dtype).reshape(shape[0], *[1] * (len(shape) - 1))
     if kept is not True:
         dw = dw * kept.to(dw.dtype)
     extra = apply_delta_rows(module, x, dw, route) if route is not None else apply_delta(module, x, dw)
     return (out + extra).to(out.dtype)
+
+
+def merged(tensors: Mapping[str, torch.Tensor], dw: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``{"weight": W + dW}`` (``dW`` reshaped to the weight, in the weight's dtype)."""
+    weight = tensors["weight"]
+    return {"weight": weight + dw.reshape(weight.shape).to(weight.dtype)}
+
+
+def check_layer(method: str, path: str, conv_only: bool, module: nn.Module) -> str:
+    """``module``'s layer kind (:func:`layer_of`); raise :class:`IncompatibleAdapterError` unless it is a layer the
+    method's entry fits: a convolution (``conv_only``: the entry has kernel factors) or also an nn.Linear."""
+    layer = layer_of(module)
+    if layer is None or (conv_only and layer == "linear"):
+        want = "a convolution" if conv_only else "an nn.Linear or a convolution"
+        raise IncompatibleAdapterError(
+            f"module {path!r}: the adapter has a {method} delta for {want} but the model has a "
+            f"{type(module).__name__}")
+    return layer
 
 
 def apply_delta(module: nn.Module, x: torch.Tensor, dw: torch.Tensor) -> torch.Tensor:
