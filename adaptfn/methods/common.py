@@ -33,7 +33,7 @@ PATTERN_KEY = r"(.*\.)?({})$"  # how PEFT matches rank_pattern / alpha_pattern k
 
 __all__ = ["LoraFamilyConfig", "require_targets", "targeted", "PEFT_UNSUPPORTED", "SEQ_CLS_HEAD_NAMES",
            "EMBEDDING_LAYER_NAMES", "TASK_MODULES_TO_SAVE", "TASK_AUTO_CLASS", "with_task_defaults", "is_conv1d",
-           "linear_dims", "adapter_dtype", "weight_needs_transpose", "expand_all_linear", "linear_targets",
+           "linear_dims", "adapter_dtype", "weight_needs_transpose", "expand_all_linear",
            "plan_embedding_saves", "plan_replacements", "dropout_options", "dropout", "MODULE_PATH",
            "module_path", "check_targeting", "check_patterns", "LycorisFamilyConfig", "module_kept", "rank_keep",
            "not_conv1d"]
@@ -264,35 +264,6 @@ def dropout(entry: Entry, generator: torch.Generator | None, h: torch.Tensor) ->
         return h
     keep = torch.rand(h.shape, generator=generator, device=h.device, dtype=h.dtype) >= p
     return h * keep / (1 - p)
-
-
-def linear_targets(config: Any, model: nn.Module, method: str) -> tuple[Any, list[tuple[str, bool]]]:
-    """The Linear / Conv1D modules ``config`` targets, as ``(path, fan_in_fan_out)``; the config comes back
-    with ``all-linear`` expanded and ``fan_in_fan_out`` set from the module type, as PEFT saves it.
-    Other module types, or no match at all, raise :class:`IncompatibleAdapterError`."""
-    config = expand_all_linear(config, model)
-    found: list[tuple[str, bool]] = []
-    fif = config.fan_in_fan_out
-    for path, mod in model.named_modules():
-        if not path or not is_target(config, path):
-            continue
-        if is_conv1d(mod):
-            fif = True
-        elif isinstance(mod, nn.Linear):
-            fif = False
-        else:
-            raise IncompatibleAdapterError(
-                f"target module {path!r} is a {type(mod).__name__}; {method} supports nn.Linear and "
-                "transformers Conv1D (check target_modules / exclude_modules)")
-        found.append((path, fif))
-    if not found:
-        paths = [p for p, m in model.named_modules() if p and not list(m.children())][:4]
-        raise IncompatibleAdapterError(
-            f"{type(config).__name__}.target_modules={config.target_modules!r} matches no module of "
-            f"{type(model).__name__} (module names look like {paths})")
-    if fif != config.fan_in_fan_out:  # PEFT rewrites the field from the module type; so do we
-        config = dataclasses.replace(config, fan_in_fan_out=fif)
-    return config, found
 
 
 EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")

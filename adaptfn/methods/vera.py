@@ -46,6 +46,7 @@ from ..errors import (
     single_for_route,
     stacked_called_directly,
 )
+from . import layers
 from .base import ROUTE, SCALE, CallBase, PeftConfigBase, check_bool, check_int, is_int, is_real, need
 from .common import (
     adapter_dtype,
@@ -53,7 +54,6 @@ from .common import (
     dropout,
     is_conv1d,
     linear_dims,
-    linear_targets,
     module_path,
     plan_replacements,
     require_targets,
@@ -172,8 +172,8 @@ class Vera:
     # -- planning and init -------------------------------------------------------------------------
     def plan(self, config: VeraConfig, model: nn.Module) -> tuple[VeraConfig, dict[str, Entry]]:
         require_targets(config)
-        config, found = linear_targets(config, model, "VeRA")
-        entries = {path: _entry(config, fif) for path, fif in found}
+        config, found = layers.plan_targets(config, model, "VeRA", {"linear"}, "nn.Linear and transformers Conv1D")
+        entries = {path: _entry(config, fif) for path, fif, _ in found}
         return config, plan_replacements(config, model, entries)
 
     def _shared_for(self, config: VeraConfig, model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
