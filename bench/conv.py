@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from bench.harness import Result, interleaved
+from bench.harness import Result, inference, interleaved
 
 CONV_TARGETS = ["conv1", "conv2", "conv_shortcut", "conv", "proj_in", "proj_out", "conv_in", "conv_out"]
 
@@ -83,14 +83,6 @@ def scenario_conv(w: Any) -> Result:
     route = torch.arange(n, device=dev)
     routed = af.inject(fn, af.stack(adapters), route=route)
 
-    def run(f: Any) -> Any:
-        def go() -> None:
-            with torch.inference_mode():
-                f()
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-        return go
-
     def peft_step() -> None:
         pm.zero_grad(set_to_none=True)
         pm(x, t, e).sample.square().mean().backward()
@@ -114,11 +106,11 @@ def scenario_conv(w: Any) -> Result:
         mixed_ref = pm(x, t, e, adapter_names=names).sample
         err_mixed = float((routed(params, x, t, e).sample - mixed_ref).abs().max() / mixed_ref.abs().max())
     med = interleaved({
-        "base": run(lambda: base(x, t, e)),
-        "peft": run(lambda: pm(x, t, e)),
-        "adaptfn": run(lambda: injected(params, x, t, e)),
-        "peft adapter_names": run(lambda: pm(x, t, e, adapter_names=names)),
-        "route": run(lambda: routed(params, x, t, e)),
+        "base": inference(lambda: base(x, t, e)),
+        "peft": inference(lambda: pm(x, t, e)),
+        "adaptfn": inference(lambda: injected(params, x, t, e)),
+        "peft adapter_names": inference(lambda: pm(x, t, e, adapter_names=names)),
+        "route": inference(lambda: routed(params, x, t, e)),
         "peft train step": peft_step,
         "adaptfn train step": lambda: grad(train),
     }, args.repeats, args.warmup)

@@ -25,18 +25,9 @@ from typing import Any
 
 import torch
 
-from bench.harness import Result, interleaved
+from bench.harness import Result, inference, interleaved
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
-
-
-def _timed(dev: torch.device, f: Any) -> Any:
-    def go() -> None:
-        with torch.inference_mode():
-            f()
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-    return go
 
 
 def scenario_dora(w: Any) -> Result:
@@ -71,9 +62,9 @@ def scenario_dora(w: Any) -> Result:
     for tag, ids, reps, warm in (("", w.ids, args.repeats, args.warmup),
                                  ("decode ", w.ids1, args.repeats * 4, args.warmup * 4)):
         m = interleaved({
-            "base": _timed(dev, lambda ids=ids: w.base(input_ids=ids, use_cache=False)),
-            "peft": _timed(dev, lambda ids=ids: pm(input_ids=ids, use_cache=False)),
-            "adaptfn": _timed(dev, lambda ids=ids: adapted(w.params, input_ids=ids, use_cache=False)),
+            "base": inference(lambda ids=ids: w.base(input_ids=ids, use_cache=False)),
+            "peft": inference(lambda ids=ids: pm(input_ids=ids, use_cache=False)),
+            "adaptfn": inference(lambda ids=ids: adapted(w.params, input_ids=ids, use_cache=False)),
         }, reps, warm)
         med.update({tag + k: v for k, v in m.items()})
     conv_err = _conv_case(w, med)
@@ -122,9 +113,9 @@ def _conv_case(w: Any, med: dict[str, float]) -> float:
         ref = pm(x, t, e).sample
         err = float((adapted(params, x, t, e).sample - ref).abs().max() / ref.abs().max())
     m = interleaved({
-        "conv base": _timed(dev, lambda: base(x, t, e)),
-        "conv peft": _timed(dev, lambda: pm(x, t, e)),
-        "conv adaptfn": _timed(dev, lambda: adapted(params, x, t, e)),
+        "conv base": inference(lambda: base(x, t, e)),
+        "conv peft": inference(lambda: pm(x, t, e)),
+        "conv adaptfn": inference(lambda: adapted(params, x, t, e)),
     }, args.repeats, args.warmup)
     med.update(m)
     return err

@@ -49,6 +49,17 @@ def interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int,
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def inference(f: Callable[[], Any]) -> Callable[[], None]:
+    """``f`` as a contender for :func:`interleaved`: run under ``torch.inference_mode`` (interleaved adds the
+    GPU synchronisation)."""
+    import torch
+
+    def go() -> None:
+        with torch.inference_mode():
+            f()
+    return go
+
+
 def _synced(f: Callable[[], Any]) -> Callable[[], Any]:
     import torch
 

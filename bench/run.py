@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from bench import conv, dora, many, qlora, single, thousand
-from bench.harness import Result, interleaved, plot, table
+from bench.harness import Result, inference, interleaved, plot, table
 
 warnings.filterwarnings("ignore")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -77,24 +77,12 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _inference(dev: torch.device):
-    """``f`` -> a timed callable running ``f`` under inference_mode (and synchronising a GPU)."""
-    def wrap(f):
-        def go():
-            with torch.inference_mode():
-                f()
-            _sync(dev)
-        return go
-    return wrap
-
-
 def _base_peft_adaptfn(w: Workload, ids: torch.Tensor, repeats: int, warmup: int) -> dict[str, float]:
     """Medians of the base model, PEFT unmerged and adaptfn ``inject`` on ``ids``, interleaved."""
-    run = _inference(w.device)
     return interleaved({
-        "base": run(lambda: w.base(input_ids=ids, use_cache=False)),
-        "peft": run(lambda: w.peft_model(input_ids=ids, use_cache=False)),
-        "adaptfn": run(lambda: w.g(w.params, input_ids=ids, use_cache=False)),
+        "base": inference(lambda: w.base(input_ids=ids, use_cache=False)),
+        "peft": inference(lambda: w.peft_model(input_ids=ids, use_cache=False)),
+        "adaptfn": inference(lambda: w.g(w.params, input_ids=ids, use_cache=False)),
     }, repeats, warmup)
 
 
@@ -108,13 +96,12 @@ def scenario_unmerged(w: Workload) -> Result:
 def scenario_merged(w: Workload) -> Result:
     import adaptfn as af
 
-    args, ids, dev = w.args, w.ids, w.device
-    run = _inference(dev)
+    args, ids = w.args, w.ids
     merged = af.merge(w.params, w.adapters[0])
 
     med = interleaved({
-        "base": run(lambda: w.base(input_ids=ids, use_cache=False)),
-        "adaptfn merged": run(lambda: w.fn(merged, input_ids=ids, use_cache=False)),
+        "base": inference(lambda: w.base(input_ids=ids, use_cache=False)),
+        "adaptfn merged": inference(lambda: w.fn(merged, input_ids=ids, use_cache=False)),
     }, args.repeats, args.warmup)
     return Result("2 merged forward", med, {"merged/base": med["adaptfn merged"] / med["base"]},
                   {"merged/base": 1.02})
