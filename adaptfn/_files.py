@@ -31,12 +31,10 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
-import json
 import os
 import re
 import secrets
 import socket
-import struct
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -46,6 +44,7 @@ try:  # POSIX advisory locks; without them (Windows) saves stay atomic but write
 except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
+from . import _safetensors
 from .errors import AdapterFileError
 
 __all__ = ["CONFIG_NAME", "SAFETENSORS_NAME", "PENDING_NAME", "DIGEST_KEY", "MAX_CONFIG_BYTES", "digest", "os_error",
@@ -57,7 +56,6 @@ PENDING_NAME = ".adapter_config.json.pending"
 CARD_FILE = "README.md"  # the model card (adaptfn._card), written after the pair
 DIGEST_KEY = "adaptfn.config_sha256"
 MAX_CONFIG_BYTES = 16 << 20  # PEFT configs are kilobytes; a bigger one is refused before it is parsed
-_MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit on the JSON header
 _CHUNK = 16 << 20
 LOCK_TIMEOUT = 300.0  # seconds a save waits for another save of the same folder
 READ_TRIES = 60  # a read retries a moving folder this many times (about 1 s) before "save in progress"
@@ -262,35 +260,14 @@ def read_capped(path: str, limit: int = MAX_CONFIG_BYTES, *, missing_ok: bool = 
         os.close(fd)
 
 
-def _read_exact(fd: int, n: int) -> bytes:
-    parts, left = [], n
-    while left:
-        b = os.read(fd, min(left, _CHUNK))
-        if not b:
-            break
-        parts.append(b)
-        left -= len(b)
-    return b"".join(parts)
-
-
 def _header_digest(fd: int, path: str) -> str | None:
     """The config hash in an open safetensors file's metadata (None: no hash). Raises on a bad header."""
-    head = _read_exact(fd, 8)
-    if len(head) < 8:
-        raise AdapterFileError(f"{path}: corrupt or truncated safetensors file (only {len(head)} bytes)")
-    (n,) = struct.unpack("<Q", head)
-    if n > _MAX_HEADER_BYTES:
-        raise AdapterFileError(f"{path}: corrupt safetensors file (header length {n} is not plausible)")
-    raw = _read_exact(fd, n)
-    if len(raw) < n:
-        raise AdapterFileError(f"{path}: corrupt or truncated safetensors file (header cut at {len(raw)} of {n} "
-                               "bytes)")
-    try:
-        header = json.loads(raw)
-    except (ValueError, RecursionError):
-        raise AdapterFileError(f"{path}: corrupt safetensors file (its header is not valid JSON)") from None
-    meta = header.get("__metadata__") if isinstance(header, dict) else None
-    h = meta.get(DIGEST_KEY) if isinstance(meta, dict) else None
+    return _digest_of(_safetensors.read_header(fd, path)[1])
+
+
+def _digest_of(header: Any) -> str | None:
+    meta = _safetensors.metadata(header)
+    h = meta.get(DIGEST_KEY) if meta is not None else None
     return h if isinstance(h, str) else None
 
 
@@ -331,7 +308,7 @@ class _Moved(Exception):
 
 
 def read_pair(cpath: str, wpath: str, ppath: str | None, use: Callable[[bytes, Callable[[], Any]], Any],
-              open_weights: Callable[[str], Any]) -> tuple[Any, bool]:
+              open_weights: Callable[[str], Any], direct: bool = False) -> tuple[Any, bool]:
     """Read one consistent (config, weights) version of an adapter folder.
 
     Arguments:
@@ -341,6 +318,8 @@ def read_pair(cpath: str, wpath: str, ppath: str | None, use: Callable[[bytes, C
             tensors of the very weights file whose hash was checked; its result is returned. (So a bad
             config is reported before a bad weights file.)
         open_weights: ``open_weights(wpath)`` -> a context manager giving a safetensors handle.
+        direct: read the tensors (to the CPU) from the descriptor whose hash was checked, with
+            :func:`adaptfn._safetensors.read_data`, when the file is plain enough for it (else as above).
 
     Returns:
         ``(use's result, pending)``: pending is True when the version read is that of a save not finished
@@ -365,8 +344,10 @@ def read_pair(cpath: str, wpath: str, ppath: str | None, use: Callable[[bytes, C
             try:
                 st1 = os.fstat(fd)
                 bad: AdapterFileError | None = None
+                n, header, unique = 0, None, False
                 try:
-                    h = _header_digest(fd, wpath)
+                    n, header, unique = _safetensors.read_header(fd, wpath)
+                    h = _digest_of(header)
                 except AdapterFileError as e:  # (an OSError too: first)
                     h, bad = None, e
                 except OSError as e:
@@ -385,12 +366,20 @@ def read_pair(cpath: str, wpath: str, ppath: str | None, use: Callable[[bytes, C
                     else:
                         why = f"{CONFIG_NAME} and {SAFETENSORS_NAME} disagree while a save renames them"
                 if chosen is not None:
-                    def tensors(st1: os.stat_result = st1, bad: AdapterFileError | None = bad) -> dict[str, Any]:
+                    def tensors(st1: os.stat_result = st1, bad: AdapterFileError | None = bad, n: int = n,
+                                header: Any = header, unique: bool = unique, fd: int = fd) -> dict[str, Any]:
                         # safetensors opens (and maps) the file by its path, maybe more than once: the path
                         # must name the very file whose hash was read (held open by fd, so its inode cannot be
                         # reused) before and after, or the tensors may come from a file renamed in meanwhile
                         if bad is not None:
                             raise bad
+                        if direct:  # the very file whose hash was read: no rename can come between
+                            try:
+                                got = _safetensors.read_data(fd, n, header, unique, st1.st_size)
+                            except OSError as e:
+                                raise os_error("read", wpath, e) from None
+                            if got is not None:
+                                return got
                         if not _same_file(st1, _stat(wpath)):
                             raise _Moved
                         try:

@@ -89,7 +89,7 @@ def is_target(config: object, path: str) -> bool:
         return re.fullmatch(targets, path) is not None
     if path in targets:
         return True
-    found = any(path.endswith("." + t) for t in targets)
+    found = path.rpartition(".")[2] in targets or any(path.endswith("." + t) for t in targets)
     layers = getattr(config, "layers_to_transform", None)
     using_layers = layers is not None and (len(layers) != 0 if isinstance(layers, (list, tuple)) else True)
     if found and using_layers:

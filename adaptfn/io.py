@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import errno
+import functools
 import json
 import os
 import re
@@ -373,8 +374,25 @@ def _json_depth_ok(value: Any) -> bool:
     return True
 
 
+_PARSED: dict[bytes, tuple[Any, Any]] = {}
+_PARSED_MAX = 256
+
+
 def parse_config(data: bytes, path: str) -> tuple[Any, Any]:
-    """``(method, config)`` from the bytes of an adapter_config.json (``path`` names it in errors)."""
+    """``(method, config)`` from the bytes of an adapter_config.json (``path`` names it in errors). The same
+    bytes give the same (immutable) config object: a server loading many adapters saved with one config
+    parses it once."""
+    hit = _PARSED.get(data)
+    if hit is not None:
+        return hit
+    out = _parse_config(data, path)
+    if len(_PARSED) >= _PARSED_MAX:
+        _PARSED.clear()
+    _PARSED[data] = out
+    return out
+
+
+def _parse_config(data: bytes, path: str) -> tuple[Any, Any]:
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -508,6 +526,52 @@ def _dtype_arg(where: str, dtype: Any) -> torch.dtype | None:
     return dtype
 
 
+@functools.lru_cache(maxsize=64)
+def _suffix_index(suffixes: tuple[str, ...]) -> tuple[tuple[int, ...], dict[str, int], dict[str, str | None]]:
+    """For :func:`_delta_suffix`: the dot-separated lengths of ``suffixes``, each suffix's first position and
+    a memo of the answers (a server loading many adapters of one model meets the same keys again)."""
+    first: dict[str, int] = {}
+    for i, s in enumerate(suffixes):
+        first.setdefault(s, i)
+    return tuple(sorted({s.count(".") + 1 for s in suffixes})), first, {}
+
+
+_MEMO_KEYS = 1 << 16
+
+
+def _delta_suffix(rest: str, suffixes: tuple[str, ...]) -> str | None:
+    """The first of ``suffixes`` (in their order) that ``rest`` ends with after a dot, or None: a lookup of
+    ``rest``'s last 1, 2, ... components instead of an ``endswith`` per suffix, remembered per key."""
+    lengths, first, memo = _suffix_index(suffixes)
+    if rest in memo:
+        return memo[rest]
+    parts = rest.split(".")
+    n = len(parts)
+    best, at = None, len(suffixes)
+    for k in lengths:
+        if k >= n:
+            break
+        i = first.get(".".join(parts[n - k:]))
+        if i is not None and i < at:
+            best, at = suffixes[i], i
+    if len(memo) >= _MEMO_KEYS:
+        memo.clear()
+    memo[rest] = best
+    return best
+
+
+_SHARES: dict[type, bool] = {}
+
+
+def _shares_tensors(method: Any) -> bool:
+    """``isinstance(method, SharedTensors)``, remembered per method class (a runtime Protocol check is slow,
+    and a load of many adapters asks it for each)."""
+    cls = type(method)
+    if cls not in _SHARES:
+        _SHARES[cls] = isinstance(method, SharedTensors)
+    return _SHARES[cls]
+
+
 def _saved_module(config: Any, rest: str) -> tuple[str, str] | None:
     """Split a modules_to_save key into (module path, tensor name) by PEFT's rule."""
     names = getattr(config, "modules_to_save", None) or []
@@ -524,8 +588,9 @@ def _from_peft(method: Any, config: Any, sd: Mapping[str, torch.Tensor], source:
     """Build an adapter from a PEFT state dict (keys with the ``base_model.model.`` prefix, plus a method's
     shared keys, see :class:`adaptfn.methods.base.SharedTensors`). ``model`` (an ``nn.Module`` or None) is
     handed to a method that may need it to regenerate shared tensors the file lacks."""
-    suffixes = method.delta_suffixes()
-    shared_keys = method.shared_keys() if isinstance(method, SharedTensors) else ()
+    suffixes = tuple(method.delta_suffixes())
+    shares = _shares_tensors(method)
+    shared_keys = method.shared_keys() if shares else ()
     shared: dict[str, torch.Tensor] = {}
     deltas: dict[str, dict[str, torch.Tensor]] = {}
     repl: dict[str, dict[str, torch.Tensor]] = {}
@@ -538,7 +603,7 @@ def _from_peft(method: Any, config: Any, sd: Mapping[str, torch.Tensor], source:
         if not key.startswith(PREFIX):
             raise AdapterFileError(f"{source}: key {key!r} does not start with {PREFIX!r} (not a PEFT adapter file)")
         rest = key[len(PREFIX):]
-        suffix = next((s for s in suffixes if rest.endswith("." + s)), None)
+        suffix = _delta_suffix(rest, suffixes)
         if suffix is not None:
             deltas.setdefault(rest[: -len(suffix) - 1], {})[suffix] = t
             continue
@@ -581,7 +646,7 @@ def _from_peft(method: Any, config: Any, sd: Mapping[str, torch.Tensor], source:
     weight_tying.mark(entries, tied_modules)
     if not entries:
         raise AdapterFileError(f"{source}: the weights file holds no adapter tensors")
-    if isinstance(method, SharedTensors):
+    if shares:
         entries, tensors = method.shared_from_peft(config, shared, entries, tensors, source, _module(model, source))
     for leaves in tensors.values():
         ref = next(iter(leaves.values()))
@@ -674,7 +739,7 @@ def load(
         folder = os.path.dirname(cfg_path)
         pending_path = os.path.join(folder, _files.PENDING_NAME) if local else None
         adapter, pending = _files.read_pair(cfg_path, w_path, pending_path, use,
-                                            lambda p: _WeightsReader(p, dev))
+                                            lambda p: _WeightsReader(p, dev), direct=dev in (None, "cpu"))
         if pending:  # a killed save had committed: finish it, unless a save is running (it will)
             with contextlib.suppress(AdaptfnError, OSError), _files.locked(folder, wait=False) as fd:
                 if fd is not None:

@@ -231,8 +231,8 @@ class LoraFamilyConfig(PeftConfigBase):
 
     def rank_and_alpha(self, path: str) -> tuple[int, float]:
         """The module's ``(r, lora_alpha)``: ``rank_pattern`` / ``alpha_pattern`` where a key matches."""
-        rk = pattern_key(list(self.rank_pattern), path)
-        ak = pattern_key(list(self.alpha_pattern), path)
+        rk = pattern_key(list(self.rank_pattern), path) if self.rank_pattern else None
+        ak = pattern_key(list(self.alpha_pattern), path) if self.alpha_pattern else None
         r = self.rank_pattern[rk] if rk is not None else self.r
         alpha = self.alpha_pattern[ak] if ak is not None else self.lora_alpha
         return r, alpha

@@ -20,6 +20,7 @@ combined (:func:`adaptfn.combine`), as PEFT's
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Mapping
 from typing import Any, ClassVar
@@ -55,6 +56,13 @@ from .common import (
     weight_needs_transpose,
 )
 from .lora_combine import combine_lora
+
+
+@functools.lru_cache(maxsize=4096, typed=True)
+def _entry(kind: str, r: int, scaling: float, fan_in_fan_out: bool, options: tuple[tuple[str, Any], ...]) -> Entry:
+    """A (frozen, shareable) LoRA :class:`Entry`, made once per distinct value: a load of many adapters builds
+    the same few entries over and over."""
+    return Entry(kind=kind, r=r, scaling=scaling, fan_in_fan_out=fan_in_fan_out, options=options)
 
 __all__ = ["LoraConfig", "Lora"]
 
@@ -467,14 +475,18 @@ class Lora:
             return dora_conv.from_peft(config, path, found, source, layer)
         kind = "embedding" if "lora_embedding_A" in found or "lora_embedding_B" in found else "linear"
         a_key, b_key = self._SUFFIX[kind]
-        variants = {dora.PEFT_KEY: bool(config.use_dora),
-                    lora_bias.PEFT_KEY: bool(config.lora_bias) and kind != "embedding"}
-        for k in (a_key, b_key) + tuple(k for k, on in variants.items() if on):
+        variants = (dora.PEFT_KEY, lora_bias.PEFT_KEY)
+        need = [a_key, b_key]
+        if config.use_dora:
+            need.append(dora.PEFT_KEY)
+        if config.lora_bias and kind != "embedding":
+            need.append(lora_bias.PEFT_KEY)
+        for k in need:
             if k not in found:
                 raise AdapterFileError(f"{source}: module {path!r} has {sorted(found)} but no {k!r}"
                                        + (" (the config says use_dora / lora_bias)" if k in variants else ""))
-        extra = sorted(set(found) - {a_key, b_key} - {k for k, on in variants.items() if on})
-        if extra:
+        if len(found) != len(need):  # every needed key is there: any other is one too many
+            extra = sorted(set(found) - set(need))
             if any(k in variants for k in extra):
                 raise AdapterFileError(f"{source}: module {path!r} has {extra} but the config has use_dora="
                                        f"{config.use_dora}, lora_bias={config.lora_bias}")
@@ -496,9 +508,8 @@ class Lora:
             raise AdapterFileError(
                 f"{source}: module {path!r} has rank {A.shape[0]} ({a_key} {shape_str(A.shape)}) but the config "
                 f"gives r={r} for it (r / rank_pattern)")
-        entry = Entry(kind=kind, r=r, scaling=config.scaling(r, alpha),
-                      fan_in_fan_out=False if kind == "embedding" else bool(config.fan_in_fan_out),
-                      options=dropout_options(config))
+        entry = _entry(kind, r, config.scaling(r, alpha), False if kind == "embedding" else bool(config.fan_in_fan_out),
+                       dropout_options(config))
         leaves = {"lora_A": A, "lora_B": B}
         try:
             if dora.PEFT_KEY in found:

@@ -80,6 +80,7 @@ __all__ = ["ConvLora", "MhaLora", "KINDS", "kind_of", "kind_from_file", "MHA_SUF
 
 MHA_SUFFIXES = ("base_layer.out_proj.lora_A.weight", "base_layer.out_proj.lora_B.weight")
 MHA_LEAVES = ("out_lora_A", "out_lora_B")
+_MHA = frozenset(MHA_SUFFIXES)
 _A, _B = "lora_A.weight", "lora_B.weight"
 PEFT_OUT_PROJ_FACTOR = 2
 """How many times PEFT 0.21.2 adds an nn.MultiheadAttention's out_proj delta (see the module docstring)."""
@@ -428,7 +429,7 @@ def kind_of(module: nn.Module) -> str | None:
 def kind_from_file(found: Mapping[str, torch.Tensor]) -> str | None:
     """The entry kind of one module's PEFT tensors when it is one handled here (out_proj keys: nn.MultiheadAttention;
     a 3-, 4- or 5-d ``lora_A``: a 1-, 2- or 3-d convolution), else None."""
-    if any(k in found for k in MHA_SUFFIXES):
+    if not _MHA.isdisjoint(found):
         return layers.MHA
     A = found.get(_A)
     if A is not None and A.dim() in (3, 4, 5):

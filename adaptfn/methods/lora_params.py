@@ -91,10 +91,11 @@ def peft_suffixes(depth: int) -> tuple[str, str]:
 
 def file_suffixes() -> tuple[str, ...]:
     """The nested suffixes a file may hold (depth >= 1, deepest first so the longest match wins)."""
-    return tuple(s for d in range(MAX_DEPTH, 0, -1) for s in peft_suffixes(d))
+    return _FILE_SUFFIXES
 
 
-_NESTED = frozenset(file_suffixes())
+_FILE_SUFFIXES = tuple(s for d in range(MAX_DEPTH, 0, -1) for s in peft_suffixes(d))
+_NESTED = frozenset(_FILE_SUFFIXES)
 
 
 def validate_config(cfg: Any) -> None:
@@ -314,7 +315,7 @@ def from_peft(config: Any, path: str, found: Mapping[str, torch.Tensor],
               source: str) -> tuple[Entry, dict[str, torch.Tensor]] | None:
     """The entry of a module whose keys are LoRA on parameters (None: the module is not one of those)."""
     targets = list(getattr(config, FIELD, None) or ())
-    nested = any(k in _NESTED for k in found)
+    nested = not _NESTED.isdisjoint(found)
     if not targets:
         if nested:
             raise AdapterFileError(f"{source}: module {path!r} has nested keys {sorted(found)} (PEFT's LoRA on "
