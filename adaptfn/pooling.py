@@ -49,7 +49,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import routing
@@ -57,7 +56,7 @@ from .adapter import COEF, GATE, Adapter, Entry, coef_value
 from .errors import ConfigError, IncompatibleAdapterError, shape_str
 from .methods.common import is_conv1d, linear_dims
 
-__all__ = ["AdapterPool", "OffloadedPool", "pool", "BUCKETS", "GATHER_TOKENS", "CPU_GATHER_TOKENS"]
+__all__ = ["AdapterPool", "OffloadedPool", "pool", "BUCKETS", "GATHER_TOKENS", "CPU_GATHER_TOKENS", "PLAN_CACHE"]
 
 #: rank bucket policies: "pow2" (the next power of two), "exact" (one bucket per rank), or a tuple of bucket ranks
 BUCKETS = ("pow2", "exact")
@@ -289,7 +288,7 @@ class AdapterPool:
     Slots stay stable: removing an adapter frees its slot; the others keep theirs.
     """
 
-    __slots__ = ("_slots", "_mods", "_policy", "_dtype", "_device", "_pin", "_headroom", "_maps", "_live",
+    __slots__ = ("_slots", "_mods", "_policy", "_dtype", "_device", "_pin", "_headroom", "_maps", "_live", "_plans",
                  "__weakref__")
 
     def __init__(self) -> None:
@@ -301,7 +300,8 @@ class AdapterPool:
               device: torch.device, pin: bool, headroom: float) -> AdapterPool:
         self = object.__new__(cls)
         for k, v in (("_slots", slots), ("_mods", mods), ("_policy", policy), ("_dtype", dtype),
-                     ("_device", device), ("_pin", pin), ("_headroom", headroom), ("_maps", None), ("_live", None)):
+                     ("_device", device), ("_pin", pin), ("_headroom", headroom), ("_maps", None), ("_live", None),
+                     ("_plans", _Plans())):
             object.__setattr__(self, k, v)
         return self
 
@@ -580,12 +580,41 @@ class AdapterPool:
 
     def bind(self, route: torch.Tensor) -> tuple[torch.Tensor, list[tuple[str, Any, Any, Any]]]:
         """For one call (used by :class:`adaptfn.FunctionalModel`): the route, and per adapted module
-        ``(path, kernel, entry, leaves)`` to bind to the module's slot."""
-        plans: dict[tuple, Any] = {}
+        ``(path, kernel, entry, leaves)`` to bind to the module's slot. The rows' grouping (a :class:`_Plan` per
+        module layout) is kept for the last :data:`PLAN_CACHE` distinct routes: a decode loop calls with one
+        route at every step."""
+        plans = self._plans.get(route)
         items = []
         for path in self.paths:
             items.append((path, _KERNEL, None, _Binding(self._mods[path], self._map_of(path), plans)))
         return route, items
+
+
+#: how many distinct routes' row groupings a pool keeps (each O(batch x tokens x in) index tensors)
+PLAN_CACHE = 4
+
+
+class _Plans:
+    """A pool value's routing plans for its last :data:`PLAN_CACHE` distinct routes, by the route's values
+    (read to the host: a plan reads them there anyway). Each is a dict ``{id(map): _Plan}`` its calls fill."""
+
+    __slots__ = ("lru", "lock")
+
+    def __init__(self) -> None:
+        self.lru: collections.OrderedDict[tuple, dict] = collections.OrderedDict()
+        self.lock = threading.Lock()
+
+    def get(self, route: torch.Tensor) -> dict:
+        key = (route.device, route.dtype, tuple(route.shape), tuple(route.reshape(-1).tolist()))
+        with self.lock:
+            plans = self.lru.get(key)
+            if plans is None:
+                plans = self.lru[key] = {}
+                while len(self.lru) > PLAN_CACHE:
+                    self.lru.popitem(last=False)
+            else:
+                self.lru.move_to_end(key)
+        return plans
 
 
 class _NullLock:
@@ -746,7 +775,7 @@ class _Plan:
         b = torch.where(ok, m.bucket_of[ic], torch.full((), -1, dtype=torch.long, device=idx.device))
         rows = (b >= 0).nonzero().squeeze(1)
         self.groups: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        self._tok: dict[tuple[int, int, str], list] = {}
+        self._tok: dict[tuple, tuple[torch.Tensor, list]] = {}
         if rows.numel() == 0:
             return
         width = int(m.pos_of.max()) + 1 if m.n else 1
@@ -768,13 +797,18 @@ class _Plan:
             g0 += ng
             r0 += nr
 
-    def tokens(self, L: int, n_in: int, kernels: tuple[str, ...]) -> list[tuple[Any, ...]]:
-        """Per bucket with rows (``kernels``: each one's kernel): ``(R, token rows [T], token scales [T, 1],
-        *kernel operands)``; gather: (A indices [T * in], A offsets [T], B indices [T * R], B offsets [T]);
-        grouped / padded: (used positions [G], offsets [G] int32)."""
-        hit = self._tok.get((L, n_in, kernels))
-        if hit is None:
-            hit = []
+    def tokens(self, L: int, n_in: int, kernels: tuple[str, ...], dtype: torch.dtype
+               ) -> tuple[torch.Tensor, list[tuple[Any, ...]]]:
+        """``(every bucket's token rows, one after the other [T_all], per bucket)``: per bucket with rows
+        (``kernels``: each one's kernel) ``(R, start, end, token rows [T], token scales [T, 1] in ``dtype``,
+        *kernel operands)``, its tokens being ``start:end`` of the first; gather: (A indices [T * in],
+        A offsets [T], B indices [T * R], B offsets [T]); grouped / padded: (used positions [G], offsets [G]
+        int32)."""
+        key = (L, n_in, kernels, dtype)
+        got = self._tok.get(key)
+        if got is None:
+            hit: list[tuple[Any, ...]] = []
+            at = 0
             for (R, rows, pos_rows, used, counts, scale), kernel in zip(self.groups, kernels):
                 dev = rows.device
                 if L == 1:
@@ -792,9 +826,11 @@ class _Plan:
                     ops = (used.tolist(), [0, *torch.cumsum(counts * L, 0).tolist()])
                 else:
                     ops = (used, torch.cumsum(counts * L, 0).to(torch.int32))
-                hit.append((R, tok, ts[:, None], *ops))
-            self._tok[(L, n_in, kernels)] = hit
-        return hit
+                hit.append((R, at, at + T, tok, ts.to(dtype)[:, None], *ops))
+                at += T
+            every = hit[0][3] if len(hit) == 1 else torch.cat([h[3] for h in hit])
+            got = self._tok[key] = (every, hit)
+        return got
 
 
 _GMM: dict[tuple[str, torch.dtype], bool] = {}  # (device type, dtype) -> torch._grouped_mm works there
@@ -826,10 +862,9 @@ class _PoolKernel:
                 x: torch.Tensor, route: torch.Tensor) -> torch.Tensor:
         out = call_base(x)
         m = leaves.map
-        key = (id(route), id(m))
-        plan = leaves.plans.get(key)
+        plan = leaves.plans.get(id(m))  # (the plans of this route's values: see AdapterPool.bind)
         if plan is None:
-            plan = leaves.plans[key] = _Plan(route, m)
+            plan = leaves.plans[id(m)] = _Plan(route, m)
         if not plan.groups:
             return out
         bsz = route.shape[0]
@@ -854,16 +889,18 @@ class _PoolKernel:
             kernels = tuple(_bucket_kernel(plain, len(g[1]) * L, len(g[3]), long, cpu) for g in plan.groups)
         inplace = routing.in_place_ok(out, x)
         o2 = out.reshape(-1, o_dim)
-        for (R, tok, ts, *ops), kernel in zip(plan.tokens(L, n_in, kernels), kernels):
+        every, per_bucket = plan.tokens(L, n_in, kernels, x2.dtype)
+        xs_all = x2.index_select(0, every)  # [T_all, in]: the tokens with an adapter, grouped by bucket
+        for (R, a, b, tok, ts, *ops), kernel in zip(per_bucket, kernels):
             buf = occ[R].buf
-            xs = x2.index_select(0, tok)  # [T, in]: the tokens with an adapter in this bucket, grouped
-            if kernel == "gather":
+            xs = xs_all[a:b]  # this bucket's tokens (contiguous rows)
+            if kernel == "gather":  # (torch.embedding_bag: F.embedding_bag's checks cost more than these calls)
                 ia, oa, ib, ob = ops
-                h = F.embedding_bag(ia, buf.At.view(-1, R), oa, mode="sum", per_sample_weights=xs.view(-1))
-                h.mul_(ts.to(h.dtype))  # [T, R]
-                z = F.embedding_bag(ib, buf.Bt.view(-1, o_dim), ob, mode="sum", per_sample_weights=h.view(-1))
+                h = torch.embedding_bag(buf.At.view(-1, R), ia, oa, False, 0, False, xs.reshape(-1))[0]
+                h.mul_(ts)  # [T, R]
+                z = torch.embedding_bag(buf.Bt.view(-1, o_dim), ib, ob, False, 0, False, h.view(-1))[0]
             elif kernel == "loop":
-                z = _loop_groups(xs, buf.At, buf.Bt, *ops, ts.to(xs.dtype))
+                z = _loop_groups(xs, buf.At, buf.Bt, *ops, ts)
             else:
                 used, offs = ops
                 # the used adapters only (the rows' working set); index_select over 2-D views: on a 3-D
@@ -873,10 +910,10 @@ class _PoolKernel:
                 Bu = buf.Bt.view(cap, -1).index_select(0, used).view(-1, R, o_dim)  # [G, R, out]
                 if kernel == "grouped" and (R * x2.element_size()) % 16 == 0:  # rows of a multiple of 16 bytes
                     h = torch._grouped_mm(xs, Au, offs=offs)  # [T, R]
-                    h.mul_(ts.to(h.dtype))
+                    h.mul_(ts)
                     z = torch._grouped_mm(h, Bu, offs=offs)  # [T, out]
                 else:
-                    z = _padded_groups(xs, Au, Bu, offs, ts.to(xs.dtype))
+                    z = _padded_groups(xs, Au, Bu, offs, ts)
             z = z.to(out.dtype)
             if inplace:
                 o2.index_add_(0, tok, z)

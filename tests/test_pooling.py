@@ -422,3 +422,35 @@ def test_kernel_choice_cpu_and_other_devices():
     assert P._bucket_kernel(True, 100, 2, "grouped", cpu=False) == "grouped"
     assert P._bucket_kernel(True, P.GATHER_TOKENS * 2, 2, "grouped", cpu=False) == "gather"
     assert P._bucket_kernel(False, 1, 2, "padded", cpu=True) == "padded"
+
+
+def test_row_groupings_are_kept_per_route_values(llama_pool, monkeypatch) -> None:
+    """A decode loop calls with one route at every step: its rows' grouping is made once. A route whose values
+    change (in place, or a new tensor) gets its own; the pool keeps the last PLAN_CACHE routes' only."""
+    m, fn, params, ads = llama_pool
+    p = af.pool(ads)
+    made = []
+    real = pooling._Plan.__init__
+
+    def spy(self, route, m_):
+        made.append(tuple(route.tolist()))
+        real(self, route, m_)
+
+    monkeypatch.setattr(pooling._Plan, "__init__", spy)
+    route = torch.tensor([5, 0, 1, -1, 3])
+    g = af.inject(fn, p, route=route)
+    with torch.no_grad():
+        for seq in (1, 1, 3):
+            ids = ids_for(m, batch=len(route), seq=seq, seed=seq)
+            torch.testing.assert_close(g(params, input_ids=ids).logits,
+                                       _per_row(fn, params, ads, route, input_ids=ids), atol=2e-5, rtol=1e-5)
+        layouts = len(made)
+        assert layouts == len({id(p._map_of(q)) for q in p.paths})  # one per module layout, for three calls
+        route[:] = torch.tensor([2, 2, 4, 0, -1])  # the same tensor, new values: grouped again, not stale
+        ids = ids_for(m, batch=len(route), seq=2)
+        torch.testing.assert_close(g(params, input_ids=ids).logits,
+                                   _per_row(fn, params, ads, route, input_ids=ids), atol=2e-5, rtol=1e-5)
+        assert len(made) == 2 * layouts
+        for i in range(pooling.PLAN_CACHE + 3):
+            af.inject(fn, p, route=torch.tensor([i % 6, -1, 0, 1, 2]))(params, input_ids=ids)
+    assert len(p._plans.lru) == pooling.PLAN_CACHE
