@@ -171,7 +171,7 @@ def scenario_scaling(w: Any) -> Result:
     points = []
     for n, layout in plan:
         spec = {"args": _plain_args(args), "n": n, "layout": layout, "rows": rows, "tokens": list(tokens),
-                "repeats": max(3, args.repeats // 2), "warmup": max(1, args.warmup // 2), "device": device,
+                "repeats": max(3, args.repeats), "warmup": max(1, args.warmup // 2), "device": device,
                 "dtype": dtype}
         res = run_child(spec)
         points.append(res)
