@@ -67,6 +67,9 @@ GATHER_TOKENS = 4
 #: ``padded`` is slower than both there (N = 1,000, 64 x 16 tokens, 2 threads: gather 1.17-1.18, loop 1.23-1.30,
 #: padded 1.30-1.32 x the base; 1 thread: 1.149 / 1.135 / 1.231; bench/README.md, scenario 9)
 CPU_GATHER_TOKENS = 24
+#: a call whose adapted tokens times out features is at most this (decode: 64 rows x 2048) and whose buckets all run
+#: ``gather`` scales the inputs once and adds every bucket's output with one ``index_add_`` (:func:`_gather_all`)
+DECODE_ELEMENTS = 1 << 17
 #: tests and benchmarks: force one kernel ("gather", "loop", "grouped", "padded"); None: chosen per call
 FORCE_KERNEL: str | None = None
 _LORA_LEAVES = frozenset({"lora_A", "lora_B", GATE, COEF})
@@ -798,8 +801,9 @@ class _Plan:
             r0 += nr
 
     def tokens(self, L: int, n_in: int, kernels: tuple[str, ...], dtype: torch.dtype
-               ) -> tuple[torch.Tensor, list[tuple[Any, ...]]]:
-        """``(every bucket's token rows, one after the other [T_all], per bucket)``: per bucket with rows
+               ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[Any, ...]]]:
+        """``(every bucket's token rows, one after the other [T_all], their scales [T_all, 1], per bucket)``: per
+        bucket with rows
         (``kernels``: each one's kernel) ``(R, start, end, token rows [T], token scales [T, 1] in ``dtype``,
         *kernel operands)``, its tokens being ``start:end`` of the first; gather: (A indices [T * in],
         A offsets [T], B indices [T * R], B offsets [T]); grouped / padded: (used positions [G], offsets [G]
@@ -828,8 +832,10 @@ class _Plan:
                     ops = (used, torch.cumsum(counts * L, 0).to(torch.int32))
                 hit.append((R, at, at + T, tok, ts.to(dtype)[:, None], *ops))
                 at += T
-            every = hit[0][3] if len(hit) == 1 else torch.cat([h[3] for h in hit])
-            got = self._tok[key] = (every, hit)
+            one = len(hit) == 1
+            every = hit[0][3] if one else torch.cat([h[3] for h in hit])
+            scales = hit[0][4] if one else torch.cat([h[4] for h in hit])
+            got = self._tok[key] = (every, scales, hit)
         return got
 
 
@@ -889,8 +895,15 @@ class _PoolKernel:
             kernels = tuple(_bucket_kernel(plain, len(g[1]) * L, len(g[3]), long, cpu) for g in plan.groups)
         inplace = routing.in_place_ok(out, x)
         o2 = out.reshape(-1, o_dim)
-        every, per_bucket = plan.tokens(L, n_in, kernels, x2.dtype)
+        every, scales, per_bucket = plan.tokens(L, n_in, kernels, x2.dtype)
         xs_all = x2.index_select(0, every)  # [T_all, in]: the tokens with an adapter, grouped by bucket
+        if (plain and len(per_bucket) > 1 and every.shape[0] * o_dim <= DECODE_ELEMENTS
+                and all(k == "gather" for k in kernels)):
+            z = _gather_all(xs_all, scales, per_bucket, occ, o_dim).to(out.dtype)
+            if inplace:
+                o2.index_add_(0, every, z)
+                return out
+            return o2.index_add(0, every, z).view(out.shape)
         for (R, a, b, tok, ts, *ops), kernel in zip(per_bucket, kernels):
             buf = occ[R].buf
             xs = xs_all[a:b]  # this bucket's tokens (contiguous rows)
@@ -920,6 +933,21 @@ class _PoolKernel:
             else:
                 o2 = o2.index_add(0, tok, z)
         return out if inplace else o2.view(out.shape)
+
+
+def _gather_all(xs: torch.Tensor, scales: torch.Tensor, per_bucket: list[tuple[Any, ...]], occ: Mapping[int, _Occ],
+                o_dim: int) -> torch.Tensor:
+    """A decode-sized call (at most :data:`DECODE_ELEMENTS` output elements) whose buckets all run ``gather``:
+    the scales applied to the inputs once (``xs`` [T_all, in], a fresh copy, is scaled in place), each bucket's
+    two ``embedding_bag`` sums, and their outputs concatenated so that the module adds them with one
+    ``index_add_``. At these sizes the per-op costs are what counts. Returns [T_all, out]."""
+    xs.mul_(scales)
+    zs = []
+    for R, a, b, _tok, _ts, ia, oa, ib, ob in per_bucket:
+        buf = occ[R].buf
+        h = torch.embedding_bag(buf.At.view(-1, R), ia, oa, False, 0, False, xs[a:b].reshape(-1))[0]
+        zs.append(torch.embedding_bag(buf.Bt.view(-1, o_dim), ib, ob, False, 0, False, h.view(-1))[0])
+    return torch.cat(zs)
 
 
 def _bucket_kernel(plain: bool, tokens: int, adapters: int, long: str, cpu: bool = True) -> str:

@@ -454,3 +454,25 @@ def test_row_groupings_are_kept_per_route_values(llama_pool, monkeypatch) -> Non
         for i in range(pooling.PLAN_CACHE + 3):
             af.inject(fn, p, route=torch.tensor([i % 6, -1, 0, 1, 2]))(params, input_ids=ids)
     assert len(p._plans.lru) == pooling.PLAN_CACHE
+
+
+def test_decode_sized_calls_take_one_pass_and_agree(llama_pool, monkeypatch) -> None:
+    """At decode sizes (DECODE_ELEMENTS) every bucket's gather output is added with one index_add_, the scales
+    applied to the inputs; the result equals the bucket-by-bucket path and each row's adapter alone."""
+    m, fn, params, ads = llama_pool
+    p = af.pool(ads)
+    route = torch.tensor([5, 0, 1, 2, 3, 4, 5, -1, 2])
+    ids = ids_for(m, batch=len(route), seq=1, seed=4)
+    calls = []
+    real = pooling._gather_all
+    monkeypatch.setattr(pooling, "_gather_all", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        fast = af.inject(fn, p, route=route)(params, input_ids=ids).logits
+        assert calls, "the decode path was not taken"
+        monkeypatch.setattr(pooling, "DECODE_ELEMENTS", 0)
+        n = len(calls)
+        slow = af.inject(fn, af.pool(ads), route=route)(params, input_ids=ids).logits
+        assert len(calls) == n
+        want = _per_row(fn, params, ads, route, input_ids=ids)
+    torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast, want, atol=2e-5, rtol=1e-5)
