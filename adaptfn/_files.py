@@ -344,9 +344,9 @@ def read_pair(cpath: str, wpath: str, ppath: str | None, use: Callable[[bytes, C
             try:
                 st1 = os.fstat(fd)
                 bad: AdapterFileError | None = None
-                n, header, unique = 0, None, False
+                n, header, plain = 0, None, False
                 try:
-                    n, header, unique = _safetensors.read_header(fd, wpath)
+                    n, header, plain = _safetensors.read_header(fd, wpath)
                     h = _digest_of(header)
                 except AdapterFileError as e:  # (an OSError too: first)
                     h, bad = None, e
@@ -367,7 +367,7 @@ def read_pair(cpath: str, wpath: str, ppath: str | None, use: Callable[[bytes, C
                         why = f"{CONFIG_NAME} and {SAFETENSORS_NAME} disagree while a save renames them"
                 if chosen is not None:
                     def tensors(st1: os.stat_result = st1, bad: AdapterFileError | None = bad, n: int = n,
-                                header: Any = header, unique: bool = unique, fd: int = fd) -> dict[str, Any]:
+                                header: Any = header, plain: bool = plain, fd: int = fd) -> dict[str, Any]:
                         # safetensors opens (and maps) the file by its path, maybe more than once: the path
                         # must name the very file whose hash was read (held open by fd, so its inode cannot be
                         # reused) before and after, or the tensors may come from a file renamed in meanwhile
@@ -375,7 +375,7 @@ def read_pair(cpath: str, wpath: str, ppath: str | None, use: Callable[[bytes, C
                             raise bad
                         if direct:  # the very file whose hash was read: no rename can come between
                             try:
-                                got = _safetensors.read_data(fd, n, header, unique, st1.st_size)
+                                got = _safetensors.read_data(fd, n, header, plain, st1.st_size)
                             except OSError as e:
                                 raise os_error("read", wpath, e) from None
                             if got is not None:

@@ -15,6 +15,7 @@ import ctypes
 import json
 import os
 import struct
+import sys
 from typing import Any
 
 import torch
@@ -26,6 +27,7 @@ __all__ = ["MAX_HEADER_BYTES", "read_header", "read_data"]
 MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit on the JSON header
 _CHUNK = 1 << 20
 _IOV_MAX = 1024  # POSIX's minimum for IOV_MAX is 16; Linux and macOS allow 1024
+_MAX_DIM = 1 << 62  # a dimension or element count beyond this is left to the package (it refuses 2**64 bytes)
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -57,10 +59,11 @@ def _read_exact(fd: int, n: int) -> bytes:
 
 
 def read_header(fd: int, path: str) -> tuple[int, Any, bool]:
-    """``(n, header, unique)`` of the safetensors file open as ``fd`` (at offset 0): the header's byte length,
-    its parsed JSON (the last of repeated keys, as ``json.loads``) and whether no key was repeated (a file
-    with repeats is left to the safetensors package). Raises :class:`AdapterFileError` naming ``path`` on a
-    header that cannot be read at all."""
+    """``(n, header, plain)`` of the safetensors file open as ``fd`` (at offset 0): the header's byte length,
+    its parsed JSON (as ``json.loads`` of the bytes: the last of repeated keys) and whether it is plain enough
+    for :func:`read_data`: strict UTF-8 (no byte-order mark, no other encoding), no escaped UTF-16 surrogate
+    and no repeated key, as the safetensors package requires (a file that is not is left to the package).
+    Raises :class:`AdapterFileError` naming ``path`` on a header that cannot be read at all."""
     head = _read_exact(fd, 8)
     if len(head) < 8:
         raise AdapterFileError(f"{path}: corrupt or truncated safetensors file (only {len(head)} bytes)")
@@ -72,10 +75,16 @@ def read_header(fd: int, path: str) -> tuple[int, Any, bool]:
         raise AdapterFileError(f"{path}: corrupt or truncated safetensors file (header cut at {len(raw)} of {n} "
                                "bytes)")
     try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if text is not None and "\\u" not in text.replace("\\\\", ""):  # no \u escapes: a surrogate may hide there
         try:
-            return n, json.loads(raw, object_pairs_hook=_pairs), True
-        except _Duplicate:
-            return n, json.loads(raw), False
+            return n, json.loads(text, object_pairs_hook=_pairs), True
+        except (_Duplicate, ValueError, RecursionError):  # (a BOM, for one): as json.loads of the bytes says
+            pass
+    try:
+        return n, json.loads(raw), False
     except (ValueError, RecursionError):
         raise AdapterFileError(f"{path}: corrupt safetensors file (its header is not valid JSON)") from None
 
@@ -106,10 +115,12 @@ def _plan(header: Any, size: int) -> list[tuple[str, torch.dtype, list[int], int
         if dtype is None or type(shape) is not list or type(start) is not int or type(end) is not int:
             return None
         numel = 1
-        for d in shape:
-            if type(d) is not int or d < 0:
+        for d in shape:  # as the package: each dimension and the running product within its (and torch's) range
+            if type(d) is not int or not 0 <= d < _MAX_DIM:
                 return None
             numel *= d
+            if numel >= _MAX_DIM:
+                return None
         if not 0 <= start <= end or end - start != numel * dtype.itemsize:
             return None
         items.append((start, end, k, dtype, shape))
@@ -124,12 +135,12 @@ def _plan(header: Any, size: int) -> list[tuple[str, torch.dtype, list[int], int
     return [(k, dtype, shape, end - start) for start, end, k, dtype, shape in items]
 
 
-def read_data(fd: int, n: int, header: Any, unique: bool, file_size: int) -> dict[str, torch.Tensor] | None:
+def read_data(fd: int, n: int, header: Any, plain: bool, file_size: int) -> dict[str, torch.Tensor] | None:
     """Every tensor of the safetensors file open as ``fd`` (whose header :func:`read_header` gave as ``n``,
-    ``header``, ``unique``), on the CPU, each in its own new storage, read with ``os.preadv``; None when the
+    ``header``, ``plain``), on the CPU, each in its own new storage, read with ``os.preadv``; None when the
     file is not plain enough for this reader (see the module docstring). An I/O error raises its OSError (the
     caller types it, naming the file)."""
-    if not unique or not hasattr(os, "preadv"):
+    if not plain or not hasattr(os, "preadv") or sys.byteorder != "little":  # (safetensors is little-endian)
         return None
     plan = _plan(header, file_size - 8 - n)
     if plan is None:
@@ -137,7 +148,10 @@ def read_data(fd: int, n: int, header: Any, unique: bool, file_size: int) -> dic
     out: dict[str, torch.Tensor] = {}
     bufs: list[Any] = []
     for k, dtype, shape, nbytes in plan:
-        t = torch.empty(shape, dtype=dtype)
+        try:
+            t = torch.empty(shape, dtype=dtype)
+        except (RuntimeError, TypeError, ValueError):  # a shape torch will not make: the package's word on it
+            return None
         out[k] = t
         if nbytes:
             bufs.append((ctypes.c_char * nbytes).from_address(t.data_ptr()))

@@ -25,6 +25,7 @@ and 3, which the next ``af.load`` or ``af.save`` repairs.
 from __future__ import annotations
 
 import contextlib
+import copy
 import enum
 import errno
 import functools
@@ -375,20 +376,22 @@ def _json_depth_ok(value: Any) -> bool:
 
 
 _PARSED: dict[bytes, tuple[Any, Any]] = {}
-_PARSED_MAX = 256
+_PARSED_MAX = 256  # configs remembered (each at most _PARSED_BYTES long)
+_PARSED_BYTES = 1 << 16
 
 
 def parse_config(data: bytes, path: str) -> tuple[Any, Any]:
-    """``(method, config)`` from the bytes of an adapter_config.json (``path`` names it in errors). The same
-    bytes give the same (immutable) config object: a server loading many adapters saved with one config
-    parses it once."""
+    """``(method, config)`` from the bytes of an adapter_config.json (``path`` names it in errors). Bytes seen
+    before are not parsed and checked again (a server loading many adapters saved with one config): the config
+    is a copy of the one they gave, its lists and dicts its own."""
     hit = _PARSED.get(data)
     if hit is not None:
-        return hit
+        return hit[0], copy.deepcopy(hit[1])
     out = _parse_config(data, path)
-    if len(_PARSED) >= _PARSED_MAX:
-        _PARSED.clear()
-    _PARSED[data] = out
+    if len(data) <= _PARSED_BYTES:
+        if len(_PARSED) >= _PARSED_MAX:
+            _PARSED.clear()
+        _PARSED[data] = (out[0], copy.deepcopy(out[1]))
     return out
 
 
@@ -536,15 +539,17 @@ def _suffix_index(suffixes: tuple[str, ...]) -> tuple[tuple[int, ...], dict[str,
     return tuple(sorted({s.count(".") + 1 for s in suffixes})), first, {}
 
 
-_MEMO_KEYS = 1 << 16
+_MEMO_KEYS = 1 << 14
+_MISSING = object()
 
 
 def _delta_suffix(rest: str, suffixes: tuple[str, ...]) -> str | None:
     """The first of ``suffixes`` (in their order) that ``rest`` ends with after a dot, or None: a lookup of
     ``rest``'s last 1, 2, ... components instead of an ``endswith`` per suffix, remembered per key."""
     lengths, first, memo = _suffix_index(suffixes)
-    if rest in memo:
-        return memo[rest]
+    hit = memo.get(rest, _MISSING)
+    if hit is not _MISSING:
+        return hit  # type: ignore[return-value]
     parts = rest.split(".")
     n = len(parts)
     best, at = None, len(suffixes)

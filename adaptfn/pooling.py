@@ -599,7 +599,7 @@ PLAN_CACHE = 4
 
 class _Plans:
     """A pool value's routing plans for its last :data:`PLAN_CACHE` distinct routes, by the route's values
-    (read to the host: a plan reads them there anyway). Each is a dict ``{id(map): _Plan}`` its calls fill."""
+    (read to the host: a plan reads them there anyway). Each is a dict ``{map: _Plan}`` its calls fill."""
 
     __slots__ = ("lru", "lock")
 
@@ -868,9 +868,9 @@ class _PoolKernel:
                 x: torch.Tensor, route: torch.Tensor) -> torch.Tensor:
         out = call_base(x)
         m = leaves.map
-        plan = leaves.plans.get(id(m))  # (the plans of this route's values: see AdapterPool.bind)
-        if plan is None:
-            plan = leaves.plans[id(m)] = _Plan(route, m)
+        plan = leaves.plans.get(m)  # (the plans of this route's values, see AdapterPool.bind; keyed by the map
+        if plan is None:  # itself, held, so that no other map can take its id)
+            plan = leaves.plans[m] = _Plan(route, m)
         if not plan.groups:
             return out
         bsz = route.shape[0]

@@ -26,8 +26,8 @@ ALL_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch
 def _read(path: str) -> dict[str, torch.Tensor] | None:
     fd = os.open(path, os.O_RDONLY)
     try:
-        n, header, unique = _safetensors.read_header(fd, path)
-        return _safetensors.read_data(fd, n, header, unique, os.fstat(fd).st_size)
+        n, header, plain = _safetensors.read_header(fd, path)
+        return _safetensors.read_data(fd, n, header, plain, os.fstat(fd).st_size)
     finally:
         os.close(fd)
 
@@ -195,11 +195,18 @@ def test_an_io_error_while_reading_is_typed(tmp_path, monkeypatch):
         af.load(d)
 
 
-def test_configs_parsed_once_are_shared_only_between_identical_files(tmp_path):
+def test_configs_parsed_once_are_copies_of_their_own(tmp_path):
+    """Byte-identical configs are parsed once, but each load gets its own config: changing one loaded
+    adapter's (mutable) fields changes no other load."""
     d1, _ = _folder(tmp_path, "one")
     d2, _ = _folder(tmp_path, "two")
     a1, a2 = af.load(d1), af.load(d2)
-    assert a1.config is a2.config  # the same bytes: one parse
+    assert a1.config == a2.config and a1.config is not a2.config
+    a1.config.rank_pattern["v"] = 5
+    a1.config.target_modules.append("k")
+    a1.config.extra["x"] = 1
+    a4 = af.load(d2)
+    assert a4.config.rank_pattern == {} and a4.config.target_modules == ["q", "v"] and a4.config.extra == {}
     cfg = json.loads(open(os.path.join(d2, "adapter_config.json")).read())
     cfg["lora_alpha"] = 9
     with open(os.path.join(d2, "adapter_config.json"), "w") as f:
@@ -207,3 +214,52 @@ def test_configs_parsed_once_are_shared_only_between_identical_files(tmp_path):
     a3 = af.load(d2)
     assert a3.config.lora_alpha == 9 and a1.config.lora_alpha == 6
     assert a3.entries["blk.q"].scaling == 3.0 and a1.entries["blk.q"].scaling == 2.0
+
+
+def _rewrite_header(path: str, fn) -> None:
+    with open(path, "rb") as f:
+        data = f.read()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = fn(data[8:8 + n])
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(header)) + header + data[8 + n:])
+
+
+@pytest.mark.parametrize("case", ["utf-8 bom", "utf-16", "surrogate escape", "huge zero-size dims", "2**64 dims"])
+def test_headers_the_package_refuses_are_refused_typed(tmp_path, case):
+    """The reader takes only strict UTF-8 without \\u escapes and shapes within the package's range; anything else
+    goes to the safetensors package, which refuses these: a typed AdapterFileError, as before this reader."""
+    d, _ = _folder(tmp_path)
+    w = os.path.join(d, "adapter_model.safetensors")
+
+    def change(raw: bytes) -> bytes:
+        h = json.loads(raw)
+        if case == "utf-8 bom":
+            return b"\xef\xbb\xbf" + raw
+        if case == "utf-16":
+            return json.dumps(h).encode("utf-16-le")
+        if case == "surrogate escape":
+            k = next(k for k in h if k.endswith("q.lora_A.weight"))
+            return json.dumps({**{x: v for x, v in h.items() if x != k}, k.replace("blk.q", "blk\udc00.q"): h[k]}
+                              ).encode()
+        end = max(v["data_offsets"][1] for k, v in h.items() if k != "__metadata__")
+        shape = [2**40, 2**40, 0] if case == "huge zero-size dims" else [2**64, 0]
+        h["base_model.model.blk.z.lora_A.weight"] = {"dtype": "F32", "shape": shape, "data_offsets": [end, end]}
+        return json.dumps(h).encode()
+
+    _rewrite_header(w, change)
+    assert _read(w) is None
+    with pytest.raises(af.AdapterFileError, match="adapter_model.safetensors"):
+        af.load(d)
+
+
+def test_an_escaped_but_valid_header_loads_through_the_package(tmp_path):
+    """A header with \\u escapes (json.dumps' default for non-ASCII) is valid: the package reads it."""
+    d, sd = _folder(tmp_path)
+    w = os.path.join(d, "adapter_model.safetensors")
+    _rewrite_header(w, lambda raw: json.dumps({**json.loads(raw), "__metadata__": {"note": "caf\u00e9"}}).encode())
+    with open(w, "rb") as f:
+        assert b"\\u00e9" in f.read()
+    assert _read(w) is None
+    a = af.load(d)
+    assert torch.equal(a.tensors["blk.q"]["lora_A"], sd["base_model.model.blk.q.lora_A.weight"])
