@@ -27,6 +27,7 @@ __all__ = ["MAX_HEADER_BYTES", "read_header", "read_data"]
 MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit on the JSON header
 _CHUNK = 1 << 20
 _IOV_MAX = 1024  # POSIX's minimum for IOV_MAX is 16; Linux and macOS allow 1024
+_GROUP_BYTES = 1 << 30
 _MAX_DIM = 1 << 62  # a dimension or element count beyond this is left to the package (it refuses 2**64 bytes)
 
 DTYPES: dict[str, torch.dtype] = {
@@ -156,11 +157,27 @@ def read_data(fd: int, n: int, header: Any, plain: bool, file_size: int) -> dict
         if nbytes:
             bufs.append((ctypes.c_char * nbytes).from_address(t.data_ptr()))
     offset = 8 + n
-    for i in range(0, len(bufs), _IOV_MAX):
-        group = bufs[i:i + _IOV_MAX]
+    for group in _groups(bufs):
         want = sum(len(b) for b in group)
         got = os.preadv(fd, group, offset)  # an OSError is the caller's to type (it names the file)
-        if got != want:  # a short read (a file cut under us, or a signal): let the package have its say
+        if got != want:  # a short read (a file cut under us, a signal, one tensor over ~2 GiB): the package reads
             return None
         offset += want
+    return out
+
+
+def _groups(bufs: list[Any]) -> list[list[Any]]:
+    """``bufs`` in runs of at most :data:`_IOV_MAX` buffers and :data:`_GROUP_BYTES` bytes (one buffer may be more)
+    per ``preadv``: Linux reads at most ~2 GiB per call."""
+    out: list[list[Any]] = []
+    run: list[Any] = []
+    size = 0
+    for b in bufs:
+        if run and (len(run) == _IOV_MAX or size + len(b) > _GROUP_BYTES):
+            out.append(run)
+            run, size = [], 0
+        run.append(b)
+        size += len(b)
+    if run:
+        out.append(run)
     return out

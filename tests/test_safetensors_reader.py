@@ -263,3 +263,23 @@ def test_an_escaped_but_valid_header_loads_through_the_package(tmp_path):
     assert _read(w) is None
     a = af.load(d)
     assert torch.equal(a.tensors["blk.q"]["lora_A"], sd["base_model.model.blk.q.lora_A.weight"])
+
+
+@pytest.mark.parametrize("limit", [1, 100, 1 << 30])
+def test_reads_in_groups_of_bounded_size_and_count(tmp_path, monkeypatch, limit):
+    """preadv calls of at most _GROUP_BYTES bytes (one larger tensor alone) and _IOV_MAX buffers each."""
+    sd = {f"t{i:03d}": _tensor(torch.float32, (i % 7 + 1, 3), i) for i in range(40)}
+    path = str(tmp_path / "w.safetensors")
+    safetensors.torch.save_file(sd, path)
+    monkeypatch.setattr(_safetensors, "_GROUP_BYTES", limit)
+    monkeypatch.setattr(_safetensors, "_IOV_MAX", 16)
+    calls = []
+    real = os.preadv
+    monkeypatch.setattr(os, "preadv", lambda fd, bufs, off: calls.append([len(b) for b in bufs]) or real(fd, bufs,
+                                                                                                          off))
+    got = _read(path)
+    assert got is not None
+    _same(got, safetensors.torch.load_file(path))
+    assert sum(map(len, calls)) == 40 and max(map(len, calls)) <= 16
+    assert all(len(c) == 1 or sum(c) <= limit for c in calls)
+    assert len(calls) == {1: 40, 1 << 30: 3}.get(limit, len(calls)) and (limit != 100 or len(calls) > 3)
