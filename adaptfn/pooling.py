@@ -778,7 +778,7 @@ class _Plan:
         b = torch.where(ok, m.bucket_of[ic], torch.full((), -1, dtype=torch.long, device=idx.device))
         rows = (b >= 0).nonzero().squeeze(1)
         self.groups: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
-        self._tok: dict[tuple, tuple[torch.Tensor, list]] = {}
+        self._tok: dict[tuple, tuple[torch.Tensor, torch.Tensor, list]] = {}
         if rows.numel() == 0:
             return
         width = int(m.pos_of.max()) + 1 if m.n else 1
@@ -802,12 +802,12 @@ class _Plan:
 
     def tokens(self, L: int, n_in: int, kernels: tuple[str, ...], dtype: torch.dtype
                ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[Any, ...]]]:
-        """``(every bucket's token rows, one after the other [T_all], their scales [T_all, 1], per bucket)``: per
-        bucket with rows
-        (``kernels``: each one's kernel) ``(R, start, end, token rows [T], token scales [T, 1] in ``dtype``,
-        *kernel operands)``, its tokens being ``start:end`` of the first; gather: (A indices [T * in],
-        A offsets [T], B indices [T * R], B offsets [T]); grouped / padded: (used positions [G], offsets [G]
-        int32)."""
+        """``(every bucket's token rows one after the other [T_all], their scales [T_all, 1], per bucket)``.
+
+        Per bucket with rows (``kernels``: each one's kernel): ``(R, start, end, token rows [T], token scales
+        [T, 1] in dtype, *kernel operands)``, its tokens being ``start:end`` of the first; the operands are, for
+        gather, (A indices [T * in], A offsets [T], B indices [T * R], B offsets [T]); for loop, (used positions,
+        token bounds) as lists; for grouped / padded, (used positions [G], offsets [G] int32)."""
         key = (L, n_in, kernels, dtype)
         got = self._tok.get(key)
         if got is None:
