@@ -498,6 +498,19 @@ def fan_in_uniform_(t: torch.Tensor, generator: torch.Generator | None) -> torch
     return nn.init.kaiming_uniform_(t, a=math.sqrt(5), generator=generator)
 
 
+def init_lora_pair(A: torch.Tensor, B: torch.Tensor, r: int, mode: Any, generator: torch.Generator | None) -> None:
+    """PEFT's LoRA init in place (``mode``: ``init_lora_weights``): A kaiming-uniform (``"gaussian"``:
+    N(0, 1/r)), B zeros; ``False``: both kaiming-uniform (the layers' default init)."""
+    if isinstance(mode, str):
+        nn.init.normal_(A, std=1 / r, generator=generator)
+    else:
+        fan_in_uniform_(A, generator)
+    if mode is False:
+        fan_in_uniform_(B, generator)
+    else:
+        B.zero_()
+
+
 # -- targets -------------------------------------------------------------------------------------------------
 def plan_targets(config: Any, model: nn.Module, method: str, kinds: frozenset[str] | set[str],
                  supported: str) -> tuple[Any, list[tuple[str, bool, str]]]:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
@@ -245,14 +244,7 @@ class Lora:
                 A.zero_()
             B.normal_(generator=generator)
         else:
-            if isinstance(mode, str):  # "gaussian"
-                nn.init.normal_(A, std=1 / r, generator=generator)
-            else:
-                nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)
-            if mode is False:
-                nn.init.kaiming_uniform_(B, a=math.sqrt(5), generator=generator)
-            else:
-                B.zero_()
+            layers.init_lora_pair(A, B, r, mode, generator)
         out = {"lora_A": A.to(dt), "lora_B": B.to(dt)}
         if config.lora_bias:
             out[lora_bias.LEAF] = lora_bias.init(n_out, r, mode is False, generator, w.device).to(dt)

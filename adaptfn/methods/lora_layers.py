@@ -86,19 +86,6 @@ PEFT_OUT_PROJ_FACTOR = 2
 """How many times PEFT 0.21.2 adds an nn.MultiheadAttention's out_proj delta (see the module docstring)."""
 
 
-def _init_pair(A: torch.Tensor, B: torch.Tensor, r: int, mode: Any, generator: torch.Generator | None) -> None:
-    """PEFT's LoRA init in place: A kaiming-uniform (``"gaussian"``: N(0, 1/r)), B zeros; ``False``: both
-    kaiming-uniform (the layers' default init)."""
-    if isinstance(mode, str):
-        nn.init.normal_(A, std=1 / r, generator=generator)
-    else:
-        layers.fan_in_uniform_(A, generator)
-    if mode is False:
-        layers.fan_in_uniform_(B, generator)
-    else:
-        B.zero_()
-
-
 def _routed_scale(entry: Entry, leaves: Mapping[str, torch.Tensor], on: Any, n: int, device: Any) -> torch.Tensor:
     """[N] per-adapter scale of a stacked entry: its scaling leaf (detached), times its weight, 0 where off."""
     s = leaves[SCALING].detach() if SCALING in leaves else torch.full((n,), entry.scaling, dtype=torch.float32,
@@ -150,7 +137,7 @@ class ConvLora:
         r = entry.r
         A = torch.empty(r, n_in, *k, dtype=torch.float32, device=w.device)
         B = torch.empty(n_out, r // g, *([1] * self.nd), dtype=torch.float32, device=w.device)
-        _init_pair(A, B, r, config.init_lora_weights, generator)
+        layers.init_lora_pair(A, B, r, config.init_lora_weights, generator)
         dt = dtype or adapter_dtype(w)
         return {"lora_A": A.to(dt), "lora_B": B.to(dt)}
 
@@ -306,8 +293,8 @@ class MhaLora:
         kw: dict[str, Any] = dict(dtype=torch.float32, device=w.device)
         A, B = torch.empty(r, e, **kw), torch.empty(3 * e, r, **kw)
         oA, oB = torch.empty(r, e, **kw), torch.empty(e, r, **kw)
-        _init_pair(A, B, r, config.init_lora_weights, generator)
-        _init_pair(oA, oB, r, config.init_lora_weights, generator)
+        layers.init_lora_pair(A, B, r, config.init_lora_weights, generator)
+        layers.init_lora_pair(oA, oB, r, config.init_lora_weights, generator)
         dt = dtype or adapter_dtype(w)
         return {"lora_A": A.to(dt), "lora_B": B.to(dt), "out_lora_A": oA.to(dt), "out_lora_B": oB.to(dt)}
 

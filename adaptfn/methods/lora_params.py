@@ -53,7 +53,6 @@ Example:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -64,6 +63,7 @@ from .. import _layout
 from .._where import is_target
 from ..adapter import COEF, SCALING, Entry
 from ..errors import AdapterFileError, ConfigError, IncompatibleAdapterError, shape_str, stacked_called_directly
+from . import layers
 from .common import adapter_dtype
 
 __all__ = ["KIND", "FIELD", "leaf_names", "peft_suffixes", "matches", "plan", "init_leaves", "delta",
@@ -199,14 +199,7 @@ def init_leaves(config: Any, entry: Entry, module: nn.Module, generator: torch.G
         e, n_in, n_out = _dims(p.shape, _transposed(module))
         A = torch.empty(r * e, n_in, dtype=torch.float32, device=p.device)
         B = torch.empty(n_out, r * e, dtype=torch.float32, device=p.device)
-        if isinstance(mode, str):
-            nn.init.normal_(A, std=1 / r, generator=generator)
-        else:
-            nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)
-        if mode is False:
-            nn.init.kaiming_uniform_(B, a=math.sqrt(5), generator=generator)
-        else:
-            B.zero_()
+        layers.init_lora_pair(A, B, r, mode, generator)
         dt = dtype or adapter_dtype(p)
         a_name, b_name = leaf_names(len(names) - 1 - i)
         out[a_name], out[b_name] = A.to(dt), B.to(dt)
