@@ -20,7 +20,8 @@ from peft.utils import get_peft_model_state_dict
 from torch import nn
 
 import adaptfn as af
-from parity.test_conv_parity import One, _inputs, _out, tiny_unet
+from parity.peft_models import peft_model, peft_reload
+from parity.test_conv_parity import _inputs, _out, build, tiny_unet
 
 AF = {peft.LoHaConfig: af.LoHaConfig, peft.LoKrConfig: af.LoKrConfig, peft.OFTConfig: af.OFTConfig}
 
@@ -50,31 +51,16 @@ class Case:
     kw: dict[str, Any]
 
 
-def one(factory: Any) -> Any:
-    return lambda: One(factory())
-
-
-def build(make: Any, seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return make().eval()
-
-
 def x_of(case: Case) -> torch.Tensor:
     return torch.randn(case.shape, generator=torch.Generator().manual_seed(3))
 
 
 def make_peft(make: Any, cls: Any, kw: dict[str, Any], seed: int = 1234, **extra: Any) -> Any:
-    model = build(make)
-    torch.manual_seed(seed)  # PEFT draws the adapter's weights from the global RNG
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return peft.get_peft_model(model, cls(**{"target_modules": ["m"], "init_weights": False, **kw, **extra})).eval()
+    return peft_model(build(make), cls, {"target_modules": ["m"], "init_weights": False, **kw, **extra}, seed)
 
 
 def peft_load(make: Any, folder: Any) -> Any:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return peft.PeftModel.from_pretrained(build(make), folder).eval()
+    return peft_reload(build(make), folder)
 
 
 def af_config(cls: Any, kw: dict[str, Any], **extra: Any) -> Any:

@@ -18,6 +18,7 @@ from conftest import assert_close, gen, ids_for, rel_err, shapes, tiny_gpt2, tin
 from peft.utils import get_peft_model_state_dict
 
 import adaptfn as af
+from parity.peft_models import peft_model, peft_reload
 
 TOL = 1e-5
 
@@ -25,19 +26,12 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 
 def peft_from_pretrained(build, folder) -> peft.PeftModel:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return peft.PeftModel.from_pretrained(build(), folder).eval()
+    return peft_reload(build(), folder)
 
 
 def make_peft(build, seed: int = 1234, **kw) -> peft.PeftModel:
     """A PeftModel with random A, E, B (``init_lora_weights=False``: standard normal draws)."""
-    model = build()
-    torch.manual_seed(seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pm = peft.get_peft_model(model, peft.AdaLoraConfig(init_lora_weights=False, **kw))
-    return pm.eval()
+    return peft_model(build(), peft.AdaLoraConfig, dict(init_lora_weights=False, **kw), seed)
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from peft.utils import get_peft_model_state_dict
 from torch import nn
 
 import adaptfn as af
+from parity.peft_models import peft_model, peft_reload
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -121,12 +122,8 @@ def _x(case: Case, seed: int = 3) -> torch.Tensor:
 
 
 def make_peft(case_make: Any, kw: dict[str, Any], cls: Any = peft.LoraConfig, seed: int = 1234, **extra: Any) -> Any:
-    model = build(case_make)
-    torch.manual_seed(seed)  # PEFT draws the adapter's weights from the global RNG
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        init = {"init_ia3_weights": False} if cls is peft.IA3Config else {"init_lora_weights": False}
-        return peft.get_peft_model(model, cls(**init, **kw, **extra)).eval()
+    init = {"init_ia3_weights": False} if cls is peft.IA3Config else {"init_lora_weights": False}
+    return peft_model(build(case_make), cls, dict(**init, **kw, **extra), seed)
 
 
 def peft_merged(pm: Any, *xs: Any) -> tuple[Any, dict[str, torch.Tensor]]:
@@ -193,9 +190,7 @@ def test_lora_adaptfn_saved_gives_same_outputs_in_peft(case: Case, tmp_path) -> 
     a = perturb(fresh)  # af.init's layout, trained-looking values
     out = af.inject(fn, a)(params, x)
     af.save(a, tmp_path)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pm = peft.PeftModel.from_pretrained(build(case.make), tmp_path).eval()
+    pm = peft_reload(build(case.make), tmp_path)
     with torch.no_grad():
         ref = pm(x) if case.peft_unmerged else peft_merged(pm, x)[0]
     assert rel_err(fn(params, x), ref) > 1e-3, "vacuous comparison"
@@ -254,9 +249,7 @@ def test_ia3_conv_both_ways(case: Any, tmp_path) -> None:
     assert_close(fn(merged, x), peft_merged(pm, x)[0], "merge vs PEFT's merge")
     b = af.init(fn, af.IA3Config(init_ia3_weights=False, **kw), generator=torch.Generator().manual_seed(5))
     af.save(b, tmp_path / "af")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pm2 = peft.PeftModel.from_pretrained(build(make), tmp_path / "af").eval()
+    pm2 = peft_reload(build(make), tmp_path / "af")
     with torch.no_grad():
         assert_close(af.inject(fn, b)(params, x), pm2(x), "adaptfn -> PEFT")
     stacked = af.stack([a, b])
@@ -284,9 +277,7 @@ def test_adalora_conv2d_both_ways(tmp_path) -> None:
     assert_close(fn(merged, x), peft_merged(pm, x)[0], "merge vs PEFT's merge")
     b = af.init(fn, af.AdaLoraConfig(init_lora_weights=False, **kw), generator=torch.Generator().manual_seed(5))
     af.save(b, tmp_path / "af")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pm2 = peft.PeftModel.from_pretrained(build(make), tmp_path / "af").eval()
+    pm2 = peft_reload(build(make), tmp_path / "af")
     with torch.no_grad():
         assert_close(af.inject(fn, b)(params, x), pm2(x), "adaptfn -> PEFT")
     stacked = af.stack([a, b])
@@ -420,9 +411,7 @@ def test_real_models_both_ways_vmap_and_route(name: str, tmp_path) -> None:
     b = perturb(af.init(fn, af.LoraConfig(**kw), generator=torch.Generator().manual_seed(1)), seed=3)
     out_b = _out(name, af.inject(fn, b)(params, *xs))
     af.save(b, tmp_path / "af")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pm2 = peft.PeftModel.from_pretrained(build(make), tmp_path / "af").eval()
+    pm2 = peft_reload(build(make), tmp_path / "af")
     with torch.no_grad():
         assert_close(out_b, _out(name, pm2(*xs)), "adaptfn -> PEFT")
 

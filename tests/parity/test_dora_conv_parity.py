@@ -25,6 +25,7 @@ from peft.utils import get_peft_model_state_dict
 from torch import nn
 
 import adaptfn as af
+from parity.peft_models import peft_model, peft_reload
 from parity.test_conv_parity import UNET_TARGETS, One, _inputs, _out, build, tiny_unet
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -88,23 +89,11 @@ def _x(case: Case) -> torch.Tensor:
 
 def make_peft(make: Any, kw: dict[str, Any], seed: int = 1234) -> Any:
     """A PeftModel with random LoRA weights whose every trainable tensor (magnitudes, lora_B biases) is then moved."""
-    model = build(make)
-    torch.manual_seed(seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pm = peft.get_peft_model(model, peft.LoraConfig(init_lora_weights=False, **kw))
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for _, p in pm.named_parameters():
-            if p.requires_grad:
-                p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
-    return pm.eval()
+    return peft_model(build(make), peft.LoraConfig, dict(init_lora_weights=False, **kw), seed, move=True)
 
 
 def from_pretrained(make: Any, folder: Any) -> Any:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return peft.PeftModel.from_pretrained(build(make), folder).eval()
+    return peft_reload(build(make), folder)
 
 
 def peft_merged(pm: Any, *xs: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -22,6 +22,7 @@ from mixed_model import mixed, mixed_ids
 from peft.utils import get_peft_model_state_dict
 
 import adaptfn as af
+from parity.peft_models import peft_model, peft_reload
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -37,23 +38,11 @@ def ids_of(model: Any) -> torch.Tensor:
 def make_peft(build, seed: int = 1234, **kw) -> peft.PeftModel:
     """A PeftModel with random LoRA weights (``init_lora_weights=False``) whose every trainable tensor (the
     DoRA magnitudes and lora_B biases included) is then moved, so the magnitudes differ from the norms."""
-    model = build()
-    torch.manual_seed(seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pm = peft.get_peft_model(model, peft.LoraConfig(init_lora_weights=False, **kw))
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for _, p in pm.named_parameters():
-            if p.requires_grad:
-                p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
-    return pm.eval()
+    return peft_model(build(), peft.LoraConfig, dict(init_lora_weights=False, **kw), seed, move=True)
 
 
 def from_pretrained(build, folder) -> peft.PeftModel:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return peft.PeftModel.from_pretrained(build(), folder).eval()
+    return peft_reload(build(), folder)
 
 
 def perturb_af(a: Any, seed: int = 7) -> Any:

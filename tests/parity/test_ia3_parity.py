@@ -17,6 +17,7 @@ from conftest import assert_close, gen, ids_for, rel_err, shapes, tiny_gpt2, tin
 from peft.utils import get_peft_model_state_dict
 
 import adaptfn as af
+from parity.peft_models import peft_model, peft_reload
 
 TOL = 1e-5
 
@@ -25,12 +26,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 def make_peft(build, seed: int = 1234, **kw) -> peft.PeftModel:
     """A PeftModel with random IA3 vectors (``init_ia3_weights=False``: standard normal draws)."""
-    model = build()
-    torch.manual_seed(seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pm = peft.get_peft_model(model, peft.IA3Config(init_ia3_weights=False, **kw))
-    return pm.eval()
+    return peft_model(build(), peft.IA3Config, dict(init_ia3_weights=False, **kw), seed)
 
 
 @dataclass(frozen=True)
@@ -111,9 +107,7 @@ def test_adaptfn_saved_adapter_gives_same_outputs_in_peft(case: Case, tmp_path) 
     ids = ids_for(model)
     out = af.inject(fn, a)(params, input_ids=ids).logits
     af.save(a, tmp_path)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pm = peft.PeftModel.from_pretrained(case.build(), tmp_path).eval()
+    pm = peft_reload(case.build(), tmp_path)
     with torch.no_grad():
         ref = pm(input_ids=ids).logits
     assert rel_err(fn(params, input_ids=ids).logits, ref) > 1e-3, "vacuous comparison"
@@ -142,9 +136,7 @@ def test_masked_module_saved_as_ones_loads_in_peft(tmp_path) -> None:
     ids = ids_for(model)
     out = af.inject(fn, a)(params, input_ids=ids).logits
     af.save(a, tmp_path)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pm = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()
+    pm = peft_reload(tiny_llama(), tmp_path)
     with torch.no_grad():
         assert_close(out, pm(input_ids=ids).logits)
 

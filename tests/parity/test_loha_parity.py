@@ -9,7 +9,8 @@ import peft
 import pytest
 from torch import nn
 
-from parity.lyco_conv import Case, ConvLinear, check_both_ways, check_unet, one
+from parity.lyco_conv import Case, ConvLinear, check_both_ways, check_unet
+from parity.test_conv_parity import _one as one
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

@@ -29,6 +29,7 @@ from peft.utils import get_peft_model_state_dict
 
 import adaptfn as af
 from adaptfn.methods import lora_init
+from parity.peft_models import peft_reload
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -189,9 +190,7 @@ def test_files_both_ways(mode: str, targets: list[str], tmp_path: Any) -> None:
     b = perturbed(a0)
     af.save(b, tmp_path / "af")
     assert json.loads((tmp_path / "af" / "adapter_config.json").read_text())["init_lora_weights"] == mode
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        back = peft.PeftModel.from_pretrained(mixed(0), str(tmp_path / "af")).eval()
+    back = peft_reload(mixed(0), str(tmp_path / "af"))
     with torch.no_grad():
         assert_close(back(ids), af.inject(fn, b)(p2, ids), "adaptfn file in PEFT")
 
@@ -227,9 +226,7 @@ def test_conversion_to_plain_lora_both_ways(tmp_path: Any) -> None:
         want = af.inject(fn, a)(p2, ids)
         assert_close(af.inject(fn, ref_sd)(params, ids), want, "PEFT-converted file")
         assert_close(af.inject(fn, ours)(params, ids), want, "adaptfn-converted file")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            back = peft.PeftModel.from_pretrained(mixed(0), str(tmp_path / "af")).eval()
+        back = peft_reload(mixed(0), str(tmp_path / "af"))
         assert_close(back(ids), want, "adaptfn-converted file in PEFT")
 
 

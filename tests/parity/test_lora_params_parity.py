@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import adaptfn as af
+from parity.peft_models import peft_model, peft_reload
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -117,23 +118,11 @@ def out_of(o: Any) -> torch.Tensor:
 
 def make_peft(build, seed: int = 1234, **kw) -> peft.PeftModel:
     """A PeftModel with every trainable tensor moved off its init (LoRA factors and trainable token rows)."""
-    model = build()
-    torch.manual_seed(seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pm = peft.get_peft_model(model, peft.LoraConfig(**kw))
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for _, p in pm.named_parameters():
-            if p.requires_grad:
-                p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
-    return pm.eval()
+    return peft_model(build(), peft.LoraConfig, kw, seed, move=True)
 
 
 def from_pretrained(build, folder) -> peft.PeftModel:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return peft.PeftModel.from_pretrained(build(), folder).eval()
+    return peft_reload(build(), folder)
 
 
 def perturb(a: af.Adapter, seed: int = 7) -> af.Adapter:

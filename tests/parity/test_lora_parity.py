@@ -18,6 +18,7 @@ from conftest import assert_close, gen, ids_for, rel_err, shapes, tiny_bert, tin
 from peft.utils import get_peft_model_state_dict
 
 import adaptfn as af
+from parity.peft_models import peft_model, peft_reload
 
 TOL = 1e-5
 
@@ -30,12 +31,7 @@ def logits(out: Any) -> torch.Tensor:
 
 def make_peft(build, adapter_name: str = "default", seed: int = 1234, **kw) -> peft.PeftModel:
     """A PeftModel around a fresh base model, LoRA weights random (``init_lora_weights=False``)."""
-    model = build()
-    torch.manual_seed(seed)  # PEFT draws the LoRA weights from the global RNG
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pm = peft.get_peft_model(model, peft.LoraConfig(init_lora_weights=False, **kw), adapter_name=adapter_name)
-    return pm.eval()
+    return peft_model(build(), peft.LoraConfig, dict(init_lora_weights=False, **kw), seed, adapter_name=adapter_name)
 
 
 def perturb_peft(pm: torch.nn.Module, frozen_suffixes: tuple[str, ...] = (), seed: int = 5) -> None:
@@ -143,9 +139,7 @@ def test_adaptfn_saved_adapter_gives_same_outputs_in_peft(case: Case, tmp_path):
     out = logits(af.inject(fn, a)(params, input_ids=ids))
     af.save(a, tmp_path)
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pm = peft.PeftModel.from_pretrained(case.build(), tmp_path).eval()
+    pm = peft_reload(case.build(), tmp_path)
     with torch.no_grad():
         ref = logits(pm(input_ids=ids))
     assert rel_err(logits(fn(params, input_ids=ids)), ref) > 1e-3, "vacuous comparison"
@@ -275,9 +269,7 @@ def test_bert_sequence_classifier_modules_to_save(tmp_path):
     b = perturb_af(af.init(fn, af.LoraConfig(init_lora_weights=False, **kw), generator=gen(3)))
     out_b = logits(af.inject(fn, b)(params, input_ids=ids))
     af.save(b, tmp_path / "af")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pm_b = peft.PeftModel.from_pretrained(tiny_bert(), tmp_path / "af").eval()
+    pm_b = peft_reload(tiny_bert(), tmp_path / "af")
     assert isinstance(pm_b, peft.PeftModelForSequenceClassification)
     with torch.no_grad():
         assert_close(out_b, logits(pm_b(input_ids=ids)))

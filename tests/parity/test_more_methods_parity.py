@@ -20,6 +20,7 @@ from peft.utils import get_peft_model_state_dict
 from torch import nn
 
 import adaptfn as af
+from parity.peft_models import peft_model, peft_reload
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -62,12 +63,7 @@ IDS = [c.id for c in CASES]
 
 def make_peft(case: Case, seed: int = 1234, **extra: Any) -> peft.PeftModel:
     """A PeftModel with random adapter weights (``init_weights=False``) drawn from the global RNG."""
-    model = case.build()
-    torch.manual_seed(seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pm = peft.get_peft_model(model, case.cls(**{"init_weights": False, **case.kw, **extra}))
-    return pm.eval()
+    return peft_model(case.build(), case.cls, {"init_weights": False, **case.kw, **extra}, seed)
 
 
 def af_config(case: Case, **kw: Any) -> Any:
@@ -80,9 +76,7 @@ def logits_of(m: Any, ids: torch.Tensor) -> torch.Tensor:
 
 
 def from_peft_folder(folder: Any, build: Any) -> peft.PeftModel:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return peft.PeftModel.from_pretrained(build(), folder).eval()
+    return peft_reload(build(), folder)
 
 
 # -- 1. PEFT -> adaptfn: inject, merge ------------------------------------------------------------------------

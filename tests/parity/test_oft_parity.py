@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 import adaptfn as af
-from parity.lyco_conv import Case, ConvLinear, build, check_both_ways, make_peft, one, x_of
+from parity.lyco_conv import Case, ConvLinear, build, check_both_ways, make_peft, x_of
+from parity.test_conv_parity import _one as one
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import adaptfn as af
+from parity.peft_models import peft_model, peft_reload
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -73,26 +74,12 @@ def peft_out(pm, ids) -> torch.Tensor:
 
 def make_peft(build, seed: int = 1234, **kw) -> peft.PeftModel:
     """A PeftModel with every trainable tensor moved off its init (tied views move together)."""
-    model = build()
-    torch.manual_seed(seed)
     kw = {k: list(v) if isinstance(v, list) else v for k, v in kw.items()}  # PEFT edits the lists in place
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pm = peft.get_peft_model(model, peft.LoraConfig(**kw))
-    g = torch.Generator().manual_seed(seed + 1)
-    seen: set[int] = set()
-    with torch.no_grad():
-        for _, p in pm.named_parameters():
-            if p.requires_grad and p.data_ptr() not in seen:
-                seen.add(p.data_ptr())
-                p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
-    return pm.eval()
+    return peft_model(build(), peft.LoraConfig, kw, seed, move=True)
 
 
 def from_pretrained(build, folder) -> peft.PeftModel:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return peft.PeftModel.from_pretrained(build(), folder).eval()
+    return peft_reload(build(), folder)
 
 
 def perturb(a: af.Adapter, seed: int = 7) -> af.Adapter:
@@ -217,9 +204,7 @@ def test_untied_model_ignores_the_flag(tmp_path) -> None:
     pm.save_pretrained(tmp_path)
     a = af.load(tmp_path)
     untied = llama(tied=False)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        want = peft_out(peft.PeftModel.from_pretrained(untied, tmp_path).eval(), ids)
+    want = peft_out(peft_reload(untied, tmp_path), ids)
     fn2, params2 = af.functional(llama(tied=False))
     assert_close(call(af.inject(fn2, a), params2, ids), want)
 
