@@ -907,11 +907,8 @@ class _PoolKernel:
         for (R, a, b, tok, ts, *ops), kernel in zip(per_bucket, kernels):
             buf = occ[R].buf
             xs = xs_all[a:b]  # this bucket's tokens (contiguous rows)
-            if kernel == "gather":  # (torch.embedding_bag: F.embedding_bag's checks cost more than these calls)
-                ia, oa, ib, ob = ops
-                h = torch.embedding_bag(buf.At.view(-1, R), ia, oa, False, 0, False, xs.reshape(-1))[0]
-                h.mul_(ts)  # [T, R]
-                z = torch.embedding_bag(buf.Bt.view(-1, o_dim), ib, ob, False, 0, False, h.view(-1))[0]
+            if kernel == "gather":
+                z = _gather(buf, R, o_dim, xs, ops, ts)
             elif kernel == "loop":
                 z = _loop_groups(xs, buf.At, buf.Bt, *ops, ts)
             else:
@@ -942,12 +939,20 @@ def _gather_all(xs: torch.Tensor, scales: torch.Tensor, per_bucket: list[tuple[A
     two ``embedding_bag`` sums, and their outputs concatenated so that the module adds them with one
     ``index_add_``. At these sizes the per-op costs are what counts. Returns [T_all, out]."""
     xs.mul_(scales)
-    zs = []
-    for R, a, b, _tok, _ts, ia, oa, ib, ob in per_bucket:
-        buf = occ[R].buf
-        h = torch.embedding_bag(buf.At.view(-1, R), ia, oa, False, 0, False, xs[a:b].reshape(-1))[0]
-        zs.append(torch.embedding_bag(buf.Bt.view(-1, o_dim), ib, ob, False, 0, False, h.view(-1))[0])
-    return torch.cat(zs)
+    return torch.cat([_gather(occ[R].buf, R, o_dim, xs[a:b], ops) for R, a, b, _tok, _ts, *ops in per_bucket])
+
+
+def _gather(buf: _Buffer, R: int, o_dim: int, xs: torch.Tensor, ops: Sequence[torch.Tensor],
+            ts: torch.Tensor | None = None) -> torch.Tensor:
+    """The ``gather`` kernel on one bucket: ``xs`` [T, in] (its tokens, contiguous rows), ``ops`` the A and B
+    indices and offsets of :meth:`_Plan.tokens`, ``ts`` [T, 1] the scales (None: already in ``xs``). Two
+    ``embedding_bag`` sums straight from the buffers (``torch.embedding_bag``: ``F.embedding_bag``'s checks cost
+    more than these calls). Returns [T, out]."""
+    ia, oa, ib, ob = ops
+    h = torch.embedding_bag(buf.At.view(-1, R), ia, oa, False, 0, False, xs.reshape(-1))[0]  # [T, R]
+    if ts is not None:
+        h.mul_(ts)
+    return torch.embedding_bag(buf.Bt.view(-1, o_dim), ib, ob, False, 0, False, h.view(-1))[0]
 
 
 def _bucket_kernel(plain: bool, tokens: int, adapters: int, long: str, cpu: bool = True) -> str:
