@@ -26,7 +26,7 @@ from torch import nn
 
 import adaptfn as af
 from parity.peft_models import peft_model, peft_reload
-from parity.test_conv_parity import UNET_TARGETS, One, _inputs, _out, build, tiny_unet
+from parity.test_conv_parity import UNET_TARGETS, One, _inputs, _out, build, peft_merged, perturb, tiny_unet
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -94,18 +94,6 @@ def make_peft(make: Any, kw: dict[str, Any], seed: int = 1234) -> Any:
 
 def from_pretrained(make: Any, folder: Any) -> Any:
     return peft_reload(build(make), folder)
-
-
-def peft_merged(pm: Any, *xs: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        model = pm.merge_and_unload()
-        return model(*xs), {k: v.detach() for k, v in model.named_parameters()}
-
-
-def perturb(a: Any, seed: int = 7) -> Any:
-    g = torch.Generator().manual_seed(seed)
-    return af.tree.map(lambda t: t + 0.3 * torch.randn(t.shape, generator=g, dtype=t.dtype) if t.dim() else t, a)
 
 
 VARIANTS = [dict(use_dora=True), dict(lora_bias=True)]
