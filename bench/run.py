@@ -267,7 +267,14 @@ def _meta(t0: float) -> dict[str, Any]:
     return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "wall_s": round(time.perf_counter() - t0, 1), "python": platform.python_version(),
             "platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
-            "loadavg_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None, "versions": versions}
+            "loadavg_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None, "versions": versions,
+            "pool_kernel": _pool_kernel()}
+
+
+def _pool_kernel() -> str:
+    from adaptfn.pooling import native_status
+
+    return native_status()
 
 
 def main(argv: list[str] | None = None) -> list[Result]:

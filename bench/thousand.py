@@ -30,7 +30,9 @@ TARGET_SETS = (("q_proj", "v_proj"), ("q_proj", "k_proj", "v_proj", "o_proj"), (
                LLAMA_ALL)
 ROWS = 64
 ROUTES = 4  # random batches per N, timed in turn (see child); <= adaptfn.pooling.PLAN_CACHE, the routes a pool keeps
-LAYOUTS = ("pool", "exact", "max", "stack")  # pool: pow2 buckets (the default); max: buckets=(64,); stack: af.stack
+# pool: pow2 buckets (the default); portable: the same pool on its portable kernels (no native kernel);
+# max: buckets=(64,); stack: af.stack
+LAYOUTS = ("pool", "portable", "exact", "max", "stack")
 
 
 def mixed_config(i: int, af: Any, tiny: bool = False) -> Any:
@@ -98,8 +100,12 @@ def child(argv: list[str]) -> dict[str, Any]:
         held: Any = af.stack(adapters)
         resident = sum(t.nbytes for p in held.paths for t in held.leaves(p).values())
     else:
-        held = af.pool(adapters, buckets={"pool": "pow2", "exact": "exact", "max": (64,)}[layout])
+        held = af.pool(adapters, buckets={"pool": "pow2", "portable": "pow2", "exact": "exact", "max": (64,)}[layout])
         resident = held.memory()["allocated"]
+    if layout == "portable":
+        from adaptfn import pooling
+
+        pooling.NATIVE = False
     built = time.perf_counter() - t0
     del adapters
     rows = spec["rows"]
@@ -155,6 +161,12 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def _kernel_status() -> str:
+    from adaptfn.pooling import native_status
+
+    return native_status()
+
+
 def _plain_args(args: Any) -> dict[str, Any]:
     return {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
 
@@ -172,7 +184,7 @@ def scenario_scaling(w: Any) -> Result:
     if getattr(args, "scaling_layouts", True):  # the other layouts, to compare (af.stack up to N = 256)
         if not tiny:
             plan += [(n, "stack") for n in ns if n <= 256]
-            plan += [(ns[-1], "exact"), (ns[-1], "max")]
+            plan += [(ns[-1], "portable"), (ns[-1], "exact"), (ns[-1], "max")]
         else:
             plan += [(ns[-1], "stack")]
     meds: dict[str, float] = {}
@@ -200,8 +212,9 @@ def scenario_scaling(w: Any) -> Result:
                "ranks and targets", meds, ratios, targets)
     r.extra["points"] = points
     r.notes.append("each row a random adapter of N; ranks 4-64 and four target sets (bench/thousand.py); pool = "
-                   "af.pool (power-of-two rank buckets), exact = one bucket per rank, max = every rank padded to 64, "
-                   "stack = af.stack (padded to r=64 and the union of targets)")
+                   "af.pool (power-of-two rank buckets), portable = the same pool on its portable kernels (no native "
+                   "kernel), exact = one bucket per rank, max = every rank padded to 64, stack = af.stack (padded to "
+                   "r=64 and the union of targets); pool kernel: " + _kernel_status())
     return r
 
 

@@ -46,9 +46,12 @@ def llama_pool():
 
 @pytest.mark.parametrize("kind", ["llama", "opt", "gpt2"])
 @pytest.mark.parametrize("seq", [1, 3, 9])
-def test_pool_equals_per_adapter_inject(kind, seq) -> None:
-    """Odd sizes (OPT hidden 22, ffn 37; GPT-2's Conv1D), ranks 3-17 across buckets, gather (1, 3 tokens) and
-    grouped / padded (9 tokens) kernels: each row equals its adapter injected alone; -1 rows are the base."""
+@pytest.mark.parametrize("native", [True, False])
+def test_pool_equals_per_adapter_inject(kind, seq, native, monkeypatch) -> None:
+    """Odd sizes (OPT hidden 22, ffn 37; GPT-2's Conv1D), ranks 3-17 across buckets, the native kernel or the
+    portable ones (gather at 1 and 3 tokens, loop at 9): each row equals its adapter injected alone; -1 rows are
+    the base."""
+    monkeypatch.setattr(pooling, "NATIVE", native)
     m = {"llama": tiny_llama, "opt": tiny_opt, "gpt2": tiny_gpt2}[kind]()
     fn, params = af.functional(m)
     sets = {"llama": LLAMA_SETS[:4], "opt": (["q_proj", "v_proj"], ["fc1", "fc2"], ["k_proj", "out_proj", "fc1"]),
@@ -364,12 +367,14 @@ def test_bucket_policy() -> None:
     assert pooling._bucket(5, (8, 32)) == 8 and pooling._bucket(40, (8, 32)) == 40
 
 
-@pytest.mark.parametrize("kernel", ["gather", "padded", "loop"])
-def test_forced_kernels_agree(llama_pool, kernel, monkeypatch) -> None:
+@pytest.mark.parametrize("kernel", ["native", "gather", "padded", "loop"])
+@pytest.mark.parametrize("seq", [5, 37])
+def test_forced_kernels_agree(llama_pool, kernel, seq, monkeypatch) -> None:
+    """Every kernel, at 5 tokens a row and at 37 (the native kernel's items of 16 tokens, and a remainder)."""
     m, fn, params, ads = llama_pool
     p = af.pool(ads)
     route = torch.tensor([5, 0, 1, 2, 3, 4, 5, -1])
-    ids = ids_for(m, batch=len(route), seq=5)
+    ids = ids_for(m, batch=len(route), seq=seq)
     with torch.no_grad():
         want = _per_row(fn, params, ads, route, input_ids=ids)
         monkeypatch.setattr(pooling, "FORCE_KERNEL", kernel)
@@ -460,6 +465,7 @@ def test_decode_sized_calls_take_one_pass_and_agree(llama_pool, monkeypatch) -> 
     """At decode sizes (DECODE_ELEMENTS) every bucket's gather output is added with one index_add_, the scales
     applied to the inputs; the result equals the bucket-by-bucket path and each row's adapter alone."""
     m, fn, params, ads = llama_pool
+    monkeypatch.setattr(pooling, "NATIVE", False)  # the portable kernels' path
     p = af.pool(ads)
     route = torch.tensor([5, 0, 1, 2, 3, 4, 5, -1, 2])
     ids = ids_for(m, batch=len(route), seq=1, seed=4)
@@ -476,3 +482,61 @@ def test_decode_sized_calls_take_one_pass_and_agree(llama_pool, monkeypatch) -> 
         want = _per_row(fn, params, ads, route, input_ids=ids)
     torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(fast, want, atol=2e-5, rtol=1e-5)
+
+
+def test_native_kernel_serves_float32_cpu_inference_only(llama_pool, monkeypatch) -> None:
+    """float32 inference on the CPU runs the native kernel (when built); autograd, other dtypes and NATIVE=False
+    run the portable kernels; all agree with each row's adapter alone, and the native call leaves the inputs and
+    an out-of-place base output untouched."""
+    from adaptfn import _native
+
+    m, fn, params, ads = llama_pool
+    assert _native.kernel() is not None, _native.status()
+    calls = []
+    real = _native.lora_rows
+    monkeypatch.setattr(_native, "lora_rows", lambda *a, **k: calls.append(1) or real(*a, **k))
+    p = af.pool(ads)
+    route = torch.tensor([3, 3, 1, -1, 5, 0, 3])
+    ids = ids_for(m, batch=len(route), seq=19, seed=9)
+    with torch.no_grad():
+        want = _per_row(fn, params, ads, route, input_ids=ids)
+    for mode in (torch.no_grad, torch.inference_mode):
+        calls.clear()
+        with mode():
+            got = af.inject(fn, p, route=route)(params, input_ids=ids).logits
+        assert calls
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+    calls.clear()
+    g = af.inject(fn, p, route=route)
+    trainable = {k: v.detach().requires_grad_(v.is_floating_point()) for k, v in params.items()}
+    out = g(trainable, input_ids=ids).logits  # under autograd: the padded kernel
+    assert not calls and out.requires_grad
+    torch.testing.assert_close(out.detach(), want, atol=2e-5, rtol=1e-5)
+    monkeypatch.setattr(pooling, "NATIVE", False)
+    with torch.no_grad():
+        off = af.inject(fn, p, route=route)(params, input_ids=ids).logits
+    assert not calls
+    torch.testing.assert_close(off, want, atol=2e-5, rtol=1e-5)
+    monkeypatch.setattr(pooling, "NATIVE", True)
+    p16 = af.pool(ads, dtype=torch.float64)
+    with torch.no_grad():
+        af.inject(fn, p16, route=route)(params, input_ids=ids)
+    assert not calls  # float64 pool: portable kernels
+
+
+def test_native_kernel_on_a_base_output_it_may_not_overwrite(monkeypatch) -> None:
+    """A base layer whose output may not be updated in place (here: a view): the native path adds into a copy."""
+    torch.manual_seed(3)
+    fn, params = af.functional(nn.Sequential(nn.Linear(13, 11), nn.Tanh(), nn.Linear(11, 19)))
+    ads = [_lora(fn, r, ["0", "2"], r) for r in (3, 9)]
+    p = af.pool(ads)
+    x = torch.randn(3, 17, 13)
+    route = torch.tensor([1, 0, -1])
+    from adaptfn import routing
+
+    monkeypatch.setattr(routing, "in_place_ok", lambda *a: False)
+    with torch.no_grad():
+        got = af.inject(fn, p, route=route)(params, x)
+        want = torch.cat([af.inject(fn, ads[1])(params, x[:1]), af.inject(fn, ads[0])(params, x[1:2]),
+                          fn(params, x[2:])])
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)

@@ -1,0 +1,183 @@
+"""The pools' native CPU kernel (adaptfn._native): every vector width and build (with and without OpenMP, on any
+CPU: the widths are forced with -DVW, so no path depends on the CPU the suite lands on) against a float64
+reference over odd sizes, rank and output tails, items of 1-16 tokens and strided rows; the cache (keyed
+builds, concurrent first builds, failed compilers) and the fallback when no kernel can be built."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from adaptfn import _native
+
+ROOT = Path(__file__).resolve().parents[1]
+CC = _native._compiler()
+# every width on the machine's baseline instructions, with and without OpenMP, and the build pools use here
+BUILDS = {
+    "vw4": ("-O3", "-DVW=4", "-fopenmp"),
+    "vw8": ("-O3", "-DVW=8", "-fopenmp"),
+    "vw16": ("-O3", "-DVW=16", "-fopenmp"),
+    "vw16-serial": ("-O3", "-DVW=16"),
+    "native": _native.ATTEMPTS[0],
+}
+
+
+@pytest.fixture(scope="module")
+def builds(tmp_path_factory) -> dict[str, object]:
+    assert CC is not None, "the suite needs a C compiler (scripts/env.sh installs gcc)"
+    folder = tmp_path_factory.mktemp("native")
+    out = {}
+    for name, flags in BUILDS.items():
+        lib, why = _native.compile_kernel(CC, flags, folder)
+        assert lib is not None, why
+        fn, info = _native.bind(lib)
+        want_vw = int(flags[1][5:]) if flags[1].startswith("-DVW=") else info & 255
+        assert info & 255 == want_vw and bool(info & 256) == ("-fopenmp" in flags), (name, info)
+        out[name] = fn
+    return out
+
+
+def _case(n_in: int, R: int, n_out: int, lengths: list[int], cap: int, seed: int, stride_pad: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    T = sum(lengths)
+    rows = T + 5
+    X = torch.randn(rows, n_in + stride_pad, generator=g)[:, :n_in]  # rows with a stride > n_in when padded
+    Y = torch.randn(rows, n_out + stride_pad, generator=g)[:, :n_out]
+    At = torch.randn(cap, n_in, R, generator=g)
+    Bt = torch.randn(cap, R, n_out, generator=g)
+    tok = torch.randperm(rows, generator=g)[:T]
+    start = torch.tensor([sum(lengths[:j]) for j in range(len(lengths))], dtype=torch.long)
+    length = torch.tensor(lengths, dtype=torch.long)
+    pos = torch.randint(0, cap, (len(lengths),), generator=g)
+    scale = torch.rand(len(lengths), generator=g) * 2 - 0.5
+    want = Y.double().clone()
+    for j, (s, m) in enumerate(zip(start.tolist(), lengths)):
+        r = tok[s:s + m]
+        h = X[r].double() @ At[pos[j]].double() * float(scale[j])
+        want[r] += h @ Bt[pos[j]].double()
+    return X, Y, At, Bt, tok, start, length, pos, scale, want
+
+
+@pytest.mark.parametrize("build", list(BUILDS))
+@pytest.mark.parametrize("threads", [1, 2])
+def test_every_build_matches_float64(builds, build, threads, monkeypatch) -> None:
+    """Ranks below, at and between vector widths (1, 3, 4, 7, 12, 16, 33, 64), outputs with tails (1, 7, 17, 130),
+    items of every length 1-16 (the 1-, 2-, 4- and 16-token tiles), rows with a stride."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    lengths = list(range(1, 17)) + [16, 3]
+    for k, (n_in, R, n_out) in enumerate([(19, 1, 7), (5, 3, 17), (11, 4, 1), (64, 7, 130), (23, 12, 48),
+                                          (40, 16, 33), (9, 33, 16), (130, 64, 19)]):
+        X, Y, At, Bt, tok, start, length, pos, scale, want = _case(n_in, R, n_out, lengths, cap=5, seed=k,
+                                                                    stride_pad=k % 2 * 3)
+        _native.lora_rows(X, Y, At, Bt, tok, start, length, pos, scale, fn=builds[build])
+        dims = (n_in, R, n_out)
+        torch.testing.assert_close(Y.double(), want, atol=1e-4, rtol=1e-5, msg=lambda m, d=dims: f"{d}: {m}")
+
+
+@settings(max_examples=40, deadline=None)
+@given(n_in=st.integers(1, 70), R=st.integers(1, 70), n_out=st.integers(1, 70),
+       lengths=st.lists(st.integers(1, 16), min_size=0, max_size=9), seed=st.integers(0, 2**16))
+def test_native_build_property(n_in, R, n_out, lengths, seed) -> None:
+    """The build pools use, over random sizes and items: equal to the float64 reference; rows no item names are
+    untouched (also with no items at all)."""
+    fn = _native.kernel()
+    assert fn is not None, _native.status()
+    X, Y, At, Bt, tok, start, length, pos, scale, want = _case(n_in, R, n_out, lengths, cap=3, seed=seed)
+    before = Y.clone()
+    _native.lora_rows(X, Y, At, Bt, tok, start, length, pos, scale)
+    torch.testing.assert_close(Y.double(), want, atol=1e-4, rtol=1e-5)
+    untouched = torch.ones(Y.shape[0], dtype=torch.bool)
+    untouched[tok] = False
+    assert torch.equal(Y[untouched], before[untouched])
+
+
+def test_status_names_the_build() -> None:
+    s = _native.status()
+    assert s.startswith("on: ") and "floats per vector" in s, s
+
+
+def _child(code: str, env: dict[str, str]) -> dict:
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+_POOL_RUN = """
+import json, torch, adaptfn as af
+torch.manual_seed(0)
+from adaptfn import _native, pooling
+lin = torch.nn.Sequential(torch.nn.Linear(13, 9), torch.nn.Linear(9, 11))
+fn, params = af.functional(lin)
+ads = [af.init(fn, af.LoraConfig(r=r, target_modules=["0", "1"], init_lora_weights=False),
+               generator=torch.Generator().manual_seed(r)) for r in (3, 8)]
+p = af.pool(ads)
+x = torch.randn(4, 5, 13, generator=torch.Generator().manual_seed(0))
+with torch.no_grad():
+    got = af.inject(fn, p, route=torch.tensor([1, -1, 0, 1]))(params, x)
+print(json.dumps({"status": _native.status(), "native": pooling._native.kernel() is not None, "sum": got.sum().item()}))
+"""
+
+
+def test_off_switch_and_no_compiler_fall_back(tmp_path) -> None:
+    """ADAPTFN_NATIVE=0, no compiler on PATH, or a compiler that fails: the status says why and pools run their
+    portable kernels with the same results."""
+    env = {**os.environ, "ADAPTFN_CACHE": str(tmp_path / "cache"), "PYTHONPATH": str(ROOT)}
+    on = _child(_POOL_RUN, env)
+    assert on["native"] and on["status"].startswith("on: ")
+    off = _child(_POOL_RUN, {**env, "ADAPTFN_NATIVE": "0"})
+    assert not off["native"] and off["status"] == "off: ADAPTFN_NATIVE=0"
+    bare = tmp_path / "bin"
+    bare.mkdir()
+    none = _child(_POOL_RUN, {**env, "PATH": str(bare), "CC": ""})
+    assert not none["native"] and "no C compiler" in none["status"]
+    bad = bare / "cc"
+    bad.write_text("#!/bin/sh\n[ \"$1\" = --version ] && { echo fake 1.0; exit 0; }\necho 'fake: error: no' >&2\n"
+                   "exit 1\n")
+    bad.chmod(0o755)
+    failed = _child(_POOL_RUN, {**env, "PATH": f"{bare}:/usr/bin:/bin", "CC": str(bad),
+                                "ADAPTFN_CACHE": str(tmp_path / "c2")})
+    assert not failed["native"] and "compiling failed" in failed["status"] and "fake: error" in failed["status"]
+    assert list((tmp_path / "c2" / "native").iterdir()) == []  # no half-written library left behind
+    for other in (off, none, failed):
+        assert abs(other["sum"] - on["sum"]) <= 1e-4 * max(1.0, abs(on["sum"]))
+
+
+def test_concurrent_first_builds_share_one_library(tmp_path) -> None:
+    """Processes building into one empty cache at once: each loads a whole library, one file remains, no temp."""
+    env = {**os.environ, "ADAPTFN_CACHE": str(tmp_path), "PYTHONPATH": str(ROOT)}
+    code = "import json; from adaptfn import _native; print(json.dumps({'status': _native.status()}))"
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=env, cwd=ROOT) for _ in range(3)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
+    assert all(json.loads(o[0].strip().splitlines()[-1])["status"].startswith("on: ") for o in outs)
+    files = sorted(f.name for f in (tmp_path / "native").iterdir())
+    assert len(files) == 1 and files[0].startswith("lora_rows-") and files[0].endswith(".so"), files
+
+
+def test_builds_are_keyed_by_flags_and_cpu(tmp_path, monkeypatch) -> None:
+    """A build is reused for the same source, compiler, flags and CPU, and never for another CPU or flags."""
+    a, _ = _native.compile_kernel(CC, ("-O3",), tmp_path)
+    again, _ = _native.compile_kernel(CC, ("-O3",), tmp_path)
+    assert a == again
+    other_flags, _ = _native.compile_kernel(CC, ("-O2",), tmp_path)
+    monkeypatch.setattr(_native, "_cpu_id", lambda: "model name: some other CPU\nflags: sse2")
+    other_cpu, _ = _native.compile_kernel(CC, ("-O3",), tmp_path)
+    assert len({a, other_flags, other_cpu}) == 3
+
+
+def test_compiler_search_honours_cc(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("CC", shutil.which("gcc") or CC)
+    assert _native._compiler() == (shutil.which("gcc") or CC)
+    monkeypatch.setenv("CC", str(tmp_path / "missing-cc"))
+    assert _native._compiler() is not None  # falls back to cc / gcc / clang on PATH
