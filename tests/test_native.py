@@ -152,6 +152,22 @@ def test_off_switch_and_no_compiler_fall_back(tmp_path) -> None:
         assert abs(other["sum"] - on["sum"]) <= 1e-4 * max(1.0, abs(on["sum"]))
 
 
+def test_read_only_cache_builds_in_a_private_folder(tmp_path) -> None:
+    """A cache folder that cannot be written (a read-only home): the kernel is built in a private temp folder."""
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        env = {**os.environ, "ADAPTFN_CACHE": str(ro / "sub"), "PYTHONPATH": str(ROOT)}
+        if os.geteuid() == 0:  # root writes anywhere: a file where the folder should be makes it unwritable
+            ro.chmod(0o700)
+            (ro / "sub").write_text("")
+        got = _child(_POOL_RUN, env)
+    finally:
+        ro.chmod(0o700)
+    assert got["native"] and "adaptfn-native-" in got["status"], got["status"]
+
+
 def test_concurrent_first_builds_share_one_library(tmp_path) -> None:
     """Processes building into one empty cache at once: each loads a whole library, one file remains, no temp."""
     env = {**os.environ, "ADAPTFN_CACHE": str(tmp_path), "PYTHONPATH": str(ROOT)}

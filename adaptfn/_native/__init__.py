@@ -11,6 +11,7 @@ else ``cc``, ``gcc`` or ``clang``) for this CPU (``-march=native``) into a cache
 (``$ADAPTFN_CACHE/native``, default ``~/.cache/adaptfn/native``), named by a hash of the source, the compiler,
 the flags and the CPU's model and features, so that a different machine or compiler never loads a stale
 build. A build is written under a temporary name and renamed, so concurrent processes never load half a file.
+Where the cache folder cannot be written, the process builds into a private temporary folder of its own.
 
 Without a compiler (or with ``ADAPTFN_NATIVE=0``) pools use their portable kernels (``gather`` / ``loop``);
 results agree to float32 rounding. :func:`status` says which is in use and why.
@@ -18,6 +19,7 @@ results agree to float32 rounding. :func:`status` says which is in use and why.
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import hashlib
 import os
@@ -136,8 +138,15 @@ def _load() -> None:
         _STATE.update(fn=None, why="off: no C compiler found ($CC, cc, gcc, clang)")
         return
     errors = []
+    folder = _cache_dir()
     for flags in ATTEMPTS:
-        lib, why = compile_kernel(cc, flags, _cache_dir())
+        lib, why = compile_kernel(cc, flags, folder)
+        if lib is None and "not writable" in why and not folder.name.startswith("adaptfn-native-"):
+            # a read-only home: build in a private temporary folder for this process (never a shared one,
+            # where another user could plant a library)
+            folder = Path(tempfile.mkdtemp(prefix="adaptfn-native-"))
+            atexit.register(shutil.rmtree, folder, True)
+            lib, why = compile_kernel(cc, flags, folder)
         if lib is None:
             errors.append(why)
             if "does not run" in why or "missing" in why or "not writable" in why:
