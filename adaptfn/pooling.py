@@ -19,7 +19,7 @@ compiled with the system's compiler on first use, cached; :func:`native_status` 
 One call per bucket takes the rows in items of up to 16 tokens of one adapter, reads each item's adapter
 once (not once per token), computes ``(x @ A^T) * scale @ B^T`` in registers and adds it into the base
 output's rows: no gather of the inputs, no copy of any weight, no scatter of the outputs. Bench scenario 9
-(N = 1,000, 64 rows x 16 tokens, 2 threads): 1.06-1.08 x the base forward, against 1.16-1.18 for the
+(N = 1,000, 64 rows x 16 tokens, 2 threads): 1.05-1.08 x the base forward, against 1.15-1.17 for the
 portable kernels below.
 
 Otherwise (no compiler, ``ADAPTFN_NATIVE=0``, :data:`NATIVE` False, other dtypes, CUDA, autograd, torch.func,
