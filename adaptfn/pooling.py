@@ -61,6 +61,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.autograd import forward_ad as _fwad
 
 from . import _native, routing
 from .adapter import COEF, GATE, Adapter, Entry, coef_value
@@ -891,6 +892,9 @@ class _PoolKernel:
 
     def forward(self, entry: Any, leaves: _Binding, on: Any, generator: Any, call_base: Any, module: nn.Module,
                 x: torch.Tensor, route: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_tracing():  # a trace would keep one route's grouping of the rows as constants
+            raise ConfigError("inject: a call with an adapter pool cannot be traced with torch.jit.trace (how the "
+                              "rows are grouped depends on the route's values); use torch.compile or call it eagerly")
         out = call_base(x)
         m = leaves.map
         plan = leaves.plans.get(m)  # (the plans of this route's values, see AdapterPool.bind; keyed by the map
@@ -914,7 +918,7 @@ class _PoolKernel:
                  and not torch.compiler.is_compiling())
         if FORCE_KERNEL:
             kernels = (FORCE_KERNEL,) * len(plan.groups)
-        elif plain and _native_ok(x2, out):
+        elif plain and _native_ok(x, x2, out, occ[plan.groups[0][0]].buf):
             kernels = ("native",) * len(plan.groups)
         else:  # per bucket, from its tokens per used adapter: gather while few, else a GEMM kernel
             long = _gemm_kernel(plain, x2, n_in, o_dim)
@@ -929,7 +933,9 @@ class _PoolKernel:
                 x2 = x2.contiguous()
             for R, _a, _b, tok, _ts, start, length, pos, sc in plan.tokens(L, n_in, kernels, x2.dtype)[2]:
                 buf = occ[R].buf
-                _native.lora_rows(x2, o2, buf.At, buf.Bt, tok, start, length, pos, sc)
+                # (CPU float32 plain tensors: _native_ok; unit column strides, contiguous buffers and indices:
+                # made so here and in _Plan.tokens)
+                _native.lora_rows(x2, o2, buf.At, buf.Bt, tok, start, length, pos, sc, check=False)
             return out
         o2 = out.reshape(-1, o_dim)
         every, scales, per_bucket = plan.tokens(L, n_in, kernels, x2.dtype)
@@ -1001,10 +1007,19 @@ def native_status() -> str:
     return _native.status()
 
 
-def _native_ok(x2: torch.Tensor, out: torch.Tensor) -> bool:
-    """Whether the native kernel serves this call: float32 on the CPU, and the kernel built (:mod:`adaptfn._native`)."""
-    return (NATIVE and x2.device.type == "cpu" and x2.dtype == torch.float32 and out.dtype == torch.float32
-            and _native.kernel() is not None)
+def _native_ok(x: torch.Tensor, x2: torch.Tensor, out: torch.Tensor, buf: _Buffer) -> bool:
+    """Whether the native kernel serves this (plain: no autograd, torch.func or torch.compile) call: the inputs,
+    output and pool buffers float32 plain tensors on the CPU, no forward-mode AD (which would not see the
+    kernel's writes; torch.jit.trace is refused earlier), and the kernel built (:mod:`adaptfn._native`)."""
+    if not NATIVE or x2.device.type != "cpu" or buf.At.device.type != "cpu":
+        return False
+    if x2.dtype != torch.float32 or out.dtype != torch.float32 or buf.At.dtype != torch.float32:
+        return False
+    if type(x) is not torch.Tensor or type(out) is not torch.Tensor:  # fake tensors, DTensor, other subclasses
+        return False
+    if _fwad.unpack_dual(x).tangent is not None:
+        return False
+    return _native.kernel() is not None
 
 
 def _bucket_kernel(plain: bool, tokens: int, adapters: int, long: str, cpu: bool = True) -> str:

@@ -37,9 +37,9 @@ def builds(tmp_path_factory) -> dict[str, object]:
     folder = tmp_path_factory.mktemp("native")
     out = {}
     for name, flags in BUILDS.items():
-        lib, why = _native.compile_kernel(CC, flags, folder)
-        assert lib is not None, why
-        fn, info = _native.bind(lib)
+        b = _native.compile_kernel(CC, flags, folder)
+        assert b.lib is not None, b.why
+        fn, info = _native.bind(b.lib)
         want_vw = int(flags[1][5:]) if flags[1].startswith("-DVW=") else info & 255
         assert info & 255 == want_vw and bool(info & 256) == ("-fopenmp" in flags), (name, info)
         out[name] = fn
@@ -183,12 +183,12 @@ def test_concurrent_first_builds_share_one_library(tmp_path) -> None:
 
 def test_builds_are_keyed_by_flags_and_cpu(tmp_path, monkeypatch) -> None:
     """A build is reused for the same source, compiler, flags and CPU, and never for another CPU or flags."""
-    a, _ = _native.compile_kernel(CC, ("-O3",), tmp_path)
-    again, _ = _native.compile_kernel(CC, ("-O3",), tmp_path)
-    assert a == again
-    other_flags, _ = _native.compile_kernel(CC, ("-O2",), tmp_path)
+    a = _native.compile_kernel(CC, ("-O3",), tmp_path).lib
+    again = _native.compile_kernel(CC, ("-O3",), tmp_path).lib
+    assert a is not None and a == again
+    other_flags = _native.compile_kernel(CC, ("-O2",), tmp_path).lib
     monkeypatch.setattr(_native, "_cpu_id", lambda: "model name: some other CPU\nflags: sse2")
-    other_cpu, _ = _native.compile_kernel(CC, ("-O3",), tmp_path)
+    other_cpu = _native.compile_kernel(CC, ("-O3",), tmp_path).lib
     assert len({a, other_flags, other_cpu}) == 3
 
 
@@ -197,3 +197,161 @@ def test_compiler_search_honours_cc(monkeypatch, tmp_path) -> None:
     assert _native._compiler() == (shutil.which("gcc") or CC)
     monkeypatch.setenv("CC", str(tmp_path / "missing-cc"))
     assert _native._compiler() is not None  # falls back to cc / gcc / clang on PATH
+
+
+def test_bad_calls_are_refused_before_the_kernel_runs(builds) -> None:
+    """The wrapper checks devices, dtypes, layouts and shapes (ValueError naming them); the kernel itself refuses
+    an item of 0 or more than 16 tokens (return code 2) and writes nothing for it."""
+    X, Y, At, Bt, tok, start, length, pos, scale, _ = _case(7, 4, 5, [3, 2], cap=2, seed=1)
+    args = dict(tok=tok, start=start, length=length, pos=pos, scale=scale)
+    with pytest.raises(ValueError, match="float32"):
+        _native.lora_rows(X.double(), Y, At, Bt, **args)
+    with pytest.raises(ValueError, match="unit column stride"):
+        _native.lora_rows(X.t().contiguous().t(), Y, At, Bt, **args)
+    with pytest.raises(ValueError, match="shapes do not match"):
+        _native.lora_rows(X, Y[:, :4], At, Bt, **args)
+    with pytest.raises(ValueError, match="shapes do not match"):
+        _native.lora_rows(X, Y, At, Bt, **{**args, "pos": pos[:1]})
+    with pytest.raises(ValueError, match="int64"):
+        _native.lora_rows(X, Y, At, Bt, **{**args, "tok": tok.int()})
+    with pytest.raises(ValueError, match="plain CPU"):
+        _native.lora_rows(X, Y, At.to("meta"), Bt, **args)
+    before = Y.clone()
+    for bad in (torch.tensor([17, 2]), torch.tensor([0, 2]), torch.tensor([-3, 2])):
+        Y.copy_(before)
+        with pytest.raises(ValueError, match="1..16"):
+            _native.lora_rows(X, Y, At, Bt, **{**args, "length": bad})
+        rows_of_bad = tok[:3]
+        assert torch.equal(Y[rows_of_bad], before[rows_of_bad])  # the refused item wrote nothing
+    fn = builds["vw16"]
+    rc = fn(X.data_ptr(), X.stride(0), Y.data_ptr(), Y.stride(0), At.data_ptr(), Bt.data_ptr(), 7, 4, 5,
+            tok.data_ptr(), start.data_ptr(), torch.tensor([40, 2]).data_ptr(), pos.data_ptr(), scale.data_ptr(), 2, 2)
+    assert rc == 2
+
+
+_DRIVER = r"""
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+int adaptfn_lora_rows_f32(const float *, int64_t, float *, int64_t, const float *, const float *, int, int, int,
+                          const int64_t *, const int64_t *, const int64_t *, const int64_t *, const float *, int64_t,
+                          int);
+static uint64_t state = 0x9E3779B97F4A7C15ull;
+static uint32_t next(void) { state ^= state << 13; state ^= state >> 7; state ^= state << 17; return (uint32_t)state; }
+static float uni(void) { return (float)(next() % 20001) / 10000.0f - 1.0f; }
+/* every buffer exactly as large as the kernel may touch, so that AddressSanitizer sees any byte beyond it */
+int main(int argc, char **argv) {
+    int cases = argc > 1 ? atoi(argv[1]) : 500, bad = 0;
+    for (int c = 0; c < cases; c++) {
+        int n_in = 1 + next() % 67, R = 1 + next() % 70, n_out = 1 + next() % 83;
+        int items = next() % 7, cap = 1 + next() % 3;
+        int64_t len[8], T = 0;
+        for (int j = 0; j < items; j++) { len[j] = 1 + next() % 16; T += len[j]; }
+        int64_t rows = T + next() % 3, xs = n_in + next() % 4, ys = n_out + next() % 4;
+        size_t nx = rows ? (size_t)((rows - 1) * xs + n_in) : 0, ny = rows ? (size_t)((rows - 1) * ys + n_out) : 0;
+        float *x = malloc(sizeof(float) * (nx ? nx : 1)), *y = malloc(sizeof(float) * (ny ? ny : 1));
+        double *want = malloc(sizeof(double) * (ny ? ny : 1));
+        float *A = malloc(sizeof(float) * cap * n_in * R), *B = malloc(sizeof(float) * cap * R * n_out);
+        int64_t *tok = malloc(sizeof(int64_t) * (T ? T : 1)), *start = malloc(sizeof(int64_t) * (items ? items : 1));
+        int64_t *pos = malloc(sizeof(int64_t) * (items ? items : 1));
+        float *sc = malloc(sizeof(float) * (items ? items : 1));
+        int64_t *perm = malloc(sizeof(int64_t) * (rows ? rows : 1));
+        for (size_t i = 0; i < nx; i++) x[i] = uni();
+        for (size_t i = 0; i < ny; i++) want[i] = y[i] = uni();
+        for (int i = 0; i < cap * n_in * R; i++) A[i] = uni();
+        for (int i = 0; i < cap * R * n_out; i++) B[i] = uni();
+        for (int64_t i = 0; i < rows; i++) perm[i] = i;
+        for (int64_t i = rows - 1; i > 0; i--) {
+            int64_t k = next() % (i + 1), t = perm[i];
+            perm[i] = perm[k];
+            perm[k] = t;
+        }
+        for (int64_t i = 0; i < T; i++) tok[i] = perm[i];
+        for (int j = 0, at = 0; j < items; at += len[j], j++) { start[j] = at; pos[j] = next() % cap; sc[j] = uni(); }
+        int rc = adaptfn_lora_rows_f32(x, xs, y, ys, A, B, n_in, R, n_out, tok, start, len, pos, sc, items,
+                                       1 + c % 3);
+        for (int j = 0; j < items; j++)
+            for (int64_t t = 0; t < len[j]; t++) {
+                int64_t row = tok[start[j] + t];
+                const float *a = A + pos[j] * n_in * R, *b = B + pos[j] * R * n_out;
+                for (int n = 0; n < n_out; n++) {
+                    double s = 0;
+                    for (int r = 0; r < R; r++) {
+                        double h = 0;
+                        for (int i = 0; i < n_in; i++) h += (double)x[row * xs + i] * a[i * R + r];
+                        s += h * sc[j] * b[r * n_out + n];
+                    }
+                    want[row * ys + n] += s;
+                }
+            }
+        for (size_t i = 0; i < ny; i++)
+            if (fabs(y[i] - want[i]) > 1e-4 * (1 + fabs(want[i]))) {
+                bad++;
+                printf("case %d: %g != %g\n", c, y[i], want[i]);
+                break;
+            }
+        if (rc) { bad++; printf("case %d: rc %d\n", c, rc); }
+        free(x); free(y); free(want); free(A); free(B); free(tok); free(start); free(pos); free(sc); free(perm);
+    }
+    printf("bad %d\n", bad);
+    return bad != 0;
+}
+"""
+
+
+@pytest.mark.parametrize("vw", [4, 8, 16])
+def test_kernel_under_address_and_undefined_behaviour_sanitizers(tmp_path, vw) -> None:
+    """The kernel built with -fsanitize=address,undefined into a C driver: 400 random cases (sizes 1-83, items of
+    1-16 tokens, padded row strides, 1-3 threads), every buffer exactly as large as the kernel may read or write:
+    no out-of-bounds access, no undefined behaviour, results equal a float64 reference."""
+    (tmp_path / "driver.c").write_text(_DRIVER)
+    exe = tmp_path / "driver"
+    flags = ["-O1", "-g", f"-DVW={vw}", "-fopenmp", "-fsanitize=address,undefined", "-fno-sanitize-recover=all"]
+    cc = subprocess.run([CC, *flags, "-o", str(exe), str(tmp_path / "driver.c"), str(_native._SOURCE), "-lm"],
+                        capture_output=True, text=True, timeout=300)
+    assert cc.returncode == 0, cc.stderr[-2000:]
+    run = subprocess.run([str(exe), "400"], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "ASAN_OPTIONS": "detect_leaks=1"})
+    assert run.returncode == 0 and "bad 0" in run.stdout, (run.stdout[-2000:], run.stderr[-3000:])
+
+
+def test_build_errors_name_their_cause_and_reasons_are_codes(tmp_path, monkeypatch) -> None:
+    """A failed compile reports the compiler's first error line (not "compilation terminated."); whether other
+    flags are tried depends on a reason code, not on words in paths (a compiler under a folder named "missing")."""
+    err = "x.c:1:10: fatal error: stdint.h: No such file or directory\ncompilation terminated.\n"
+    assert _native._first_error(err, 1) == "x.c:1:10: fatal error: stdint.h: No such file or directory"
+    assert _native._first_error("", 4) == "exit status 4"
+    odd = tmp_path / "missing-tools"
+    odd.mkdir()
+    cc = odd / "cc"
+    cc.write_text("#!/bin/sh\n[ \"$1\" = --version ] && { echo fake 2.0; exit 0; }\n"
+                  "case \"$*\" in *march*) echo 'cc: error: unknown -march' >&2; exit 1;; esac\n"
+                  f"exec {CC} \"$@\"\n")
+    cc.chmod(0o755)
+    b = _native.compile_kernel(str(cc), _native.ATTEMPTS[0], tmp_path / "cache")
+    assert b.lib is None and b.reason == "compile" and "unknown -march" in b.why
+    monkeypatch.setenv("CC", str(cc))
+    monkeypatch.setenv("ADAPTFN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(_native, "_STATE", {})
+    assert _native.status().startswith("on: ") and "-O3 -fopenmp;" in _native.status()  # the second flag set
+
+
+def test_shared_folders_and_broken_libraries(tmp_path, monkeypatch) -> None:
+    """A cache folder others may write to is not trusted: the kernel is built in a private temporary folder. A
+    cached library that does not load is removed and built again."""
+    shared = tmp_path / "shared"
+    (shared / "native").mkdir(parents=True)
+    (shared / "native").chmod(0o777)
+    monkeypatch.setenv("ADAPTFN_CACHE", str(shared))
+    monkeypatch.setattr(_native, "_STATE", {})
+    assert "adaptfn-native-" in _native.status()
+    own = {**os.environ, "ADAPTFN_CACHE": str(tmp_path / "own"), "PYTHONPATH": str(ROOT)}
+    code = "import json; from adaptfn import _native; print(json.dumps({'status': _native.status()}))"
+    first = _child(code, own)["status"]
+    lib = Path(first.split()[1])
+    broken = lib.with_name(".broken")
+    broken.write_bytes(b"not a library")
+    os.replace(broken, lib)
+    again = _child(code, own)["status"]  # a new process (this one's loader would hand back its loaded copy)
+    assert again == first and lib.read_bytes()[:4] == b"\x7fELF"

@@ -525,18 +525,73 @@ def test_native_kernel_serves_float32_cpu_inference_only(llama_pool, monkeypatch
 
 
 def test_native_kernel_on_a_base_output_it_may_not_overwrite(monkeypatch) -> None:
-    """A base layer whose output may not be updated in place (here: a view): the native path adds into a copy."""
+    """A base output that may not be updated in place: the native path adds into a copy and leaves the base
+    layer's own output tensor as it was."""
     torch.manual_seed(3)
-    fn, params = af.functional(nn.Sequential(nn.Linear(13, 11), nn.Tanh(), nn.Linear(11, 19)))
+    net = nn.Sequential(nn.Linear(13, 11), nn.Tanh(), nn.Linear(11, 19))
+    fn, params = af.functional(net)
     ads = [_lora(fn, r, ["0", "2"], r) for r in (3, 9)]
     p = af.pool(ads)
     x = torch.randn(3, 17, 13)
     route = torch.tensor([1, 0, -1])
-    from adaptfn import routing
+    from adaptfn import _native, routing
 
+    seen, calls = [], []
+    real_linear = torch.nn.functional.linear
+
+    def keep(*a, **k):  # the base layers' outputs, and a copy of each as it was made
+        out = real_linear(*a, **k)
+        seen.append((out, out.clone()))
+        return out
+
+    real = _native.lora_rows
+    monkeypatch.setattr(_native, "lora_rows", lambda *a, **k: calls.append(1) or real(*a, **k))
     monkeypatch.setattr(routing, "in_place_ok", lambda *a: False)
+    monkeypatch.setattr(torch.nn.functional, "linear", keep)
     with torch.no_grad():
         got = af.inject(fn, p, route=route)(params, x)
+    monkeypatch.setattr(torch.nn.functional, "linear", real_linear)
+    assert calls and len(seen) >= 2
+    for out, before in seen:
+        assert torch.equal(out, before)  # not written into
+    with torch.no_grad():
         want = torch.cat([af.inject(fn, ads[1])(params, x[:1]), af.inject(fn, ads[0])(params, x[1:2]),
                           fn(params, x[2:])])
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+
+
+def test_native_kernel_is_not_used_where_its_writes_would_be_invisible(monkeypatch) -> None:
+    """Forward-mode AD does not see a C call: there the portable kernels run; torch.jit.trace of a pool call is
+    refused with a typed error (a trace would keep one route's grouping); a pool whose buffers are not on the CPU
+    never reaches the kernel (an error, not a crash)."""
+    import torch.autograd.forward_ad as fwAD
+
+    from adaptfn import _native
+
+    calls = []
+    real = _native.lora_rows
+    monkeypatch.setattr(_native, "lora_rows", lambda *a, **k: calls.append(1) or real(*a, **k))
+    x = torch.randn(4, 3, 24)
+    net = nn.Sequential(nn.Linear(24, 24), nn.Linear(24, 24))
+    torch.manual_seed(0)
+    fn2, params2 = af.functional(net)
+    ads2 = [_lora(fn2, r, ["0", "1"], r) for r in (3, 8)]
+    p2 = af.pool(ads2)
+    g = af.inject(fn2, p2, route=torch.tensor([1, 0, -1, 1]))
+    with torch.no_grad():
+        g(params2, x)
+    assert calls
+    calls.clear()
+    with torch.no_grad(), pytest.raises(af.ConfigError, match="torch.jit.trace"):
+        torch.jit.trace(lambda t: g(params2, t), (x,), check_trace=False)
+    assert not calls
+    with torch.no_grad(), fwAD.dual_level():
+        try:
+            g(params2, fwAD.make_dual(x, torch.ones_like(x)))
+        except (NotImplementedError, RuntimeError):
+            pass  # the portable kernels may not support forward AD: that is their typed answer, not wrong numbers
+    assert not calls
+    meta = af.pool(ads2, device="meta")
+    with torch.no_grad(), pytest.raises((RuntimeError, NotImplementedError, af.AdaptfnError)):
+        af.inject(fn2, meta, route=torch.tensor([1, 0, -1, 1]))(params2, x)
+    assert not calls

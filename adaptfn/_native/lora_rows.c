@@ -53,6 +53,21 @@ static void a_side_tok(const float *const *xr, float *xl, const float *A, int n_
 }
 
 /* ---- A side, TM <= 4 tokens, vectorized over ranks ---- */
+/* one chunk of W ranks (vector type T) at r0: two partial sums over alternate inputs (two dependency chains) */
+#define RANK_CHUNK(TM, T, W)                                                                        \
+    for (; r0 + (W) <= R; r0 += (W)) {                                                              \
+        T acc[TM][2];                                                                               \
+        for (int t = 0; t < TM; t++) acc[t][0] = acc[t][1] = (T){0};                                \
+        const float *a = A + r0;                                                                    \
+        int i = 0;                                                                                  \
+        for (; i + 1 < n_in; i += 2, a += 2 * R) {                                                  \
+            T a0 = LOAD(T, a), a1 = LOAD(T, a + R);                                                 \
+            for (int t = 0; t < TM; t++) { acc[t][0] += xr[t][i] * a0; acc[t][1] += xr[t][i + 1] * a1; } \
+        }                                                                                           \
+        if (i < n_in) { T a0 = LOAD(T, a); for (int t = 0; t < TM; t++) acc[t][0] += xr[t][i] * a0; } \
+        for (int t = 0; t < TM; t++) STORE(h + t * R + r0, (acc[t][0] + acc[t][1]) * sc);           \
+    }
+
 #define A_RANK(TM)                                                                                  \
 static void a_rank_##TM(const float *const *xr, const float *A, int n_in, int R, float sc, float *h) { \
     int r0 = 0;                                                                                     \
@@ -68,30 +83,8 @@ static void a_rank_##TM(const float *const *xr, const float *A, int n_in, int R,
             STORE(h + t * R + r0, acc[t][0] * sc); STORE(h + t * R + r0 + VW, acc[t][1] * sc);      \
         }                                                                                           \
     }                                                                                               \
-    for (; r0 + VW <= R; r0 += VW) {                                                                \
-        vf acc[TM][2];                                                                              \
-        for (int t = 0; t < TM; t++) acc[t][0] = acc[t][1] = (vf){0};                               \
-        const float *a = A + r0;                                                                    \
-        int i = 0;                                                                                  \
-        for (; i + 1 < n_in; i += 2, a += 2 * R) {                                                  \
-            vf a0 = LOAD(vf, a), a1 = LOAD(vf, a + R);                                              \
-            for (int t = 0; t < TM; t++) { acc[t][0] += xr[t][i] * a0; acc[t][1] += xr[t][i + 1] * a1; } \
-        }                                                                                           \
-        if (i < n_in) { vf a0 = LOAD(vf, a); for (int t = 0; t < TM; t++) acc[t][0] += xr[t][i] * a0; } \
-        for (int t = 0; t < TM; t++) STORE(h + t * R + r0, (acc[t][0] + acc[t][1]) * sc);           \
-    }                                                                                               \
-    for (; r0 + 4 <= R; r0 += 4) {                                                                  \
-        v4 acc[TM][2];                                                                              \
-        for (int t = 0; t < TM; t++) acc[t][0] = acc[t][1] = (v4){0};                               \
-        const float *a = A + r0;                                                                    \
-        int i = 0;                                                                                  \
-        for (; i + 1 < n_in; i += 2, a += 2 * R) {                                                  \
-            v4 a0 = LOAD(v4, a), a1 = LOAD(v4, a + R);                                              \
-            for (int t = 0; t < TM; t++) { acc[t][0] += xr[t][i] * a0; acc[t][1] += xr[t][i + 1] * a1; } \
-        }                                                                                           \
-        if (i < n_in) { v4 a0 = LOAD(v4, a); for (int t = 0; t < TM; t++) acc[t][0] += xr[t][i] * a0; } \
-        for (int t = 0; t < TM; t++) STORE(h + t * R + r0, (acc[t][0] + acc[t][1]) * sc);           \
-    }                                                                                               \
+    RANK_CHUNK(TM, vf, VW)                                                                          \
+    RANK_CHUNK(TM, v4, 4)                                                                           \
     for (; r0 < R; r0++)                                                                            \
         for (int t = 0; t < TM; t++) {                                                              \
             float s = 0;                                                                            \
@@ -151,6 +144,8 @@ B_SIDE(2, 4)
 B_SIDE(4, 2)
 B_SIDE(16, 1)
 
+/* returns 0; 1 when a thread's scratch could not be allocated; 2 when an item's length is not in 1..16 (such
+   items are skipped, the others done) */
 int adaptfn_lora_rows_f32(const float *x, int64_t xs, float *y, int64_t ys, const float *At, const float *Bt,
                           int n_in, int R, int n_out, const int64_t *tok, const int64_t *start, const int64_t *len,
                           const int64_t *pos, const float *scale, int64_t n_items, int nthreads) {
@@ -166,7 +161,13 @@ int adaptfn_lora_rows_f32(const float *x, int64_t xs, float *y, int64_t ys, cons
         #pragma omp for schedule(dynamic, 1)
         for (int64_t j = 0; j < n_items; j++) {
             if (!h || !xl) continue;
-            int m = (int)len[j];
+            int64_t m64 = len[j];
+            if (m64 < 1 || m64 > TB) { /* 1..16 tokens per item: anything else is refused, nothing written */
+                #pragma omp atomic write
+                failed = 2;
+                continue;
+            }
+            int m = (int)m64;
             const float *xr[TB];
             float *yr[TB];
             const int64_t *tk = tok + start[j];
