@@ -819,7 +819,8 @@ class _Plan:
 
     def tokens(self, L: int, n_in: int, kernels: tuple[str, ...], dtype: torch.dtype
                ) -> tuple[torch.Tensor, torch.Tensor, list[tuple[Any, ...]]]:
-        """``(every bucket's token rows one after the other [T_all], their scales [T_all, 1], per bucket)``.
+        """``(every bucket's token rows one after the other [T_all], their scales [T_all, 1], per bucket)`` (the
+        first two None, and token scales None, when the buckets run native).
 
         Per bucket with rows (``kernels``: each one's kernel): ``(R, start, end, token rows [T], token scales
         [T, 1] in dtype, *kernel operands)``, its tokens being ``start:end`` of the first; the operands are, for
@@ -833,35 +834,38 @@ class _Plan:
             at = 0
             for (R, rows, pos_rows, used, counts, scale), kernel in zip(self.groups, kernels):
                 dev = rows.device
-                if L == 1:
-                    tok, ts, pos_t = rows, scale, pos_rows
-                else:
-                    ar = torch.arange(L, device=dev)
-                    tok = (rows[:, None] * L + ar).reshape(-1)
-                    ts, pos_t = scale.repeat_interleave(L), pos_rows.repeat_interleave(L)
+                tok = rows if L == 1 else (rows[:, None] * L + torch.arange(L, device=dev)).reshape(-1)
                 T = tok.shape[0]
-                if kernel == "native":  # items of <= 16 tokens of one adapter (tokens are sorted by adapter)
-                    per = counts * L
+                if kernel == "native":  # items of <= 16 tokens of one adapter (tokens are sorted by adapter);
+                    per = counts * L  # no per-token scales or positions: the kernel takes them per item
                     ni = (per + _NATIVE_TILE - 1) // _NATIVE_TILE
                     g = torch.repeat_interleave(torch.arange(len(per), device=dev), ni)
                     k = torch.arange(g.shape[0], device=dev) - (torch.cumsum(ni, 0) - ni)[g]
                     start = (torch.cumsum(per, 0) - per)[g] + k * _NATIVE_TILE
-                    ops = (start, torch.clamp(per[g] - k * _NATIVE_TILE, max=_NATIVE_TILE), used[g],
-                           scale[torch.cumsum(counts, 0) - counts][g].to(torch.float32))
-                elif kernel == "gather":
+                    ops: tuple = (start, torch.clamp(per[g] - k * _NATIVE_TILE, max=_NATIVE_TILE), used[g],
+                                  scale[torch.cumsum(counts, 0) - counts][g].to(torch.float32))
+                    ts_col = None
+                else:
+                    ts, pos_t = (scale, pos_rows) if L == 1 else (scale.repeat_interleave(L),
+                                                                  pos_rows.repeat_interleave(L))
+                    ts_col = ts.to(dtype)[:, None]
+                if kernel == "gather":
                     ia = (pos_t[:, None] * n_in + torch.arange(n_in, device=dev)).reshape(-1)
                     ib = (pos_t[:, None] * R + torch.arange(R, device=dev)).reshape(-1)
-                    ops: tuple = (ia, torch.arange(T, device=dev) * n_in, ib, torch.arange(T, device=dev) * R)
+                    ops = (ia, torch.arange(T, device=dev) * n_in, ib, torch.arange(T, device=dev) * R)
                 elif kernel == "loop":
                     ops = (used.tolist(), [0, *torch.cumsum(counts * L, 0).tolist()])
-                else:
+                elif kernel != "native":
                     ops = (used, torch.cumsum(counts * L, 0).to(torch.int32))
-                hit.append((R, at, at + T, tok, ts.to(dtype)[:, None], *ops))
+                hit.append((R, at, at + T, tok, ts_col, *ops))
                 at += T
-            one = len(hit) == 1
-            every = hit[0][3] if one else torch.cat([h[3] for h in hit])
-            scales = hit[0][4] if one else torch.cat([h[4] for h in hit])
-            got = self._tok[key] = (every, scales, hit)
+            if kernels[0] == "native":  # (every bucket native: the kernel reads the rows in place)
+                got = self._tok[key] = (None, None, hit)
+            else:
+                one = len(hit) == 1
+                every = hit[0][3] if one else torch.cat([h[3] for h in hit])
+                scales = hit[0][4] if one else torch.cat([h[4] for h in hit])
+                got = self._tok[key] = (every, scales, hit)
         return got
 
 
