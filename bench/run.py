@@ -252,6 +252,8 @@ def _meta(t0: float) -> dict[str, Any]:
     import platform
     from importlib import metadata
 
+    from adaptfn.pooling import native_status
+
     versions = {}
     for dist in ("torch", "transformers", "peft", "bitsandbytes"):
         try:
@@ -268,13 +270,7 @@ def _meta(t0: float) -> dict[str, Any]:
             "wall_s": round(time.perf_counter() - t0, 1), "python": platform.python_version(),
             "platform": platform.platform(), "cpu": cpu, "cpu_count": os.cpu_count(),
             "loadavg_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None, "versions": versions,
-            "pool_kernel": _pool_kernel()}
-
-
-def _pool_kernel() -> str:
-    from adaptfn.pooling import native_status
-
-    return native_status()
+            "pool_kernel": native_status()}
 
 
 def main(argv: list[str] | None = None) -> list[Result]:

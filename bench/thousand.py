@@ -161,12 +161,6 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def _kernel_status() -> str:
-    from adaptfn.pooling import native_status
-
-    return native_status()
-
-
 def _plain_args(args: Any) -> dict[str, Any]:
     return {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
 
@@ -174,6 +168,8 @@ def _plain_args(args: Any) -> dict[str, Any]:
 def scenario_scaling(w: Any) -> Result:
     """Scenario 9: N distinct adapters resident, a mixed batch of ROWS rows x 1 and x 16 tokens, each row a random
     adapter; time against one base forward, and peak RSS, per N and layout (each in a fresh process)."""
+    from adaptfn.pooling import native_status
+
     args = w.args
     tiny = args.tiny
     device = getattr(args, "device", "cpu")
@@ -214,7 +210,7 @@ def scenario_scaling(w: Any) -> Result:
     r.notes.append("each row a random adapter of N; ranks 4-64 and four target sets (bench/thousand.py); pool = "
                    "af.pool (power-of-two rank buckets), portable = the same pool on its portable kernels (no native "
                    "kernel), exact = one bucket per rank, max = every rank padded to 64, stack = af.stack (padded to "
-                   "r=64 and the union of targets); pool kernel: " + _kernel_status())
+                   "r=64 and the union of targets); pool kernel: " + native_status())
     return r
 
 

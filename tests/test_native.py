@@ -112,6 +112,7 @@ def _child(code: str, env: dict[str, str]) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+_STATUS_RUN = "import json; from adaptfn import _native; print(json.dumps({'status': _native.status()}))"
 _POOL_RUN = """
 import json, torch, adaptfn as af
 torch.manual_seed(0)
@@ -171,9 +172,8 @@ def test_read_only_cache_builds_in_a_private_folder(tmp_path) -> None:
 def test_concurrent_first_builds_share_one_library(tmp_path) -> None:
     """Processes building into one empty cache at once: each loads a whole library, one file remains, no temp."""
     env = {**os.environ, "ADAPTFN_CACHE": str(tmp_path), "PYTHONPATH": str(ROOT)}
-    code = "import json; from adaptfn import _native; print(json.dumps({'status': _native.status()}))"
-    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env=env, cwd=ROOT) for _ in range(3)]
+    procs = [subprocess.Popen([sys.executable, "-c", _STATUS_RUN], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=env, cwd=ROOT) for _ in range(3)]
     outs = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
     assert all(json.loads(o[0].strip().splitlines()[-1])["status"].startswith("on: ") for o in outs)
@@ -347,11 +347,10 @@ def test_shared_folders_and_broken_libraries(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(_native, "_STATE", {})
     assert "adaptfn-native-" in _native.status()
     own = {**os.environ, "ADAPTFN_CACHE": str(tmp_path / "own"), "PYTHONPATH": str(ROOT)}
-    code = "import json; from adaptfn import _native; print(json.dumps({'status': _native.status()}))"
-    first = _child(code, own)["status"]
+    first = _child(_STATUS_RUN, own)["status"]
     lib = Path(first.split()[1])
     broken = lib.with_name(".broken")
     broken.write_bytes(b"not a library")
     os.replace(broken, lib)
-    again = _child(code, own)["status"]  # a new process (this one's loader would hand back its loaded copy)
+    again = _child(_STATUS_RUN, own)["status"]  # a new process (this one's loader would hand back its loaded copy)
     assert again == first and lib.read_bytes()[:4] == b"\x7fELF"

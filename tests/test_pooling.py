@@ -484,17 +484,25 @@ def test_decode_sized_calls_take_one_pass_and_agree(llama_pool, monkeypatch) -> 
     torch.testing.assert_close(fast, want, atol=2e-5, rtol=1e-5)
 
 
-def test_native_kernel_serves_float32_cpu_inference_only(llama_pool, monkeypatch) -> None:
+@pytest.fixture
+def native_calls(monkeypatch) -> list[int]:
+    """The native kernel's calls (one entry each), counted by wrapping ``adaptfn._native.lora_rows``; the kernel
+    must be built here (scripts/env.sh installs a C compiler)."""
+    from adaptfn import _native
+
+    assert _native.kernel() is not None, _native.status()
+    calls: list[int] = []
+    real = _native.lora_rows
+    monkeypatch.setattr(_native, "lora_rows", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+def test_native_kernel_serves_float32_cpu_inference_only(llama_pool, native_calls, monkeypatch) -> None:
     """float32 inference on the CPU runs the native kernel (when built); autograd, other dtypes and NATIVE=False
     run the portable kernels; all agree with each row's adapter alone, and the native call leaves the inputs and
     an out-of-place base output untouched."""
-    from adaptfn import _native
-
     m, fn, params, ads = llama_pool
-    assert _native.kernel() is not None, _native.status()
-    calls = []
-    real = _native.lora_rows
-    monkeypatch.setattr(_native, "lora_rows", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = native_calls
     p = af.pool(ads)
     route = torch.tensor([3, 3, 1, -1, 5, 0, 3])
     ids = ids_for(m, batch=len(route), seq=19, seed=9)
@@ -524,7 +532,7 @@ def test_native_kernel_serves_float32_cpu_inference_only(llama_pool, monkeypatch
     assert not calls  # float64 pool: portable kernels
 
 
-def test_native_kernel_on_a_base_output_it_may_not_overwrite(monkeypatch) -> None:
+def test_native_kernel_on_a_base_output_it_may_not_overwrite(native_calls, monkeypatch) -> None:
     """A base output that may not be updated in place: the native path adds into a copy and leaves the base
     layer's own output tensor as it was."""
     torch.manual_seed(3)
@@ -534,9 +542,9 @@ def test_native_kernel_on_a_base_output_it_may_not_overwrite(monkeypatch) -> Non
     p = af.pool(ads)
     x = torch.randn(3, 17, 13)
     route = torch.tensor([1, 0, -1])
-    from adaptfn import _native, routing
+    from adaptfn import routing
 
-    seen, calls = [], []
+    seen, calls = [], native_calls
     real_linear = torch.nn.functional.linear
 
     def keep(*a, **k):  # the base layers' outputs, and a copy of each as it was made
@@ -544,8 +552,6 @@ def test_native_kernel_on_a_base_output_it_may_not_overwrite(monkeypatch) -> Non
         seen.append((out, out.clone()))
         return out
 
-    real = _native.lora_rows
-    monkeypatch.setattr(_native, "lora_rows", lambda *a, **k: calls.append(1) or real(*a, **k))
     monkeypatch.setattr(routing, "in_place_ok", lambda *a: False)
     monkeypatch.setattr(torch.nn.functional, "linear", keep)
     with torch.no_grad():
@@ -560,17 +566,13 @@ def test_native_kernel_on_a_base_output_it_may_not_overwrite(monkeypatch) -> Non
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
 
 
-def test_native_kernel_is_not_used_where_its_writes_would_be_invisible(monkeypatch) -> None:
+def test_native_kernel_is_not_used_where_its_writes_would_be_invisible(native_calls) -> None:
     """Forward-mode AD does not see a C call: there the portable kernels run; torch.jit.trace of a pool call is
     refused with a typed error (a trace would keep one route's grouping); a pool whose buffers are not on the CPU
     never reaches the kernel (an error, not a crash)."""
     import torch.autograd.forward_ad as fwAD
 
-    from adaptfn import _native
-
-    calls = []
-    real = _native.lora_rows
-    monkeypatch.setattr(_native, "lora_rows", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = native_calls
     x = torch.randn(4, 3, 24)
     net = nn.Sequential(nn.Linear(24, 24), nn.Linear(24, 24))
     torch.manual_seed(0)
